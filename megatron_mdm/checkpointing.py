@@ -1,0 +1,329 @@
+"""Distributed checkpoints: save/load with Megatron ``dist_checkpointing`` (torch_dist format).
+
+Layout of a run directory (``--save``), the same names as Megatron-LM where one exists::
+
+    RUN/latest_checkpointed_iteration.txt   the newest *complete* checkpoint (written last, atomically)
+    RUN/iter_0000100/                       one torch_dist checkpoint
+        config.yaml                         the resolved run config (also in the common state)
+        tokenizer/                          a copy of the tokenizer (when known)
+        ...                                 dist_checkpointing files
+
+A checkpoint holds: ``model`` (or ``model0``, ``model1``, ... for virtual pipeline stages) as
+Megatron sharded tensors with layout-independent global keys (so a checkpoint loads on another
+TP/PP layout), the ``optimizer`` (fully reshardable), the LR scheduler, per-rank RNG states,
+per-data-parallel-rank loader positions, and the common ``meta`` (iteration, consumed samples,
+layout, config). A crash during a save leaves the previous checkpoint in force, because the marker
+moves only after every rank has finished writing.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from megatron.core import dist_checkpointing
+from megatron.core import parallel_state as ps
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+log = logging.getLogger(__name__)
+
+TRACKER = "latest_checkpointed_iteration.txt"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or does not fit the model; the message says which."""
+
+
+def iteration_dir(root: str | os.PathLike, iteration: int) -> Path:
+    return Path(root) / f"iter_{iteration:07d}"
+
+
+def read_latest_iteration(root: str | os.PathLike) -> Optional[int]:
+    """The iteration recorded in the marker file, or None when there is no complete checkpoint."""
+    path = Path(root) / TRACKER
+    if not path.is_file():
+        return None
+    text = path.read_text().strip()
+    if not text.isdigit():
+        raise CheckpointError(f"{path}: expected an iteration number, found {text!r}")
+    return int(text)
+
+
+def resolve_checkpoint(root: str | os.PathLike, iteration: Optional[int] = None) -> Path:
+    """The directory of the requested (or latest) checkpoint under ``root``; CheckpointError if none.
+
+    ``root`` may also be an ``iter_*`` directory itself.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise CheckpointError(f"--load: {root} does not exist")
+    if (root / "metadata.json").is_file() and iteration is None:
+        return root
+    if iteration is None:
+        iteration = read_latest_iteration(root)
+        if iteration is None:
+            raise CheckpointError(f"--load: {root} has no complete checkpoint ({TRACKER} is missing)")
+    path = iteration_dir(root, iteration)
+    if not (path / "metadata.json").is_file():
+        available = sorted(p.name for p in root.glob("iter_*") if (p / "metadata.json").is_file())
+        raise CheckpointError(f"--load: no checkpoint for iteration {iteration} in {root}; found {available}")
+    return path
+
+
+def _model_key(i: int, n: int) -> str:
+    return "model" if n == 1 else f"model{i}"
+
+
+def _unwrap(chunk):
+    return chunk.module if hasattr(chunk, "module") else chunk
+
+
+def _rng_state() -> dict:
+    from megatron.core import tensor_parallel
+
+    return {
+        "random": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _layout() -> dict:
+    return {
+        "tp": ps.get_tensor_model_parallel_world_size(),
+        "pp": ps.get_pipeline_model_parallel_world_size(),
+        "dp": ps.get_data_parallel_world_size(),
+        "cp": ps.get_context_parallel_world_size(),
+    }
+
+
+def _per_rank_objects(rng: Any, data_state: Any) -> dict:
+    """Objects kept per rank (RNG: per TP/PP rank of every DP replica) and per DP rank (loader)."""
+    tp, pp, dp = (ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
+                  ps.get_data_parallel_rank())
+    tps, pps, dps = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
+                     ps.get_data_parallel_world_size())
+    out = {"rng_state": ShardedObject("rng_state", rng, (pps, tps, dps), (pp, tp, dp), replica_id=0)}
+    if data_state is not None:
+        # identical on every TP/PP rank of one replica: only the first of them writes it
+        out["data_state"] = ShardedObject("data_state", data_state, (dps,), (dp,),
+                                          replica_id=tp + tps * pp)
+    return out
+
+
+def _save_kwargs() -> dict:
+    params = inspect.signature(dist_checkpointing.save).parameters
+    # megatron-core >= 0.17 defaults to the nvrx async strategy (needs nvidia-resiliency-ext)
+    return {"async_strategy": "mcore"} if "async_strategy" in params else {}
+
+
+def _sharding_metadata() -> dict:
+    return {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+def build_state_dict(model_chunks, optimizer=None, scheduler=None, rng=None, data_state=None,
+                     meta: Optional[dict] = None, is_loading: bool = False) -> dict:
+    """The sharded state dict of a checkpoint (what is saved, or the template of what is loaded)."""
+    n = len(model_chunks)
+    sd: dict[str, Any] = {}
+    for i, chunk in enumerate(model_chunks):
+        sd[_model_key(i, n)] = _unwrap(chunk).sharded_state_dict()
+    if optimizer is not None:
+        model_sd = {k: v for k, v in sd.items() if k.startswith("model")}
+        model_sd = model_sd[_model_key(0, 1)] if n == 1 else _merge(model_sd)
+        sd["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
+                                                       metadata=_sharding_metadata())
+    if scheduler is not None:
+        sd["opt_param_scheduler"] = scheduler.state_dict()
+    if rng is not None or data_state is not None:
+        sd.update(_per_rank_objects(rng, data_state))
+    if meta is not None:
+        sd["meta"] = meta
+    return sd
+
+
+def _merge(model_sds: dict) -> dict:
+    merged: dict = {}
+    for v in model_sds.values():
+        merged.update(v)
+    return merged
+
+
+def save_checkpoint(
+    root: str | os.PathLike,
+    iteration: int,
+    model_chunks,
+    optimizer,
+    scheduler,
+    meta: dict,
+    data_state: Optional[dict] = None,
+    tokenizer_dir: Optional[str] = None,
+    config_yaml: Optional[str] = None,
+    keep_last: int = 0,
+    async_queue=None,
+) -> None:
+    """Save one checkpoint on every rank; the marker moves when all ranks are done.
+
+    Args:
+        root: run directory (``--save``).
+        iteration: completed optimizer steps.
+        model_chunks: this rank's model chunks (DDP-wrapped or not).
+        optimizer, scheduler: Megatron optimizer and ``OptimizerParamScheduler``.
+        meta: JSON-like common state (iteration, consumed_samples, config, ...).
+        data_state: this DP rank's loader ``state_dict()``.
+        tokenizer_dir: copied into the checkpoint so that it is self-contained.
+        config_yaml: the resolved config, written as ``config.yaml`` beside the shards.
+        keep_last: delete older checkpoints beyond the last K (0 keeps all).
+        async_queue: a ``dist_checkpointing`` ``AsyncCallsQueue`` for asynchronous saving, or None.
+    """
+    root = Path(root)
+    path = iteration_dir(root, iteration)
+    rank = torch.distributed.get_rank()
+    if rank == 0:
+        if path.exists():  # an interrupted earlier save of the same iteration
+            shutil.rmtree(path)
+        path.mkdir(parents=True)
+    torch.distributed.barrier()
+    meta = dict(meta, iteration=iteration, layout=_layout(),
+                megatron_core_version=_mcore_version())
+    sd = build_state_dict(model_chunks, optimizer, scheduler, _rng_state(), data_state, meta)
+
+    def finalize() -> None:
+        torch.distributed.barrier()
+        if rank == 0:
+            if config_yaml is not None:
+                (path / "config.yaml").write_text(config_yaml)
+            if tokenizer_dir is not None and Path(tokenizer_dir).exists():
+                src = Path(tokenizer_dir)
+                if src.is_dir():
+                    shutil.copytree(src, path / "tokenizer")
+                else:
+                    (path / "tokenizer").mkdir()
+                    shutil.copy2(src, path / "tokenizer" / src.name)
+            _write_tracker(root, iteration)
+            if keep_last > 0:
+                _prune(root, keep_last)
+        torch.distributed.barrier()
+
+    if async_queue is not None:
+        request = dist_checkpointing.save(sd, str(path), async_sharded_save=True, **_save_kwargs())
+        request.add_finalize_fn(finalize)
+        async_queue.schedule_async_request(request)
+    else:
+        dist_checkpointing.save(sd, str(path), **_save_kwargs())
+        finalize()
+    log.info("saved checkpoint iteration %d to %s", iteration, path)
+
+
+def _mcore_version() -> str:
+    try:
+        from megatron.core.package_info import __version__
+
+        return __version__
+    except ImportError:  # pragma: no cover
+        return "unknown"
+
+
+def _write_tracker(root: Path, iteration: int) -> None:
+    tmp = root / (TRACKER + ".tmp")
+    tmp.write_text(f"{iteration}\n")
+    os.replace(tmp, root / TRACKER)  # atomic: readers see the old or the new marker
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    latest = read_latest_iteration(root)
+    done = sorted(int(p.name[5:]) for p in root.glob("iter_*") if p.name[5:].isdigit())
+    done = [it for it in done if latest is None or it <= latest]
+    for it in done[:-keep_last]:
+        shutil.rmtree(iteration_dir(root, it), ignore_errors=True)
+
+
+def load_meta(path: str | os.PathLike) -> dict:
+    """The common ``meta`` of a checkpoint directory (iteration, config, layout, ...)."""
+    common = dist_checkpointing.load_common_state_dict(str(path))
+    if "meta" not in common:
+        raise CheckpointError(f"{path}: not a megatron-mdm checkpoint (no 'meta' in its common state)")
+    return common["meta"]
+
+
+def load_checkpoint(
+    root: str | os.PathLike,
+    model_chunks,
+    optimizer=None,
+    scheduler=None,
+    iteration: Optional[int] = None,
+    finetune: bool = False,
+) -> dict:
+    """Load model (and unless ``finetune``, optimizer, scheduler, RNG and loader position).
+
+    Works across TP/PP layouts (the sharded tensors are resharded on load). The RNG states are
+    restored only on the same layout; the loader position only with the same data-parallel size.
+
+    Returns:
+        ``meta`` of the checkpoint plus ``data_state`` (this DP rank's loader state, or None).
+    """
+    path = resolve_checkpoint(root, iteration)
+    meta = load_meta(path)
+    same_layout = meta.get("layout") == _layout()
+    same_dp = meta.get("layout", {}).get("dp") == ps.get_data_parallel_world_size()
+    want_state = not finetune
+    template = build_state_dict(model_chunks, optimizer if want_state else None, is_loading=True)
+    if want_state:
+        per_rank = _per_rank_objects(None, {} if same_dp else None)
+        if same_layout:
+            template["rng_state"] = per_rank["rng_state"]
+        if same_dp and "data_state" in per_rank:
+            template["data_state"] = per_rank["data_state"]
+    try:
+        loaded = dist_checkpointing.load(template, str(path))
+    except Exception as e:  # noqa: BLE001 - re-raised with the path and the likely cause
+        raise CheckpointError(
+            f"{path}: could not load into this model ({type(e).__name__}: {str(e).splitlines()[0][:300]}); "
+            "is it a checkpoint of the same architecture?"
+        ) from e
+    n = len(model_chunks)
+    for i, chunk in enumerate(model_chunks):
+        _unwrap(chunk).load_state_dict(loaded[_model_key(i, n)], strict=True)
+    if want_state:
+        if optimizer is not None and "optimizer" in loaded:
+            optimizer.load_state_dict(loaded["optimizer"])
+        if scheduler is not None:
+            common = dist_checkpointing.load_common_state_dict(str(path))
+            if "opt_param_scheduler" in common:
+                scheduler.load_state_dict(common["opt_param_scheduler"])
+        if "rng_state" in loaded:
+            _set_rng_state(loaded["rng_state"])
+        else:
+            log.warning("checkpoint layout %s differs from this run's %s: RNG states not restored",
+                        meta.get("layout"), _layout())
+    out = dict(meta)
+    out["data_state"] = loaded.get("data_state") if want_state else None
+    out["path"] = str(path)
+    log.info("loaded checkpoint %s (iteration %s)", path, meta.get("iteration"))
+    return out
+
+
+def describe(path: str | os.PathLike) -> str:
+    meta = load_meta(path)
+    return json.dumps({k: meta[k] for k in ("iteration", "consumed_samples", "layout") if k in meta})

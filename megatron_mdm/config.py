@@ -1,0 +1,522 @@
+"""The one typed configuration schema of megatron-mdm, and its three views (YAML, flags, dict).
+
+Nested dataclasses, one per concern (model, objective, data, parallel, optim, checkpoint, logging).
+Field names are unique across sections, so command-line flags stay flat and use Megatron-LM's
+spelling (``micro_batch_size`` -> ``--micro-batch-size``). Precedence, lowest first:
+defaults < preset (``--preset``) < YAML (``--config``) < flags.
+
+Each field's help text is the string literal written under it (read from this file's source),
+so the documentation lives in exactly one place. This module imports nothing from the project.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or inconsistent; the message names the field."""
+
+
+def _check(cond: bool, name: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"--{name.replace('_', '-')}: {msg}")
+
+
+@dataclass
+class ModelConfig:
+    preset: Optional[str] = None
+    """Named model size from megatron_mdm.presets (e.g. smdm-1.1b, llama-3b, tiny); its values are
+    applied before YAML and flags."""
+    num_layers: int = 2
+    """Number of transformer layers."""
+    hidden_size: int = 64
+    """Transformer hidden size."""
+    num_attention_heads: int = 4
+    """Number of attention (query) heads."""
+    num_query_groups: Optional[int] = None
+    """Number of key/value heads (GQA); None means multi-head attention."""
+    ffn_hidden_size: int = 176
+    """SwiGLU intermediate size."""
+    vocab_size: Optional[int] = None
+    """Tokenizer vocabulary size including special tokens; None means read it from --tokenizer."""
+    make_vocab_size_divisible_by: int = 128
+    """Pad the embedding to a multiple of this times the tensor-parallel size."""
+    rotary_base: int = 10000
+    """RoPE base frequency (theta)."""
+    norm_epsilon: float = 1e-5
+    """RMSNorm epsilon."""
+    init_method_std: float = 0.02
+    """Standard deviation of the normal weight initialisation."""
+    untie_embeddings_and_output_weights: bool = True
+    """Separate input embedding and output head (Llama); False ties them."""
+    transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
+    """Layer implementation: Transformer Engine spec, Megatron local spec with SDPA attention, or
+    auto (TE when it is importable and a GPU is present)."""
+    attention_backend: Literal["auto", "flash", "fused", "unfused", "local"] = "auto"
+    """Transformer Engine attention backend (TE spec only)."""
+    fp8_format: Optional[Literal["hybrid", "e4m3"]] = None
+    """FP8 training format (Transformer Engine spec only); None disables FP8."""
+    fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = "delayed"
+    """FP8 scaling recipe."""
+    fp8_amax_history_len: int = 1024
+    """Delayed-scaling amax history length."""
+    first_last_layers_bf16: bool = False
+    """Keep the first and last layers in BF16 when FP8 is on (not with the delayed recipe)."""
+    recompute_granularity: Optional[Literal["full", "selective"]] = None
+    """Activation recomputation: None, selective (attention core) or full (whole layers)."""
+    recompute_method: Literal["uniform", "block"] = "uniform"
+    """How full recomputation groups layers."""
+    recompute_num_layers: int = 1
+    """Layers per recomputation group (full recomputation)."""
+
+
+@dataclass
+class ObjectiveConfig:
+    objective: Literal["mdm", "arm"] = "mdm"
+    """Training objective: masked diffusion (bidirectional) or the autoregressive baseline (causal)."""
+    eps: float = 1e-3
+    """Lower bound of the masking rate: t ~ U(eps, 1)."""
+    t_sampling: Literal["uniform", "antithetic"] = "uniform"
+    """How t is drawn within a micro-batch: independent uniform, or antithetic/low-discrepancy
+    (stratified over the micro-batch, as in MDLM)."""
+    random_length_prob: float = 0.01
+    """Fraction of sequences cut to a uniformly random length (the SMDM/LLaDA variable-length trick)."""
+
+
+@dataclass
+class DataConfig:
+    data_path: list = field(default_factory=list)
+    """Training data: shard directories with a manifest.json, optionally weighted as Megatron does
+    ("0.7 dirA 0.3 dirB")."""
+    valid_data_path: list = field(default_factory=list)
+    """Validation data (same form); default: the validation split written by mdm-data prepare."""
+    tokenizer: Optional[str] = None
+    """Tokenizer directory (from mdm-tokenizer) or a tokenizer.json."""
+    seq_length: int = 128
+    """Sequence length in tokens."""
+    num_workers: int = 1
+    """DataLoader worker processes per rank."""
+    shuffle_buffer: int = 256
+    """Samples held in the in-memory shuffle buffer of the loader."""
+    sft_data: Optional[str] = None
+    """Prompt/completion jsonl files for supervised finetuning (glob); prompt tokens are never masked."""
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    """Tensor-parallel size."""
+    pipeline_model_parallel_size: int = 1
+    """Pipeline-parallel size."""
+    num_layers_per_virtual_pipeline_stage: Optional[int] = None
+    """Layers per virtual pipeline stage (interleaved 1F1B); None disables interleaving."""
+    context_parallel_size: int = 1
+    """Context-parallel size (Transformer Engine spec only)."""
+    sequence_parallel: bool = False
+    """Sequence parallelism with TP (needs Transformer Engine norms)."""
+    use_distributed_optimizer: bool = False
+    """Shard optimizer state over data-parallel ranks (ZeRO-1)."""
+    overlap_grad_reduce: bool = False
+    """Overlap the data-parallel gradient reduction with backward (GPU)."""
+    overlap_param_gather: bool = False
+    """Overlap the distributed optimizer's parameter all-gather with forward (GPU)."""
+    distributed_timeout_minutes: int = 10
+    """Timeout of collective operations."""
+
+
+@dataclass
+class OptimConfig:
+    micro_batch_size: int = 4
+    """Sequences per micro-batch per data-parallel rank."""
+    global_batch_size: int = 8
+    """Sequences per optimizer step over all data-parallel ranks."""
+    train_iters: Optional[int] = None
+    """Optimizer steps to train."""
+    train_tokens: Optional[int] = None
+    """Tokens to train (alternative to --train-iters)."""
+    lr: float = 3e-4
+    """Peak learning rate."""
+    min_lr: float = 3e-5
+    """Learning rate at the end of decay."""
+    lr_warmup_iters: int = 0
+    """Linear warmup steps."""
+    lr_decay_iters: Optional[int] = None
+    """Steps over which the learning rate decays (default: --train-iters)."""
+    lr_decay_style: Literal["constant", "linear", "cosine", "inverse-square-root", "WSD"] = "cosine"
+    """Learning-rate decay shape."""
+    lr_wsd_decay_iters: Optional[int] = None
+    """Steps of the final decay phase for WSD (default: 10% of --lr-decay-iters)."""
+    weight_decay: float = 0.1
+    """AdamW weight decay."""
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+    adam_beta2: float = 0.95
+    """Adam beta2."""
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+    clip_grad: float = 1.0
+    """Gradient clipping by global norm; 0 disables it."""
+    bf16: bool = False
+    """BF16 mixed precision (FP32 main weights in the optimizer)."""
+    max_consecutive_nan_steps: int = 5
+    """Stop with an error after this many non-finite loss/gradient steps in a row (each is skipped)."""
+
+
+@dataclass
+class CheckpointConfig:
+    save: Optional[str] = None
+    """Run directory: checkpoints, resolved config, metrics.jsonl."""
+    load: Optional[str] = None
+    """Checkpoint directory to resume (or finetune) from."""
+    save_interval: Optional[int] = None
+    """Save every N steps (and at the end)."""
+    keep_last: int = 2
+    """Keep the last K checkpoints; 0 keeps all."""
+    finetune: bool = False
+    """Load only the model weights from --load and start at iteration 0 (new optimizer, data order)."""
+    async_save: bool = False
+    """Save checkpoints asynchronously (GPU)."""
+    ckpt_iteration: Optional[int] = None
+    """Load this iteration instead of the latest."""
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 10
+    """Log every N steps."""
+    eval_interval: Optional[int] = None
+    """Validate every N steps (and at the end); None disables validation."""
+    eval_iters: int = 10
+    """Validation micro-batches per data-parallel rank and evaluation."""
+    tensorboard_dir: Optional[str] = None
+    """TensorBoard directory (default: <save>/tensorboard when --save is set)."""
+    seed: int = 1234
+    """Seed of initialisation, data order and masks."""
+    peak_tflops: Optional[float] = None
+    """Peak dense TFLOP/s of one device for MFU (default: detected for H100/H200/A100, else none)."""
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "objective": ObjectiveConfig,
+    "data": DataConfig,
+    "parallel": ParallelConfig,
+    "optim": OptimConfig,
+    "checkpoint": CheckpointConfig,
+    "logging": LoggingConfig,
+}
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    # ---- views -------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config") -> "Config":
+        cfg = cls()
+        apply_dict(cfg, d, source)
+        return cfg
+
+    def validate(self, world_size: Optional[int] = None) -> "Config":
+        """Check consistency; with ``world_size`` also the parallel layout. Raises ConfigError."""
+        validate(self, world_size)
+        return self
+
+
+# ---- field metadata ------------------------------------------------------------------------------
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """Docstrings written under dataclass fields (the string literal following each annotation)."""
+    try:
+        tree = ast.parse(inspect.getsource(cls))
+    except (OSError, TypeError):  # pragma: no cover - source not available
+        return {}
+    docs: dict[str, str] = {}
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    for node, nxt in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(getattr(nxt, "value", None), ast.Constant)
+        ):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def _field_index() -> dict[str, tuple[str, dataclasses.Field]]:
+    index: dict[str, tuple[str, dataclasses.Field]] = {}
+    for sec, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            assert f.name not in index, f"duplicate config field {f.name}"
+            index[f.name] = (sec, f)
+    return index
+
+
+FIELDS = _field_index()
+
+
+def _resolved_type(sec: str, f: dataclasses.Field) -> Any:
+    hints = typing.get_type_hints(SECTIONS[sec])
+    return hints[f.name]
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    """Convert ``value`` (from YAML or a flag string) to the annotated type, or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union:  # Optional[X]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], name)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"--{name.replace('_', '-')}: {value!r} is not one of {list(args)}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"--{name.replace('_', '-')}: expected true/false, got {value!r}")
+    if tp in (list, typing.List) or origin is list:
+        if isinstance(value, str):
+            return value.split()
+        return [str(v) for v in value]
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"--{name.replace('_', '-')}: expected an integer, got {value!r}")
+        try:
+            fv = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"--{name.replace('_', '-')}: expected an integer, got {value!r}") from None
+        if not fv.is_integer():
+            raise ConfigError(f"--{name.replace('_', '-')}: expected an integer, got {value!r}")
+        return int(fv)
+    if tp is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"--{name.replace('_', '-')}: expected a number, got {value!r}") from None
+    if tp is str:
+        return str(value)
+    return value
+
+
+def set_field(cfg: Config, name: str, value: Any) -> None:
+    if name not in FIELDS:
+        raise ConfigError(f"unknown option {name!r}")
+    sec, f = FIELDS[name]
+    setattr(getattr(cfg, sec), name, _coerce(value, _resolved_type(sec, f), name))
+
+
+def apply_dict(cfg: Config, d: dict, source: str = "config") -> None:
+    """Apply a nested ({section: {field: v}}) or flat ({field: v}) mapping; unknown keys raise."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level")
+    for key, value in d.items():
+        if key in SECTIONS and isinstance(value, dict):
+            for k, v in value.items():
+                if k not in FIELDS or FIELDS[k][0] != key:
+                    raise ConfigError(f"{source}: unknown option {key}.{k}")
+                set_field(cfg, k, v)
+        elif key.replace("-", "_") in FIELDS:
+            set_field(cfg, key.replace("-", "_"), value)
+        else:
+            raise ConfigError(f"{source}: unknown option {key!r}")
+
+
+def load_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--config: file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config: {p} is not valid YAML: {e}") from None
+    return data
+
+
+# ---- command line --------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add --config, --preset and one flag per field (Megatron spelling), help from the field docs."""
+    parser.add_argument("--config", default=None, help="YAML file with options (nested or flat)")
+    for sec, cls in SECTIONS.items():
+        group = parser.add_argument_group(sec)
+        docs = _field_docs(cls)
+        for f in dataclasses.fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            tp = _resolved_type(sec, f)
+            default = f.default if f.default is not dataclasses.MISSING else None
+            help_ = f"{docs.get(f.name, '')} (default: {default})"
+            if tp is bool:
+                group.add_argument(flag, dest=f.name, nargs="?", const="true", default=None, help=help_)
+                if f.name.startswith("use_") or f.name in ("bf16",):
+                    pass
+                group.add_argument(
+                    "--no-" + f.name.replace("_", "-"), dest=f.name, action="store_const",
+                    const="false", help=argparse.SUPPRESS,
+                )
+            elif tp is list or typing.get_origin(tp) is list:
+                group.add_argument(flag, dest=f.name, nargs="+", default=None, help=help_)
+            else:
+                group.add_argument(flag, dest=f.name, default=None, help=help_)
+    # Megatron's --fp8-format flag doubles as the switch; --untie... is the Megatron default here.
+
+
+def from_args(args: argparse.Namespace, presets: Optional[dict] = None) -> Config:
+    """Build the resolved Config: defaults < preset < YAML < flags."""
+    cfg = Config()
+    overrides = {k: v for k, v in vars(args).items() if k in FIELDS and v is not None}
+    yaml_dict = load_yaml(args.config) if getattr(args, "config", None) else {}
+    preset = overrides.get("preset") or _flat_get(yaml_dict, "preset")
+    if preset:
+        if presets is None:
+            from megatron_mdm.presets import PRESETS as presets  # noqa: N811 - lazy, avoids a cycle
+        if preset not in presets:
+            raise ConfigError(f"--preset: unknown preset {preset!r}; choose from {sorted(presets)}")
+        apply_dict(cfg, presets[preset], f"preset {preset}")
+        cfg.model.preset = preset
+    apply_dict(cfg, yaml_dict, str(getattr(args, "config", "config")))
+    for k, v in overrides.items():
+        set_field(cfg, k, v)
+    return cfg
+
+
+def _flat_get(d: dict, key: str) -> Any:
+    if key in d:
+        return d[key]
+    for v in d.values():
+        if isinstance(v, dict) and key in v:
+            return v[key]
+    return None
+
+
+# ---- validation ----------------------------------------------------------------------------------
+
+
+def validate(cfg: Config, world_size: Optional[int] = None) -> None:
+    m, o, p, opt, ck, lg = cfg.model, cfg.objective, cfg.parallel, cfg.optim, cfg.checkpoint, cfg.logging
+    for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size"):
+        _check(getattr(m, name) > 0, name, "must be positive")
+    _check(m.hidden_size % m.num_attention_heads == 0, "hidden_size",
+           f"{m.hidden_size} is not divisible by --num-attention-heads {m.num_attention_heads}")
+    groups = m.num_query_groups or m.num_attention_heads
+    _check(m.num_attention_heads % groups == 0, "num_query_groups",
+           f"--num-attention-heads {m.num_attention_heads} is not divisible by {groups}")
+    _check(0.0 < o.eps < 1.0, "eps", f"must be in (0, 1), got {o.eps}")
+    _check(0.0 <= o.random_length_prob <= 1.0, "random_length_prob", "must be in [0, 1]")
+    _check(cfg.data.seq_length >= 2, "seq_length", "must be at least 2")
+    tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
+    for name, v in (("tensor_model_parallel_size", tp), ("pipeline_model_parallel_size", pp),
+                    ("context_parallel_size", cp)):
+        _check(v >= 1, name, "must be >= 1")
+    _check(m.num_attention_heads % tp == 0, "tensor_model_parallel_size",
+           f"--num-attention-heads {m.num_attention_heads} is not divisible by TP={tp}")
+    _check(groups % tp == 0, "tensor_model_parallel_size",
+           f"the {groups} query groups are not divisible by TP={tp}")
+    _check(m.ffn_hidden_size % tp == 0, "tensor_model_parallel_size",
+           f"--ffn-hidden-size {m.ffn_hidden_size} is not divisible by TP={tp}")
+    _check(m.num_layers % pp == 0, "pipeline_model_parallel_size",
+           f"--num-layers {m.num_layers} is not divisible by PP={pp}")
+    if p.num_layers_per_virtual_pipeline_stage is not None:
+        vl = p.num_layers_per_virtual_pipeline_stage
+        _check(pp > 1, "num_layers_per_virtual_pipeline_stage", "needs --pipeline-model-parallel-size > 1")
+        _check(vl > 0 and (m.num_layers // pp) % vl == 0, "num_layers_per_virtual_pipeline_stage",
+               f"layers per pipeline stage ({m.num_layers // pp}) is not divisible by {vl}")
+    if p.sequence_parallel:
+        _check(tp > 1, "sequence_parallel", "needs --tensor-model-parallel-size > 1")
+    if cp > 1:
+        _check(cfg.data.seq_length % (2 * cp) == 0, "context_parallel_size",
+               f"--seq-length {cfg.data.seq_length} is not divisible by 2 x CP = {2 * cp}")
+    if m.fp8_format is not None:
+        _check(m.transformer_impl != "local", "fp8_format",
+               "FP8 needs the Transformer Engine spec (--transformer-impl transformer_engine or auto on GPU)")
+        _check(not (m.first_last_layers_bf16 and m.fp8_recipe == "delayed"), "first_last_layers_bf16",
+               "is not supported with --fp8-recipe delayed; use tensorwise or blockwise")
+    _check(opt.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
+    _check(opt.global_batch_size >= opt.micro_batch_size, "global_batch_size",
+           f"{opt.global_batch_size} is smaller than --micro-batch-size {opt.micro_batch_size}")
+    _check(opt.lr > 0 and opt.min_lr >= 0 and opt.min_lr <= opt.lr, "min_lr",
+           f"need 0 <= --min-lr ({opt.min_lr}) <= --lr ({opt.lr}) and --lr > 0")
+    _check(not (opt.train_iters is not None and opt.train_tokens is not None), "train_tokens",
+           "give either --train-iters or --train-tokens, not both")
+    _check(opt.clip_grad >= 0, "clip_grad", "must be >= 0")
+    _check(ck.keep_last >= 0, "keep_last", "must be >= 0")
+    _check(lg.log_interval >= 1, "log_interval", "must be >= 1")
+    if ck.save_interval is not None:
+        _check(ck.save_interval >= 1, "save_interval", "must be >= 1")
+        _check(ck.save is not None, "save_interval", "needs --save")
+    if world_size is not None:
+        model_parallel = tp * pp * cp
+        _check(world_size % model_parallel == 0, "tensor_model_parallel_size",
+               f"world size {world_size} is not divisible by TP x PP x CP = {model_parallel}")
+        dp = world_size // model_parallel
+        _check(opt.global_batch_size % (opt.micro_batch_size * dp) == 0, "global_batch_size",
+               f"{opt.global_batch_size} is not divisible by --micro-batch-size x DP = "
+               f"{opt.micro_batch_size} x {dp}")
+
+
+def num_train_iters(cfg: Config) -> int:
+    """Optimizer steps of the run, from --train-iters or --train-tokens."""
+    opt = cfg.optim
+    if opt.train_iters is not None:
+        return opt.train_iters
+    if opt.train_tokens is not None:
+        return math.ceil(opt.train_tokens / (opt.global_batch_size * cfg.data.seq_length))
+    raise ConfigError("--train-iters: give --train-iters or --train-tokens")
+
+
+def parse_data_path(items: list) -> list[tuple[float, str]]:
+    """Megatron's blend convention: ``[dir]``, ``[w1, dir1, w2, dir2, ...]``; weights normalised."""
+    items = [str(x) for x in items]
+    if not items:
+        return []
+    if len(items) == 1:
+        return [(1.0, items[0])]
+    if len(items) % 2 == 0:
+        try:
+            weights = [float(w) for w in items[0::2]]
+        except ValueError:
+            weights = None
+        if weights is not None:
+            if any(w < 0 for w in weights) or sum(weights) <= 0:
+                raise ConfigError("--data-path: blend weights must be non-negative with a positive sum")
+            total = sum(weights)
+            return [(w / total, d) for w, d in zip(weights, items[1::2])]
+    try:
+        float(items[0])
+        raise ConfigError(f"--data-path: expected weight/path pairs, got {items}")
+    except ValueError:
+        pass
+    return [(1.0 / len(items), d) for d in items]

@@ -1,0 +1,164 @@
+r"""Zero-shot multiple-choice scoring with MDM likelihoods (SMDM Table 1 protocol).
+
+For each example (context, choices, gold) every choice is scored by log p(choice | context), either
+the Monte Carlo lower bound (``method="mc"``) or the chain rule (``method="chain"``), see
+``megatron_mdm.likelihood``. The prediction is the argmax of the score after normalisation:
+
+* ``none``: log p;   ``token``: log p / number of choice tokens;   ``char``: log p / len(choice).
+
+Accuracy is reported with the standard error of a mean of 0/1 outcomes, sqrt(acc (1 - acc) / (n - 1))
+(the lm-eval convention). Choice tokens are ``encode(context + choice)`` minus the context's tokens
+when the context tokenises as a prefix, else ``encode(choice)``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import torch
+
+from megatron_mdm.guidance import LogitsFn
+from megatron_mdm.likelihood import chain_rule_loglik, mc_conditional_loglik
+
+NORMALIZATIONS = ("none", "token", "char")
+METHODS = ("mc", "chain")
+
+Example = tuple[str, Sequence[str], int]
+
+
+@dataclass
+class MultipleChoiceResult:
+    """Accuracy over the examples, its standard error, and per-example records."""
+
+    accuracy: float
+    stderr: float
+    per_example: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"accuracy": self.accuracy, "stderr": self.stderr, "num_examples": len(self.per_example)}
+
+
+def encode_pair(encode: Callable[[str], list[int]], context: str, choice: str) -> tuple[list[int], list[int]]:
+    """(context ids, choice ids), moving trailing context spaces onto the choice as lm-eval does."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, choice = context[:-n_spaces], context[-n_spaces:] + choice
+    ctx = encode(context)
+    whole = encode(context + choice)
+    if whole[: len(ctx)] == ctx and len(whole) > len(ctx):
+        return ctx, whole[len(ctx) :]
+    return ctx, encode(choice)
+
+
+def conditional_loglik(
+    logits_fn: LogitsFn,
+    prompt_ids: Sequence[int],
+    completion_ids: Sequence[int],
+    mask_id: int,
+    method: str = "mc",
+    num_samples: int = 128,
+    generator: Optional[torch.Generator] = None,
+    vocab_size: Optional[int] = None,
+    cfg_scale: float = 0.0,
+    batch_size: Optional[int] = None,
+    order: str = "left_to_right",
+    eps: float = 1e-3,
+) -> tuple[float, bool]:
+    """log p(completion | prompt) by ``method`` (``mc`` or ``chain``) and whether it is greedy."""
+    if method == "mc":
+        r = mc_conditional_loglik(
+            logits_fn, prompt_ids, completion_ids, mask_id, num_samples, eps=eps, generator=generator,
+            vocab_size=vocab_size, batch_size=batch_size, cfg_scale=cfg_scale,
+        )
+        return r.loglik, False
+    if method == "chain":
+        r = chain_rule_loglik(
+            logits_fn, prompt_ids, completion_ids, mask_id, order=order, cfg_scale=cfg_scale,
+            vocab_size=vocab_size, batch_size=batch_size,
+        )
+        return r.loglik, r.is_greedy
+    raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+
+
+def score_multiple_choice(
+    logits_fn: LogitsFn,
+    encode: Callable[[str], list[int]],
+    examples: Iterable[Example],
+    mask_id: int,
+    method: str = "mc",
+    normalization: str = "none",
+    num_samples: int = 128,
+    generator: Optional[torch.Generator] = None,
+    vocab_size: Optional[int] = None,
+    cfg_scale: float = 0.0,
+    batch_size: Optional[int] = None,
+    order: str = "left_to_right",
+) -> MultipleChoiceResult:
+    """Accuracy of argmax-likelihood choice selection.
+
+    Args:
+        logits_fn: bidirectional model.
+        encode: text -> ids (no special tokens).
+        examples: (context, choices, gold index) triples.
+        mask_id: id of the mask token.
+        method: ``mc`` (Monte Carlo bound, ``num_samples`` draws) or ``chain`` (chain rule, ``order``).
+        normalization: ``none`` | ``token`` | ``char``.
+        num_samples: MC draws per choice.
+        generator: randomness for ``mc``.
+        vocab_size: real vocabulary size.
+        cfg_scale: unsupervised CFG scale w.
+        batch_size: rows per forward.
+        order: chain-rule order (``left_to_right`` or ``greedy``).
+
+    Returns:
+        :class:`MultipleChoiceResult`.
+    """
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization: expected one of {NORMALIZATIONS}, got {normalization!r}")
+    records = []
+    for context, choices, gold in examples:
+        scores = []
+        for choice in choices:
+            ctx, cont = encode_pair(encode, context, choice)
+            ll, _ = conditional_loglik(
+                logits_fn, ctx, cont, mask_id, method, num_samples, generator, vocab_size, cfg_scale, batch_size,
+                order,
+            )
+            denom = {"none": 1.0, "token": float(len(cont)), "char": float(max(len(choice), 1))}[normalization]
+            scores.append(ll / denom)
+        pred = max(range(len(scores)), key=lambda i: scores[i])
+        records.append({"scores": scores, "pred": pred, "gold": int(gold), "correct": pred == int(gold)})
+    n = len(records)
+    if n == 0:
+        raise ValueError("no examples to score")
+    acc = sum(r["correct"] for r in records) / n
+    se = math.sqrt(acc * (1 - acc) / (n - 1)) if n > 1 else 0.0
+    return MultipleChoiceResult(acc, se, records)
+
+
+def load_jsonl_examples(path: str) -> list[Example]:
+    """Read ``{"context": str, "choices": [str], "gold": int}`` lines."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for k, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            try:
+                out.append((row["context"], list(row["choices"]), int(row["gold"])))
+            except KeyError as e:
+                raise ValueError(f"{path}:{k}: missing field {e} (expected context, choices, gold)") from e
+    return out
+
+
+def format_table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
+    """A Markdown table of ``rows`` (floats with 4 decimals)."""
+    def cell(v: Any) -> str:
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)

@@ -1,0 +1,308 @@
+r"""Likelihood estimators for masked diffusion models: MC ELBO, conditional MC and chain rule.
+
+All functions are pure, take a model-agnostic ``LogitsFn`` (input_ids [b, s] -> logits [b, s, V]),
+draw randomness only from the ``torch.Generator`` passed in, and mask exactly as training does
+(``objective.sample_t`` and ``objective.forward_mask``: the project's single masking function).
+Logits at ids >= ``vocab_size`` are ignored and the mask token is never a prediction
+(``guidance.model_logits``).
+
+**ELBO** (SMDM Eq. 3; the training loss): for x_0 with n eligible positions,
+
+    -log p(x_0) <= E_{t ~ U(eps, 1)} E_{x_t ~ q(.|x_0, t)} [ (1/t) sum_{i masked} -log p(x_0[i] | x_t) ]
+
+:func:`mc_elbo` averages N draws of (t, x_t) per sequence and divides by n: an upper bound on the
+NLL in nats/token, with the standard error of the N-sample mean; exp(bound) bounds the perplexity.
+With ``t_sampling="antithetic"`` the N values of t of one sequence are stratified over [eps, 1)
+(one shared offset); the reported stderr then uses the i.i.d. formula and is conservative.
+
+**Conditional MC** (SMDM ``_eval_target_nll_mc``): the prompt is kept, only the completion is masked
+at rate t; the same 1/t-weighted sum (not divided by the length) bounds -log p(completion | prompt),
+so :func:`mc_conditional_loglik` returns its negative: a lower bound on the log-likelihood.
+
+**Chain rule**: starting with the completion all masked, unmask one position per forward, add
+log p(true token at that position | current context), and write the true token there:
+
+* ``left_to_right``: positions in order; this is SMDM's ``chain_rule`` estimator
+  (``_eval_target_nll_ar``), all c forwards are independent and batched together;
+* ``greedy``: the masked position where the model is most confident in its OWN argmax prediction
+  (max_v p(v | context)), the order of SMDM's greedy decoding (``suffix_greedy_prediction``), with the
+  true token teacher-forced; c sequential forwards. ``is_greedy`` is True when every argmax at the
+  chosen position was the true token, i.e. when greedy decoding would produce the completion.
+
+Both give the exact log-probability of the completion under that unmasking order's factorisation.
+Unsupervised CFG (``cfg_scale``) applies to both estimators and to the MC one, with the prompt masked
+in the unconditional input (``guidance.apply_cfg``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from megatron_mdm.guidance import LogitsFn, model_logits
+from megatron_mdm.objective import forward_mask, sample_t
+
+T_SAMPLING = ("uniform", "antithetic")
+ORDERS = ("greedy", "left_to_right")
+
+
+@dataclass
+class ElboResult:
+    """Monte Carlo ELBO per sequence.
+
+    Attributes:
+        nll_per_token: [b] upper bound on -log p(x) / n (nats/token).
+        stderr: [b] standard error of ``nll_per_token`` over the N samples.
+        num_tokens: [b] eligible positions n per sequence.
+        samples: [b, N] per-sample values (nats/token).
+    """
+
+    nll_per_token: torch.Tensor
+    stderr: torch.Tensor
+    num_tokens: torch.Tensor
+    samples: torch.Tensor
+
+    @property
+    def perplexity_bound(self) -> torch.Tensor:
+        """[b] exp(nll_per_token), an upper bound on each sequence's perplexity."""
+        return torch.exp(self.nll_per_token)
+
+    def corpus_nll(self) -> tuple[float, float]:
+        """Token-weighted mean bound over the batch and its standard error (nats/token)."""
+        w = self.num_tokens.double() / self.num_tokens.double().sum()
+        mean = float((w * self.nll_per_token.double()).sum())
+        se = float(torch.sqrt((w**2 * self.stderr.double() ** 2).sum()))
+        return mean, se
+
+
+@dataclass
+class LoglikResult:
+    """A log-likelihood estimate of a completion given a prompt (nats)."""
+
+    loglik: float
+    stderr: float = 0.0
+    is_greedy: bool = False
+    num_tokens: int = 0
+
+
+def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(targets) under logits [..., V], in float64. targets: [...]."""
+    return torch.log_softmax(logits.double(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)
+
+
+def _check_args(mask_id: int, num_samples: int, t_sampling: str, *seqs: torch.Tensor) -> None:
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if t_sampling not in T_SAMPLING:
+        raise ValueError(f"t_sampling: expected one of {T_SAMPLING}, got {t_sampling!r}")
+    for s in seqs:
+        if bool((s == mask_id).any()):
+            raise ValueError(f"the tokens to score contain the mask token id {mask_id}")
+
+
+def _mc_weighted_nll(
+    logits_fn: LogitsFn,
+    tokens: torch.Tensor,
+    eligible: torch.Tensor,
+    mask_id: int,
+    num_samples: int,
+    eps: float,
+    t_sampling: str,
+    generator: Optional[torch.Generator],
+    vocab_size: Optional[int],
+    batch_size: Optional[int],
+    cfg_scale: float,
+) -> torch.Tensor:
+    """Per-sample sum_{i masked} -log p(x_0[i] | x_t) / t. tokens, eligible: [b, s]. Returns [b, N]."""
+    b, s = tokens.shape
+    antithetic = t_sampling == "antithetic"
+    # t for the N samples of each sequence, stratified per sequence when antithetic
+    t = torch.stack([sample_t(num_samples, eps, generator, antithetic) for _ in range(b)])  # [b, N]
+    rows = tokens.repeat_interleave(num_samples, dim=0)  # [b*N, s]
+    rows_eligible = eligible.repeat_interleave(num_samples, dim=0)  # [b*N, s]
+    t_rows = t.reshape(-1)  # [b*N]
+    chunk = batch_size or rows.shape[0]
+    out = torch.empty(rows.shape[0], dtype=torch.float64)
+    for start in range(0, rows.shape[0], chunk):
+        sl = slice(start, start + chunk)
+        noisy, masked = forward_mask(rows[sl], t_rows[sl].to(rows.device), mask_id, generator, rows_eligible[sl])
+        prompt_mask = ~rows_eligible[sl] if cfg_scale != 0.0 else None
+        logits = model_logits(logits_fn, noisy, mask_id, vocab_size, cfg_scale, prompt_mask)  # [c, s, V]
+        nll = -_token_logprobs(logits, rows[sl])  # [c, s]
+        nll = torch.where(masked, nll, torch.zeros_like(nll))  # unmasked terms (even inf) drop out
+        out[sl] = (nll.sum(dim=1) / t_rows[sl].double().to(nll.device)).cpu()
+    return out.view(b, num_samples)
+
+
+def _mean_stderr(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard error over the last dim of x [..., N] (0 when N == 1)."""
+    n = x.shape[-1]
+    se = x.std(dim=-1, correction=1) / math.sqrt(n) if n > 1 else torch.zeros_like(x[..., 0])
+    return x.mean(dim=-1), se
+
+
+@torch.no_grad()
+def mc_elbo(
+    logits_fn: LogitsFn,
+    tokens: torch.Tensor,
+    mask_id: int,
+    num_samples: int,
+    eps: float = 1e-3,
+    t_sampling: str = "uniform",
+    loss_mask: Optional[torch.Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+    vocab_size: Optional[int] = None,
+    batch_size: Optional[int] = None,
+) -> ElboResult:
+    """Monte Carlo ELBO: an upper bound on the NLL per token of each sequence.
+
+    Args:
+        logits_fn: bidirectional model, input_ids [b, s] -> logits [b, s, V_padded].
+        tokens: clean sequences x_0, int64 [b, s].
+        mask_id: id of the mask token.
+        num_samples: N draws of (t, x_t) per sequence.
+        eps: lower bound of t (as in training).
+        t_sampling: ``uniform`` (i.i.d.) or ``antithetic`` (stratified over each sequence's N draws).
+        loss_mask: [b, s], nonzero where a position is scored (and may be masked); default all.
+        generator: the only source of randomness.
+        vocab_size: real vocabulary size; logits beyond it are ignored.
+        batch_size: rows per forward (default: all b * N at once).
+
+    Returns:
+        :class:`ElboResult` with nll_per_token [b] and stderr [b].
+    """
+    _check_args(mask_id, num_samples, t_sampling, tokens)
+    eligible = torch.ones_like(tokens, dtype=torch.bool) if loss_mask is None else loss_mask != 0  # [b, s]
+    n = eligible.sum(dim=1)  # [b]
+    if bool((n == 0).any()):
+        raise ValueError("a sequence has no eligible position (loss_mask all zero)")
+    nll = _mc_weighted_nll(
+        logits_fn, tokens, eligible, mask_id, num_samples, eps, t_sampling, generator, vocab_size, batch_size, 0.0
+    )  # [b, N]
+    per_token = nll / n.double().cpu()[:, None]
+    mean, se = _mean_stderr(per_token)
+    return ElboResult(mean, se, n.cpu(), per_token)
+
+
+def _pair(prompt_ids: Sequence[int], completion_ids: Sequence[int], device) -> tuple[torch.Tensor, int]:
+    prompt = torch.as_tensor(list(prompt_ids), dtype=torch.long)
+    completion = torch.as_tensor(list(completion_ids), dtype=torch.long)
+    if completion.numel() == 0:
+        raise ValueError("the completion is empty")
+    return torch.cat([prompt, completion]).to(device), prompt.numel()
+
+
+@torch.no_grad()
+def mc_conditional_loglik(
+    logits_fn: LogitsFn,
+    prompt_ids: Sequence[int],
+    completion_ids: Sequence[int],
+    mask_id: int,
+    num_samples: int,
+    eps: float = 1e-3,
+    t_sampling: str = "antithetic",
+    generator: Optional[torch.Generator] = None,
+    vocab_size: Optional[int] = None,
+    batch_size: Optional[int] = None,
+    cfg_scale: float = 0.0,
+    device: Optional[torch.device | str] = None,
+) -> LoglikResult:
+    """Monte Carlo lower bound on log p(completion | prompt) (prompt kept, completion masked at rate t).
+
+    Args:
+        logits_fn: bidirectional model.
+        prompt_ids: prompt ids (may be empty).
+        completion_ids: completion ids (non-empty).
+        mask_id: id of the mask token.
+        num_samples: N draws of (t, x_t).
+        eps: lower bound of t.
+        t_sampling: ``uniform`` or ``antithetic`` (stratified t over the N draws; SMDM's default).
+        generator: the only source of randomness.
+        vocab_size: real vocabulary size.
+        batch_size: rows per forward (default N).
+        cfg_scale: unsupervised CFG scale w (prompt masked in the unconditional input).
+        device: where the ids are placed; default CPU.
+
+    Returns:
+        :class:`LoglikResult`: loglik (nats, summed over the completion) and its stderr.
+    """
+    seq, p = _pair(prompt_ids, completion_ids, device or "cpu")
+    _check_args(mask_id, num_samples, t_sampling, seq)
+    eligible = torch.zeros_like(seq, dtype=torch.bool)
+    eligible[p:] = True
+    nll = _mc_weighted_nll(
+        logits_fn, seq[None], eligible[None], mask_id, num_samples, eps, t_sampling, generator, vocab_size,
+        batch_size, cfg_scale,
+    )[0]  # [N]
+    mean, se = _mean_stderr(nll)
+    return LoglikResult(-float(mean), float(se), False, seq.numel() - p)
+
+
+@torch.no_grad()
+def chain_rule_loglik(
+    logits_fn: LogitsFn,
+    prompt_ids: Sequence[int],
+    completion_ids: Sequence[int],
+    mask_id: int,
+    order: str = "greedy",
+    cfg_scale: float = 0.0,
+    vocab_size: Optional[int] = None,
+    batch_size: Optional[int] = None,
+    device: Optional[torch.device | str] = None,
+) -> LoglikResult:
+    """Chain-rule log p(completion | prompt), unmasking one completion token per forward.
+
+    Args:
+        logits_fn: bidirectional model.
+        prompt_ids: prompt ids (may be empty).
+        completion_ids: completion ids (c >= 1).
+        mask_id: id of the mask token.
+        order: ``greedy`` (most confident own prediction first) or ``left_to_right``.
+        cfg_scale: unsupervised CFG scale w.
+        vocab_size: real vocabulary size.
+        batch_size: rows per forward for ``left_to_right`` (default all c).
+        device: where the ids are placed; default CPU.
+
+    Returns:
+        :class:`LoglikResult` with the summed log-probability (exact for that order; stderr 0) and
+        ``is_greedy``.
+    """
+    if order not in ORDERS:
+        raise ValueError(f"order: expected one of {ORDERS}, got {order!r}")
+    seq, p = _pair(prompt_ids, completion_ids, device or "cpu")
+    _check_args(mask_id, 1, "uniform", seq)
+    c = seq.numel() - p
+    prompt_mask = torch.zeros_like(seq, dtype=torch.bool)
+    prompt_mask[:p] = True
+    if order == "left_to_right":
+        # row j: completion positions >= j masked; predicts position p + j
+        pos = torch.arange(c, device=seq.device)
+        rows = seq.repeat(c, 1)  # [c, s]
+        rows[:, p:] = torch.where(pos[None, :] >= pos[:, None], torch.full_like(rows[:, p:], mask_id), rows[:, p:])
+        chunk = batch_size or c
+        total, greedy = 0.0, True
+        for start in range(0, c, chunk):
+            r = rows[start : start + chunk]
+            j = pos[start : start + chunk]
+            logits = model_logits(logits_fn, r, mask_id, vocab_size, cfg_scale, prompt_mask.expand_as(r))
+            at = logits[torch.arange(r.shape[0]), p + j]  # [c', V]
+            total += float(_token_logprobs(at, seq[p + j]).sum())
+            greedy &= bool((at.argmax(-1) == seq[p + j]).all())
+        return LoglikResult(total, 0.0, greedy, c)
+    x = seq.clone()
+    x[p:] = mask_id
+    total, greedy = 0.0, True
+    for _ in range(c):
+        logits = model_logits(logits_fn, x[None], mask_id, vocab_size, cfg_scale, prompt_mask[None])[0]  # [s, V]
+        masked = (x == mask_id).nonzero(as_tuple=True)[0]  # [m]
+        logp = torch.log_softmax(logits[masked].double(), dim=-1)  # [m, V]
+        conf, pred = logp.max(dim=-1)  # confidence in the model's own argmax
+        k = int(conf.argmax())  # first position among equally confident ones
+        i = int(masked[k])
+        total += float(logp[k, seq[i]])
+        greedy &= int(pred[k]) == int(seq[i])
+        x[i] = seq[i]
+    return LoglikResult(total, 0.0, greedy, c)

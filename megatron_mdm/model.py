@@ -1,0 +1,228 @@
+"""Model construction: Megatron-core ``GPTModel`` with the attention mask chosen by the objective.
+
+The masked diffusion model is a Llama-style transformer (RMSNorm, RoPE, GQA, SwiGLU, untied head)
+with **no causal mask**. That is a spec change, not a fork: the layer spec's self-attention
+``attn_mask_type`` becomes ``AttnMaskType.no_mask`` for MDM and stays ``causal`` for the ARM baseline.
+
+* Transformer Engine spec (GPU, TE importable): ``TEDotProductAttention`` with no_mask, FP8 options.
+* Local spec (CPU, or GPU without TE): Megatron's local layers with ``SDPAttention`` as the core
+  attention (memory linear in sequence length).
+
+``transformer_config`` is the one place where our config names become Megatron's
+``TransformerConfig``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state as ps
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_mdm.attention import SDPAttention
+from megatron_mdm.config import Config, ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def te_available() -> bool:
+    """True when Transformer Engine's PyTorch extension imports and a GPU is present."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine.pytorch  # noqa: F401, PLC0415
+    except Exception:  # ImportError or a broken build
+        return False
+    return True
+
+
+def use_transformer_engine(cfg: Config) -> bool:
+    impl = cfg.model.transformer_impl
+    if impl == "local":
+        return False
+    if impl == "transformer_engine":
+        if not te_available():
+            raise ConfigError(
+                "--transformer-impl: transformer_engine was asked for but Transformer Engine is not "
+                "importable (or no GPU is present); use --transformer-impl local"
+            )
+        return True
+    return te_available()
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_model_parallel_size: int) -> int:
+    """Megatron's rule: pad the vocabulary to a multiple of ``divisible_by * TP``."""
+    multiple = divisible_by * tensor_model_parallel_size
+    return ((vocab_size + multiple - 1) // multiple) * multiple
+
+
+def transformer_config(cfg: Config, use_te: Optional[bool] = None) -> TransformerConfig:
+    """Our config -> Megatron ``TransformerConfig`` (the single mapping)."""
+    m, p = cfg.model, cfg.parallel
+    use_te = use_transformer_engine(cfg) if use_te is None else use_te
+    on_gpu = torch.cuda.is_available()
+    bf16 = cfg.optim.bf16
+    vpp = None
+    if p.num_layers_per_virtual_pipeline_stage is not None:
+        vpp = m.num_layers // p.pipeline_model_parallel_size // p.num_layers_per_virtual_pipeline_stage
+    kwargs = dict(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups or m.num_attention_heads,
+        ffn_hidden_size=m.ffn_hidden_size,
+        kv_channels=m.hidden_size // m.num_attention_heads,
+        normalization="RMSNorm",
+        layernorm_epsilon=m.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=m.init_method_std,
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=vpp,
+        context_parallel_size=p.context_parallel_size,
+        sequence_parallel=p.sequence_parallel,
+        bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
+        autocast_dtype=torch.bfloat16 if bf16 else torch.float32,
+        # CPU initialisation makes weights independent of the TP layout (full matrix, then split)
+        use_cpu_initialization=not on_gpu,
+        perform_initialization=True,
+        # fusions that need CUDA/Apex kernels
+        masked_softmax_fusion=False,
+        bias_activation_fusion=use_te and on_gpu,
+        bias_dropout_fusion=use_te and on_gpu,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        cross_entropy_loss_fusion=False,
+        recompute_granularity=m.recompute_granularity,
+        recompute_method=m.recompute_method if m.recompute_granularity == "full" else None,
+        recompute_num_layers=m.recompute_num_layers if m.recompute_granularity == "full" else None,
+        deallocate_pipeline_outputs=on_gpu,
+    )
+    if use_te:
+        kwargs["attention_backend"] = _attention_backend(m.attention_backend)
+    if m.fp8_format is not None:
+        if not use_te:
+            raise ConfigError("--fp8-format: FP8 needs the Transformer Engine spec")
+        kwargs.update(
+            fp8=m.fp8_format,
+            fp8_recipe=m.fp8_recipe,
+            fp8_amax_history_len=m.fp8_amax_history_len,
+            fp8_amax_compute_algo="max",
+            first_last_layers_bf16=m.first_last_layers_bf16,
+        )
+    return TransformerConfig(**kwargs)
+
+
+def _attention_backend(name: str):
+    from megatron.core.transformer.enums import AttnBackend  # noqa: PLC0415
+
+    return getattr(AttnBackend, name)
+
+
+def layer_spec(cfg: Config, causal: bool, use_te: Optional[bool] = None) -> ModuleSpec:
+    """The transformer-layer spec with the mask type of the objective."""
+    use_te = use_transformer_engine(cfg) if use_te is None else use_te
+    if use_te:
+        from megatron.core.models.gpt.gpt_layer_specs import (  # noqa: PLC0415
+            get_gpt_layer_with_transformer_engine_spec,
+        )
+
+        spec = get_gpt_layer_with_transformer_engine_spec()
+    else:
+        spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+        spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    mask = AttnMaskType.causal if causal else AttnMaskType.no_mask
+    spec.submodules.self_attention.params["attn_mask_type"] = mask
+    return spec
+
+
+def build_model(
+    cfg: Config,
+    vocab_size: int,
+    causal: bool,
+    use_te: Optional[bool] = None,
+) -> list[GPTModel]:
+    """Build this rank's model chunks (one, or one per virtual pipeline stage).
+
+    Args:
+        cfg: the resolved run config.
+        vocab_size: the tokenizer's vocabulary size (padded here for TP divisibility).
+        causal: True for the ARM baseline, False for the masked diffusion model.
+        use_te: force the Transformer Engine spec on/off (default: from the config).
+    Returns:
+        Model chunks on ``runtime.device()``, not yet wrapped in DDP.
+    """
+    use_te = use_transformer_engine(cfg) if use_te is None else use_te
+    tconf = transformer_config(cfg, use_te)
+    spec = layer_spec(cfg, causal, use_te)
+    padded = padded_vocab_size(vocab_size, cfg.model.make_vocab_size_divisible_by,
+                               cfg.parallel.tensor_model_parallel_size)
+    vpp = tconf.virtual_pipeline_model_parallel_size
+    chunks = []
+    for vp_stage in range(vpp or 1):
+        stage = vp_stage if vpp else None
+        model = GPTModel(
+            config=tconf,
+            transformer_layer_spec=spec,
+            vocab_size=padded,
+            max_sequence_length=cfg.data.seq_length,
+            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+            parallel_output=True,
+            share_embeddings_and_output_weights=not cfg.model.untie_embeddings_and_output_weights,
+            position_embedding_type="rope",
+            rotary_base=cfg.model.rotary_base,
+            vp_stage=stage,
+        )
+        if torch.cuda.is_available():
+            model.cuda(torch.cuda.current_device())
+        if cfg.optim.bf16:
+            model.bfloat16()
+        chunks.append(model)
+    return chunks
+
+
+def count_parameters(cfg: Config, vocab_size: int) -> dict[str, int]:
+    """Parameter counts of the full (unsharded) model: total, embedding, non-embedding (N of C=6ND)."""
+    m = cfg.model
+    h, f, L = m.hidden_size, m.ffn_hidden_size, m.num_layers
+    groups = m.num_query_groups or m.num_attention_heads
+    head_dim = h // m.num_attention_heads
+    attn = h * (h + 2 * groups * head_dim) + h * h
+    mlp = 3 * h * f
+    norms = 2 * h
+    per_layer = attn + mlp + norms
+    non_embedding = L * per_layer + h  # + final norm
+    emb = vocab_size * h * (2 if m.untie_embeddings_and_output_weights else 1)
+    return {"total": non_embedding + emb, "embedding": emb, "non_embedding": non_embedding}
+
+
+def flops_per_sequence(cfg: Config, vocab_size: int, causal: bool) -> float:
+    """Training FLOPs (forward + backward) of one sequence.
+
+    6·N·S for the non-embedding matmuls (the paper's C = 6ND), plus the output head 6·S·h·V, plus
+    attention scores and values: 12·L·S²·h for full (bidirectional) attention, the work an MDM
+    really does. The causal baseline's kernels skip the masked half, so it counts half of that term
+    (Megatron-LM's convention); the 6·N·D part, the paper's compute measure, is the same for both.
+    """
+    m = cfg.model
+    s = cfg.data.seq_length
+    n = count_parameters(cfg, vocab_size)["non_embedding"]
+    head = 6 * s * m.hidden_size * vocab_size
+    attention = 12 * m.num_layers * s * s * m.hidden_size // (2 if causal else 1)
+    return float(6 * n * s + head + attention)

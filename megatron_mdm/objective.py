@@ -1,0 +1,235 @@
+r"""Training objectives: the masked diffusion (MDM) loss and the autoregressive (ARM) baseline.
+
+Masked diffusion (Nie et al. 2025, "Scaling up Masked Diffusion Models on Text"; SMDM):
+
+    t ~ U(eps, 1)                              one draw per sequence
+    x_t[i] = [MASK] with probability t         independently per eligible position i, else x_0[i]
+    L = 1/(B * L) * sum_b sum_{i masked} -log p_theta(x_0[b, i] | x_t[b]) / t_b
+
+``L`` is an upper bound on the negative log-likelihood per token (the ELBO). Positions excluded by
+``loss_mask`` (prompts, padding) are never masked and carry no loss; the normaliser is then the
+number of eligible positions (``B * L`` in pretraining, where every position is eligible).
+
+Options:
+  * ``t_sampling="antithetic"``: low-discrepancy t within a micro-batch (MDLM): u_b = (r + b)/B mod 1
+    with a single r ~ U(0, 1), then t = eps + (1 - eps) u; lowers the variance of the estimate.
+  * ``random_length_prob``: a fraction of sequences is cut to a random length l ~ U{1..L}; the tail is
+    replaced by the pad token and is out of the loss (the SMDM/LLaDA variable-length trick, done per
+    sequence with fixed tensor shapes so that pipeline parallelism keeps static shapes).
+
+ARM baseline: causal attention, next-token prediction: labels[i] = x[i + 1]; the last position has
+no target; loss is the mean cross-entropy over predicted positions.
+
+Every function here is pure: randomness comes only from the ``torch.Generator`` passed in. The
+per-token cross-entropy is computed by Megatron-core's vocabulary-parallel cross-entropy inside
+``GPTModel.forward(labels=...)``, so tensor parallelism works; ``loss`` weights that tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from megatron_mdm.config import ObjectiveConfig
+
+
+def sample_t(
+    batch_size: int,
+    eps: float,
+    generator: Optional[torch.Generator],
+    antithetic: bool = False,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Draw the masking rates t ~ U(eps, 1), one per sequence.
+
+    Args:
+        batch_size: number of sequences B.
+        eps: lower bound of t.
+        generator: source of randomness (CPU generator).
+        antithetic: stratify the B draws over [0, 1) with one shared offset (low discrepancy).
+        device: device of the result.
+
+    Returns:
+        t: float32 tensor [B] with values in [eps, 1).
+    """
+    if antithetic:
+        r = torch.rand(1, generator=generator, dtype=torch.float64)
+        u = (r + torch.arange(batch_size, dtype=torch.float64)) / batch_size  # [B] in [0, 1)
+        u = u % 1.0
+    else:
+        u = torch.rand(batch_size, generator=generator, dtype=torch.float64)
+    t = eps + (1.0 - eps) * u
+    return t.to(device=device, dtype=torch.float32)
+
+
+def forward_mask(
+    tokens: torch.Tensor,
+    t: torch.Tensor,
+    mask_id: int,
+    generator: Optional[torch.Generator],
+    loss_mask: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward (noising) process: replace each eligible token by ``mask_id`` with probability t.
+
+    This is the project's single masking function: training, validation and likelihood estimation
+    all call it.
+
+    Args:
+        tokens: clean tokens x_0, int64 [B, S].
+        t: masking rate per sequence, [B].
+        mask_id: id of the mask token.
+        generator: source of randomness (CPU generator; draws are made on CPU so that every device
+            and every tensor-parallel rank sees the same masks).
+        loss_mask: optional [B, S], nonzero where a position may be masked (prompt/padding: 0).
+
+    Returns:
+        noisy: x_t, int64 [B, S].
+        masked: bool [B, S], True where x_t is the mask token.
+    """
+    b, s = tokens.shape
+    u = torch.rand(b, s, generator=generator, dtype=torch.float32)  # [B, S] on CPU
+    masked = u < t.detach().float().cpu()[:, None]
+    if loss_mask is not None:
+        masked &= loss_mask.detach().cpu() != 0
+    masked = masked.to(tokens.device)
+    noisy = torch.where(masked, torch.full_like(tokens, mask_id), tokens)
+    return noisy, masked
+
+
+@dataclass
+class PreparedBatch:
+    """What the model consumes for one micro-batch, and how to weight its per-token loss."""
+
+    inputs: torch.Tensor  # [B, S] int64: model input ids
+    labels: torch.Tensor  # [B, S] int64: targets of the per-token cross-entropy
+    weights: torch.Tensor  # [B, S] float32: per-token loss weight (0 = no loss)
+    num_tokens: torch.Tensor  # [] float32: the normaliser of this micro-batch
+    t: Optional[torch.Tensor] = None  # [B] masking rates (MDM only)
+
+
+def _check_no_mask_token(tokens: torch.Tensor, mask_id: int) -> None:
+    if bool((tokens == mask_id).any()):
+        raise ValueError(
+            f"the data contains the mask token id {mask_id}: the mask token must never be a target "
+            "(check the tokenizer used to prepare the shards)"
+        )
+
+
+def _random_length_keep(
+    b: int, s: int, prob: float, generator: Optional[torch.Generator]
+) -> Optional[torch.Tensor]:
+    """[B, S] bool keep-mask for the random-length trick, or None when no sequence is cut."""
+    if prob <= 0:
+        return None
+    cut = torch.rand(b, generator=generator) < prob  # [B]
+    if not bool(cut.any()):
+        return None
+    lengths = torch.randint(1, s + 1, (b,), generator=generator)  # [B]
+    lengths = torch.where(cut, lengths, torch.full_like(lengths, s))
+    return torch.arange(s)[None, :] < lengths[:, None]  # [B, S]
+
+
+class MDMObjective:
+    """Masked diffusion objective: bidirectional attention, 1/t-weighted masked cross-entropy."""
+
+    causal = False
+
+    def __init__(self, cfg: ObjectiveConfig, mask_id: int, pad_id: int):
+        self.cfg = cfg
+        self.mask_id = mask_id
+        self.pad_id = pad_id
+
+    def prepare(
+        self,
+        tokens: torch.Tensor,
+        loss_mask: Optional[torch.Tensor],
+        generator: Optional[torch.Generator],
+    ) -> PreparedBatch:
+        """Draw t and the masks for one micro-batch.
+
+        Args:
+            tokens: clean tokens [B, S] (int64).
+            loss_mask: [B, S] or None; zero positions are never masked and carry no loss.
+            generator: CPU generator seeded per (seed, iteration, micro-batch, DP rank).
+        """
+        _check_no_mask_token(tokens, self.mask_id)
+        b, s = tokens.shape
+        eligible = (
+            torch.ones(b, s, dtype=torch.bool)
+            if loss_mask is None
+            else (loss_mask.detach().cpu() != 0)
+        )  # [B, S]
+        keep = _random_length_keep(b, s, self.cfg.random_length_prob, generator)
+        if keep is not None:
+            tokens = torch.where(keep.to(tokens.device), tokens, torch.full_like(tokens, self.pad_id))
+            eligible &= keep
+        t = sample_t(b, self.cfg.eps, generator, self.cfg.t_sampling == "antithetic")  # [B]
+        noisy, masked = forward_mask(tokens, t, self.mask_id, generator, eligible)
+        weights = masked.float() / t.to(tokens.device)[:, None]  # [B, S]
+        num_tokens = eligible.sum().float().to(tokens.device)
+        return PreparedBatch(noisy, tokens, weights, num_tokens, t)
+
+    @staticmethod
+    def loss(batch: PreparedBatch, per_token_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weighted loss sum and normaliser: loss = loss_sum / num_tokens.
+
+        Args:
+            per_token_loss: cross-entropy -log p(labels | inputs), float [B, S].
+        Returns:
+            (loss_sum [], num_tokens []).
+        """
+        w = batch.weights.to(per_token_loss.device)
+        return (per_token_loss.float() * w).sum(), batch.num_tokens.to(per_token_loss.device)
+
+
+class ARMObjective:
+    """Autoregressive baseline: causal attention, next-token cross-entropy."""
+
+    causal = True
+
+    def __init__(self, cfg: ObjectiveConfig, mask_id: int, pad_id: int):
+        self.cfg = cfg
+        self.mask_id = mask_id
+        self.pad_id = pad_id
+
+    def prepare(
+        self,
+        tokens: torch.Tensor,
+        loss_mask: Optional[torch.Tensor],
+        generator: Optional[torch.Generator],
+    ) -> PreparedBatch:
+        b, s = tokens.shape
+        labels = torch.roll(tokens, shifts=-1, dims=1)  # [B, S]: labels[i] = tokens[i + 1]
+        weights = torch.ones(b, s, dtype=torch.float32, device=tokens.device)
+        weights[:, -1] = 0.0  # the last position has no next token
+        if loss_mask is not None:
+            # a target counts when the *target* position is eligible (completion tokens in SFT)
+            weights *= torch.roll(loss_mask.float(), shifts=-1, dims=1).to(tokens.device)
+        return PreparedBatch(tokens, labels, weights, weights.sum(), None)
+
+    loss = staticmethod(MDMObjective.loss)
+
+
+def build_objective(cfg: ObjectiveConfig, mask_id: int, pad_id: int):
+    """The objective named by ``cfg.objective``."""
+    if cfg.objective == "mdm":
+        return MDMObjective(cfg, mask_id, pad_id)
+    if cfg.objective == "arm":
+        return ARMObjective(cfg, mask_id, pad_id)
+    raise ValueError(f"--objective: unknown objective {cfg.objective!r}")
+
+
+def mask_generator(seed: int, iteration: int, microbatch: int, dp_rank: int) -> torch.Generator:
+    """The CPU generator of one micro-batch's draws.
+
+    Seeded from (seed, iteration, micro-batch, data-parallel rank) only: every TP/PP rank of a replica
+    draws the same t and masks, replicas differ, and a resumed run redraws exactly the same masks.
+    """
+    g = torch.Generator()
+    # a fixed mixing of the four integers into 63 bits (splitmix-style constants)
+    h = (seed * 0x9E3779B97F4A7C15 + iteration * 0xBF58476D1CE4E5B9
+         + microbatch * 0x94D049BB133111EB + dp_rank * 0xD6E8FEB86659FD93) % (2**63 - 1)
+    g.manual_seed(h)
+    return g
