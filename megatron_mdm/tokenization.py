@@ -13,10 +13,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Optional
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +28,13 @@ SPECIAL_TOKENS = [MASK_TOKEN, PAD_TOKEN, BOS_TOKEN, EOS_TOKEN]
 
 
 def padded_vocab_size(vocab_size: int, make_vocab_size_divisible_by: int, tensor_model_parallel_size: int) -> int:
-    """Megatron's rule: round ``vocab_size`` up to a multiple of ``divisible_by * tp``."""
-    multiple = make_vocab_size_divisible_by * tensor_model_parallel_size
+    """Round ``vocab_size`` up to a multiple of lcm(``make_vocab_size_divisible_by``, TP).
+
+    Unlike Megatron-LM (a multiple of ``divisible_by * TP``), the padded size does not change with
+    the TP size when ``divisible_by`` is a multiple of it (the default 128 with TP = 1, 2, 4, 8), so
+    a checkpoint resumes on another TP layout with the same embedding shape.
+    """
+    multiple = math.lcm(make_vocab_size_divisible_by, tensor_model_parallel_size)
     return -(-vocab_size // multiple) * multiple
 
 
@@ -54,7 +59,7 @@ class MDMTokenizer:
 
     # ---- construction ----------------------------------------------------------------------------
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "MDMTokenizer":
+    def load(cls, path: str | os.PathLike) -> MDMTokenizer:
         """Load a tokenizer directory (ours or any HF fast tokenizer) or a bare ``tokenizer.json``."""
         from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
@@ -118,7 +123,7 @@ class MDMTokenizer:
         return int(self.hf.eos_token_id)
 
     @property
-    def bos_id(self) -> Optional[int]:
+    def bos_id(self) -> int | None:
         return None if self.hf.bos_token_id is None else int(self.hf.bos_token_id)
 
     # ---- encoding --------------------------------------------------------------------------------
@@ -166,7 +171,7 @@ class MDMTokenizer:
                 "bos_id": self.bos_id, "eos_id": self.eos_id, "hash": self.hash}
 
 
-def _texts(files: list[str], text_key: str, max_docs: Optional[int]) -> Iterator[str]:
+def _texts(files: list[str], text_key: str, max_docs: int | None) -> Iterator[str]:
     from megatron_mdm.data.readers import InputReport, iter_documents
 
     report = InputReport()
@@ -181,7 +186,7 @@ def _texts(files: list[str], text_key: str, max_docs: Optional[int]) -> Iterator
 
 def train_bpe_tokenizer(files: list[str], vocab_size: int, output_dir: str | os.PathLike,
                         text_key: str = "text", min_frequency: int = 2,
-                        max_docs: Optional[int] = None) -> MDMTokenizer:
+                        max_docs: int | None = None) -> MDMTokenizer:
     """Train a byte-level BPE tokenizer and save it as an AutoTokenizer-loadable directory.
 
     Args:
@@ -195,7 +200,14 @@ def train_bpe_tokenizer(files: list[str], vocab_size: int, output_dir: str | os.
     Returns:
         The saved tokenizer, loaded back.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     if vocab_size < 256 + len(SPECIAL_TOKENS):

@@ -21,14 +21,13 @@ import os
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Optional
 
 import zstandard
 
 log = logging.getLogger(__name__)
 
 SUFFIXES = (".jsonl", ".jsonl.zst", ".json", ".parquet", ".txt", ".txt.zst")
-KINDS = ("malformed_json", "missing_text", "non_utf8", "truncated_zst")
+KINDS = ("malformed_json", "missing_text", "non_utf8", "truncated_zst", "mask_token")
 
 
 class InputError(ValueError):
@@ -83,7 +82,7 @@ def expand_inputs(patterns: list[str]) -> list[str]:
     return sorted(files)
 
 
-def _zst_chunks(path: str, report: InputReport, progress: Optional[Callable[[int], None]]) -> Iterator[bytes]:
+def _zst_chunks(path: str, report: InputReport, progress: Callable[[int], None] | None) -> Iterator[bytes]:
     """Decompressed chunks of a (multi-frame) .zst file; reports a truncated last frame."""
     dctx = zstandard.ZstdDecompressor()
     dobj = dctx.decompressobj()
@@ -203,8 +202,8 @@ def read_parquet(path: str, text_key: str, report: InputReport, progress=None) -
             progress(size // max(1, pf.num_row_groups))
 
 
-def iter_documents(path: str, text_key: str = "text", report: Optional[InputReport] = None,
-                   progress: Optional[Callable[[int], None]] = None) -> Iterator[tuple[str, int, str]]:
+def iter_documents(path: str, text_key: str = "text", report: InputReport | None = None,
+                   progress: Callable[[int], None] | None = None) -> Iterator[tuple[str, int, str]]:
     """Yield ``(file, line_no, text)`` for every document of one input file.
 
     Args:

@@ -1,0 +1,82 @@
+"""``mdm-data prepare|inspect|verify``: argument parsing around ``megatron_mdm.data``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mdm-data", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    q = sub.add_parser("prepare", help="tokenize, pack and shard text (run under mpirun for several nodes)")
+    q.add_argument("--input", nargs="+", required=True, help="files, globs or directories "
+                   "(jsonl, jsonl.zst, parquet, txt, txt.zst)")
+    q.add_argument("--tokenizer", required=True, help="tokenizer directory or tokenizer.json")
+    q.add_argument("--output", required=True, help="dataset directory to write")
+    q.add_argument("--seq-length", type=int, required=True, help="tokens per packed sequence")
+    q.add_argument("--text-key", default="text", help="JSON field / parquet column with the text")
+    q.add_argument("--shard-tokens", type=int, default=1 << 26, help="approximate tokens per shard")
+    q.add_argument("--workers", type=int, default=1, help="tokenizer processes per rank")
+    q.add_argument("--val-fraction", type=float, default=0.0, help="fraction of documents for OUTPUT/valid")
+    q.add_argument("--strict", action="store_true", help="fail on the first bad input record")
+    q.add_argument("--doc-boundaries", action="store_true", help="also store document start offsets")
+    q.add_argument("--zstd-level", type=int, default=3, help="zstd level of the token members")
+    i = sub.add_parser("inspect", help="counts and a decoded sample")
+    i.add_argument("path", help="dataset directory")
+    i.add_argument("--tokenizer", default=None, help="decode the sample with this tokenizer")
+    i.add_argument("--sample", type=int, default=0, help="index of the sample to show")
+    v = sub.add_parser("verify", help="checksums and decodability of every shard")
+    v.add_argument("path", help="dataset directory")
+    return p
+
+
+def _inspect(path: str, tokenizer: str | None, sample: int) -> None:
+    from megatron_mdm.data import format as fmt
+    from megatron_mdm.data.loader import build_valid_loader
+
+    m = fmt.read_manifest(path)
+    keys = ("split", "seq_length", "dtype", "vocab_size", "tokenizer_hash", "num_samples", "num_tokens",
+            "num_documents", "num_text_tokens", "padding_tokens", "valid")
+    print(json.dumps({k: m.get(k) for k in keys} | {"shards": len(m["shards"]),
+                                                    "bad_input": m["report"]["counts"]}, indent=1))
+    it = iter(build_valid_loader([(1.0, path)], m["seq_length"], 1, 0, 1, verify="none"))
+    for _ in range(sample % m["num_samples"]):
+        next(it)
+    ids = next(it)["tokens"][0].tolist()
+    print(f"sample {sample}: {ids[:64]}{' ...' if len(ids) > 64 else ''}")
+    if tokenizer:
+        from megatron_mdm.tokenization import MDMTokenizer
+
+        print(repr(MDMTokenizer.load(tokenizer).decode(ids)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from megatron_mdm.data.format import DataError
+    from megatron_mdm.data.readers import InputError
+
+    try:
+        if args.cmd == "prepare":
+            from megatron_mdm.data.prepare import prepare
+
+            prepare(args.input, args.tokenizer, args.output, args.seq_length, args.text_key, args.shard_tokens,
+                    args.workers, args.val_fraction, args.strict, args.doc_boundaries, args.zstd_level)
+        elif args.cmd == "inspect":
+            _inspect(args.path, args.tokenizer, args.sample)
+        else:
+            from megatron_mdm.data.loader import verify_dataset
+
+            for d, n in verify_dataset(args.path).items():
+                print(f"{d}: OK, {n} samples verified")
+    except (DataError, InputError, FileNotFoundError, ValueError, OSError, RuntimeError) as e:
+        print(f"mdm-data: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
