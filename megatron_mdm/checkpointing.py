@@ -295,6 +295,7 @@ def load_checkpoint(
             template["rng_state"] = per_rank["rng_state"]
         if same_dp and "data_state" in per_rank:
             template["data_state"] = per_rank["data_state"]
+    _check_shapes(path, template)
     try:
         loaded = dist_checkpointing.load(template, str(path))
     except Exception as e:  # noqa: BLE001 - re-raised with the path and the likely cause
@@ -322,6 +323,26 @@ def load_checkpoint(
     out["path"] = str(path)
     log.info("loaded checkpoint %s (iteration %s)", path, meta.get("iteration"))
     return out
+
+
+def _check_shapes(path: Path, template: dict) -> None:
+    """Refuse a checkpoint whose tensors have other global shapes (dist_checkpointing may not)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+    stored = dist_checkpointing.load_tensors_metadata(str(path))
+    for key, sd in template.items():
+        if not key.startswith("model"):
+            continue
+        for sh in nested_values(sd):
+            if not isinstance(sh, ShardedTensor) or sh.key not in stored:
+                continue
+            want, have = tuple(sh.global_shape), tuple(stored[sh.key].global_shape)
+            if want != have:
+                raise CheckpointError(
+                    f"{path}: tensor {sh.key} has shape {have} in the checkpoint but {want} in this "
+                    "model (another architecture, or another padded vocabulary: check "
+                    "--make-vocab-size-divisible-by and the tokenizer)")
 
 
 def describe(path: str | os.PathLike) -> str:

@@ -15,7 +15,6 @@ with **no causal mask**. That is a spec change, not a fork: the layer spec's sel
 from __future__ import annotations
 
 import logging
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +27,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_mdm.attention import SDPAttention
 from megatron_mdm.config import Config, ConfigError
+from megatron_mdm.tokenization import padded_vocab_size
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def te_available() -> bool:
     if not torch.cuda.is_available():
         return False
     try:
-        import transformer_engine.pytorch  # noqa: F401, PLC0415
+        import transformer_engine.pytorch  # noqa: F401
     except Exception:  # ImportError or a broken build
         return False
     return True
@@ -57,13 +57,7 @@ def use_transformer_engine(cfg: Config) -> bool:
     return te_available()
 
 
-def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_model_parallel_size: int) -> int:
-    """Megatron's rule: pad the vocabulary to a multiple of ``divisible_by * TP``."""
-    multiple = divisible_by * tensor_model_parallel_size
-    return ((vocab_size + multiple - 1) // multiple) * multiple
-
-
-def transformer_config(cfg: Config, use_te: Optional[bool] = None) -> TransformerConfig:
+def transformer_config(cfg: Config, use_te: bool | None = None) -> TransformerConfig:
     """Our config -> Megatron ``TransformerConfig`` (the single mapping)."""
     m, p = cfg.model, cfg.parallel
     use_te = use_transformer_engine(cfg) if use_te is None else use_te
@@ -129,16 +123,16 @@ def transformer_config(cfg: Config, use_te: Optional[bool] = None) -> Transforme
 
 
 def _attention_backend(name: str):
-    from megatron.core.transformer.enums import AttnBackend  # noqa: PLC0415
+    from megatron.core.transformer.enums import AttnBackend
 
     return getattr(AttnBackend, name)
 
 
-def layer_spec(cfg: Config, causal: bool, use_te: Optional[bool] = None) -> ModuleSpec:
+def layer_spec(cfg: Config, causal: bool, use_te: bool | None = None) -> ModuleSpec:
     """The transformer-layer spec with the mask type of the objective."""
     use_te = use_transformer_engine(cfg) if use_te is None else use_te
     if use_te:
-        from megatron.core.models.gpt.gpt_layer_specs import (  # noqa: PLC0415
+        from megatron.core.models.gpt.gpt_layer_specs import (
             get_gpt_layer_with_transformer_engine_spec,
         )
 
@@ -155,7 +149,7 @@ def build_model(
     cfg: Config,
     vocab_size: int,
     causal: bool,
-    use_te: Optional[bool] = None,
+    use_te: bool | None = None,
 ) -> list[GPTModel]:
     """Build this rank's model chunks (one, or one per virtual pipeline stage).
 

@@ -105,7 +105,7 @@ class PreparedBatch:
     inputs: torch.Tensor  # [B, S] int64: model input ids
     labels: torch.Tensor  # [B, S] int64: targets of the per-token cross-entropy
     weights: torch.Tensor  # [B, S] float32: per-token loss weight (0 = no loss)
-    num_tokens: torch.Tensor  # [] float32: the normaliser of this micro-batch
+    num_tokens: torch.Tensor  # [] int64: the normaliser of this micro-batch (eligible positions)
     t: Optional[torch.Tensor] = None  # [B] masking rates (MDM only)
 
 
@@ -152,7 +152,7 @@ class MDMObjective:
         Args:
             tokens: clean tokens [B, S] (int64).
             loss_mask: [B, S] or None; zero positions are never masked and carry no loss.
-            generator: CPU generator seeded per (seed, iteration, micro-batch, DP rank).
+            generator: CPU generator seeded per (seed, iteration, global micro-batch index).
         """
         _check_no_mask_token(tokens, self.mask_id)
         b, s = tokens.shape
@@ -168,7 +168,7 @@ class MDMObjective:
         t = sample_t(b, self.cfg.eps, generator, self.cfg.t_sampling == "antithetic")  # [B]
         noisy, masked = forward_mask(tokens, t, self.mask_id, generator, eligible)
         weights = masked.float() / t.to(tokens.device)[:, None]  # [B, S]
-        num_tokens = eligible.sum().float().to(tokens.device)
+        num_tokens = eligible.sum().to(tokens.device)  # int64
         return PreparedBatch(noisy, tokens, weights, num_tokens, t)
 
     @staticmethod
@@ -207,7 +207,7 @@ class ARMObjective:
         if loss_mask is not None:
             # a target counts when the *target* position is eligible (completion tokens in SFT)
             weights *= torch.roll(loss_mask.float(), shifts=-1, dims=1).to(tokens.device)
-        return PreparedBatch(tokens, labels, weights, weights.sum(), None)
+        return PreparedBatch(tokens, labels, weights, (weights != 0).sum(), None)
 
     loss = staticmethod(MDMObjective.loss)
 
@@ -221,15 +221,17 @@ def build_objective(cfg: ObjectiveConfig, mask_id: int, pad_id: int):
     raise ValueError(f"--objective: unknown objective {cfg.objective!r}")
 
 
-def mask_generator(seed: int, iteration: int, microbatch: int, dp_rank: int) -> torch.Generator:
-    """The CPU generator of one micro-batch's draws.
+def mask_generator(seed: int, iteration: int, microbatch: int) -> torch.Generator:
+    """The CPU generator of one micro-batch's draws (t, masks, random lengths).
 
-    Seeded from (seed, iteration, micro-batch, data-parallel rank) only: every TP/PP rank of a replica
-    draws the same t and masks, replicas differ, and a resumed run redraws exactly the same masks.
+    Seeded from (seed, iteration, global micro-batch index) only, where the global index is
+    ``dp_rank * num_microbatches + local index``: every TP/PP rank of a replica draws the same t
+    and masks, replicas differ, a resumed run redraws exactly the same masks, and a DP=2 run draws
+    what one process with the doubled batch draws.
     """
     g = torch.Generator()
-    # a fixed mixing of the four integers into 63 bits (splitmix-style constants)
+    # a fixed mixing of the integers into 63 bits (splitmix-style odd constants)
     h = (seed * 0x9E3779B97F4A7C15 + iteration * 0xBF58476D1CE4E5B9
-         + microbatch * 0x94D049BB133111EB + dp_rank * 0xD6E8FEB86659FD93) % (2**63 - 1)
+         + microbatch * 0x94D049BB133111EB) % (2**63 - 1)
     g.manual_seed(h)
     return g

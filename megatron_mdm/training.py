@@ -1,0 +1,470 @@
+"""The one training loop, for both objectives (MDM and the ARM baseline) and for finetuning.
+
+Megatron-core does the distributed work: ``DistributedDataParallel`` (gradient buckets, overlapped
+reduction on GPU), ``get_megatron_optimizer`` (mixed precision, optional distributed optimizer),
+``get_forward_backward_func`` (no pipelining, 1F1B, or interleaved 1F1B), ``OptimizerParamScheduler``
+and ``finalize_model_grads``. The loop never asks which objective it runs: the objective turns clean
+tokens into (inputs, labels, weights) and weights the per-token cross-entropy that ``GPTModel``
+computes with the vocabulary-parallel cross-entropy.
+
+Normalisation: per-token loss (``calculate_per_token_loss``): each micro-batch returns its weighted
+loss *sum* and its token count; Megatron divides the gradients by the token count of the whole global
+batch, so the step minimises sum(weighted CE) / (global batch x sequence length), the paper's loss.
+
+Determinism: the masks of a micro-batch come from a generator seeded by (seed, iteration,
+micro-batch, data-parallel rank); with the loader position in the checkpoint a resumed run repeats
+an uninterrupted one exactly (bit-exact on CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import signal
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+from megatron.core import parallel_state as ps
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.num_microbatches_calculator import (
+    destroy_num_microbatches_calculator,
+    init_num_microbatches_calculator,
+)
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_mdm import checkpointing, runtime
+from megatron_mdm.config import Config, ConfigError, num_train_iters
+from megatron_mdm.metrics import MetricsWriter, Throughput, format_line, memory_gib, peak_tflops
+from megatron_mdm.model import build_model, flops_per_sequence
+from megatron_mdm.objective import PreparedBatch, build_objective, mask_generator
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. too many non-finite steps in a row)."""
+
+
+# ---- model, optimizer, scheduler -------------------------------------------------------------------
+
+
+def wrap_ddp(cfg: Config, chunks: list) -> list[DistributedDataParallel]:
+    """Megatron DDP around each model chunk (bucketing only on the first, as Megatron-LM does)."""
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
+        overlap_param_gather=cfg.parallel.overlap_param_gather,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        check_for_nan_in_grad=False,
+    )
+    return [
+        DistributedDataParallel(config=c.config, ddp_config=ddp_config, module=c, disable_bucketing=i > 0)
+        for i, c in enumerate(chunks)
+    ]
+
+
+def build_optimizer(cfg: Config, model: list):
+    opt = cfg.optim
+    oconf = OptimizerConfig(
+        optimizer="adam",
+        lr=opt.lr,
+        min_lr=opt.min_lr,
+        weight_decay=opt.weight_decay,
+        adam_beta1=opt.adam_beta1,
+        adam_beta2=opt.adam_beta2,
+        adam_eps=opt.adam_eps,
+        clip_grad=opt.clip_grad,
+        bf16=opt.bf16,
+        params_dtype=torch.bfloat16 if opt.bf16 else torch.float32,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+    )
+    return get_megatron_optimizer(oconf, model)
+
+
+def build_scheduler(cfg: Config, optimizer, train_iters: int) -> OptimizerParamScheduler:
+    opt = cfg.optim
+    decay = opt.lr_decay_iters or train_iters
+    wsd = opt.lr_wsd_decay_iters or max(1, decay // 10)
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=opt.lr,
+        min_lr=opt.min_lr,
+        lr_warmup_steps=opt.lr_warmup_iters,
+        lr_decay_steps=max(decay, opt.lr_warmup_iters + 1),
+        lr_decay_style=opt.lr_decay_style,
+        start_wd=opt.weight_decay,
+        end_wd=opt.weight_decay,
+        wd_incr_steps=max(train_iters, 1),
+        wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=True,
+        override_opt_param_scheduler=False,
+        wsd_decay_steps=wsd if opt.lr_decay_style == "WSD" else None,
+        lr_wsd_decay_style="linear" if opt.lr_decay_style == "WSD" else None,
+    )
+
+
+# ---- micro-batches -----------------------------------------------------------------------------------
+
+
+def prepared_batches(
+    objective, raw_iter: Iterator[dict], num_microbatches: int, seed: int, iteration: int,
+    dp_rank: int, device: torch.device,
+) -> Iterator[PreparedBatch]:
+    """The micro-batches of one step: clean tokens from the loader, masks from a seeded generator."""
+    first = dp_rank * num_microbatches  # global index of this replica's first micro-batch
+    for mb in range(num_microbatches):
+        raw = next(raw_iter)
+        tokens = raw["tokens"].to(device, non_blocking=True)
+        loss_mask = raw.get("loss_mask")
+        gen = mask_generator(seed, iteration, first + mb)
+        yield objective.prepare(tokens, None if loss_mask is None else loss_mask.to(device), gen)
+
+
+def forward_step(objective, data_iterator, model):
+    """Megatron ``forward_step_func``: run one micro-batch, return (output, loss function)."""
+    batch: Optional[PreparedBatch] = next(data_iterator) if data_iterator is not None else None
+    if batch is None:  # a middle pipeline stage: input comes from the previous stage
+        output = model(None, None, None)
+        return output, None
+    b, s = batch.inputs.shape
+    position_ids = torch.arange(s, device=batch.inputs.device).unsqueeze(0).expand(b, -1)
+    output = model(batch.inputs, position_ids, None, labels=batch.labels)  # [b, s] CE on last stage
+    return output, partial(_loss_func, objective, batch)
+
+
+def _loss_func(objective, batch: PreparedBatch, per_token_loss: torch.Tensor):
+    loss_sum, num_tokens = objective.loss(batch, per_token_loss)
+    report = torch.stack([loss_sum.detach().float(), num_tokens.detach().float()])
+    return loss_sum, num_tokens.to(torch.int), {"loss": report}
+
+
+def _stage_needs_data(model: list, chunk: int) -> bool:
+    m = model[chunk].module if hasattr(model[chunk], "module") else model[chunk]
+    return bool(m.pre_process or m.post_process)
+
+
+def run_microbatches(
+    cfg: Config, model: list, objective, raw_iter: Iterator[dict], num_microbatches: int,
+    iteration: int, forward_only: bool,
+) -> torch.Tensor:
+    """Forward (and backward unless ``forward_only``) over the micro-batches of one step.
+
+    Returns:
+        [loss_sum, num_tokens] summed over micro-batches and the whole world (a ratio-preserving
+        sum: every tensor-parallel copy of the last stage counts equally in both entries).
+    """
+    dev = runtime.device()
+    dp_rank = ps.get_data_parallel_rank()
+    seed = cfg.logging.seed if not forward_only else cfg.logging.seed + 7919
+    iters = []
+    for i in range(len(model)):
+        if _stage_needs_data(model, i):
+            iters.append(prepared_batches(objective, raw_iter, num_microbatches, seed, iteration,
+                                          dp_rank, dev))
+        else:
+            iters.append(None)
+    data_iterator = iters[0] if len(model) == 1 else iters
+    losses = get_forward_backward_func()(
+        forward_step_func=partial(forward_step, objective),
+        data_iterator=data_iterator,
+        model=model if len(model) > 1 else model[0],
+        num_microbatches=num_microbatches,
+        seq_length=cfg.data.seq_length,
+        micro_batch_size=cfg.optim.micro_batch_size,
+        forward_only=forward_only,
+    )
+    total = torch.zeros(2, dtype=torch.float64, device=dev)
+    for d in losses:
+        total += d["loss"].to(torch.float64)
+    torch.distributed.all_reduce(total)
+    return total
+
+
+# ---- the trainer ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class TrainState:
+    iteration: int = 0
+    consumed_samples: int = 0
+    skipped_steps: int = 0
+    consecutive_nonfinite: int = 0
+
+
+class _StopSignal:
+    """SIGTERM/SIGUSR1 (sent by schedulers before preemption): finish the step, save, exit 0."""
+
+    def __init__(self):
+        self.received = False
+        self._previous = {}
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+
+    def _handle(self, signum, frame):
+        log.warning("received signal %d: saving after this step, then exiting", signum)
+        self.received = True
+
+    def any_rank(self) -> bool:
+        flag = torch.tensor([1.0 if self.received else 0.0], device=runtime.device())
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Trainer:
+    """Holds the built job (model, optimizer, data) and runs it. ``pretrain(cfg)`` is the entry."""
+
+    def __init__(self, cfg: Config, vocab_size: int, mask_id: int, pad_id: int,
+                 train_loader, valid_loader=None, tokenizer_dir: Optional[str] = None):
+        self.cfg = cfg
+        self.world_size = torch.distributed.get_world_size()
+        self.dp_size = ps.get_data_parallel_world_size()
+        self.rank = torch.distributed.get_rank()
+        self.num_microbatches = cfg.optim.global_batch_size // (cfg.optim.micro_batch_size * self.dp_size)
+        self.train_iters = num_train_iters(cfg)
+        self.objective = build_objective(cfg.objective, mask_id, pad_id)
+        self.eval_objective = build_objective(
+            dataclasses.replace(cfg.objective, random_length_prob=0.0), mask_id, pad_id)
+        self.vocab_size = vocab_size
+        self.tokenizer_dir = tokenizer_dir
+        self.train_loader = train_loader
+        self.valid_loader = valid_loader
+        self.state = TrainState()
+        runtime.set_seed(cfg.logging.seed)
+        init_num_microbatches_calculator(
+            rank=self.rank, rampup_batch_size=None, global_batch_size=cfg.optim.global_batch_size,
+            micro_batch_size=cfg.optim.micro_batch_size, data_parallel_size=self.dp_size,
+        )
+        chunks = build_model(cfg, vocab_size, causal=self.objective.causal)
+        self.model = wrap_ddp(cfg, chunks)
+        self.optimizer = build_optimizer(cfg, self.model)
+        self.scheduler = build_scheduler(cfg, self.optimizer, self.train_iters)
+        mconf = chunks[0].config
+        mconf.calculate_per_token_loss = True
+        mconf.finalize_model_grads_func = finalize_model_grads
+        mconf.grad_scale_func = self.optimizer.scale_loss
+        if cfg.parallel.overlap_grad_reduce:
+            mconf.no_sync_func = [m.no_sync for m in self.model]
+            if len(self.model) == 1:
+                mconf.no_sync_func = mconf.no_sync_func[0]
+        self.async_queue = None
+        if cfg.checkpoint.async_save:
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+            self.async_queue = AsyncCallsQueue()
+        self.writer = MetricsWriter(cfg.checkpoint.save, cfg.logging.tensorboard_dir,
+                                    enabled=self.rank == 0)
+        tokens_per_step = cfg.optim.global_batch_size * cfg.data.seq_length
+        flops = flops_per_sequence(cfg, vocab_size, self.objective.causal) * cfg.optim.global_batch_size
+        self.throughput = Throughput(tokens_per_step, flops, self.world_size,
+                                     peak_tflops(cfg.logging.peak_tflops))
+        self.history: list[dict] = []
+
+    # -- checkpoints --
+    def load(self) -> None:
+        ck = self.cfg.checkpoint
+        if ck.load is None:
+            return
+        meta = checkpointing.load_checkpoint(ck.load, self.model, self.optimizer, self.scheduler,
+                                             iteration=ck.ckpt_iteration, finetune=ck.finetune)
+        if ck.finetune:
+            log.info("finetuning from %s: weights loaded, iteration reset to 0", meta["path"])
+            return
+        self.state = TrainState(
+            iteration=int(meta["iteration"]),
+            consumed_samples=int(meta.get("consumed_samples", 0)),
+            skipped_steps=int(meta.get("skipped_steps", 0)),
+        )
+        data_state = meta.get("data_state")
+        if data_state:
+            self.train_loader.load_state_dict(data_state)
+        else:
+            log.warning("the data-parallel size changed (%s -> %d): the loader cannot resume exactly; "
+                        "data order restarts from a new seeded permutation",
+                        meta.get("layout", {}).get("dp"), self.dp_size)
+
+    def save(self) -> None:
+        ck = self.cfg.checkpoint
+        if ck.save is None:
+            return
+        meta = {
+            "consumed_samples": self.state.consumed_samples,
+            "skipped_steps": self.state.skipped_steps,
+            "config": self.cfg.to_dict(),
+            "objective": self.cfg.objective.objective,
+            "vocab_size": self.vocab_size,
+        }
+        if self.async_queue is not None:
+            self.async_queue.maybe_finalize_async_calls(blocking=True)
+        checkpointing.save_checkpoint(
+            ck.save, self.state.iteration, self.model, self.optimizer, self.scheduler, meta,
+            data_state=self.train_loader.state_dict(), tokenizer_dir=self.tokenizer_dir,
+            config_yaml=self.cfg.to_yaml(), keep_last=ck.keep_last, async_queue=self.async_queue,
+        )
+
+    # -- steps --
+    def train_step(self) -> dict:
+        for m in self.model:
+            m.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        total = run_microbatches(self.cfg, self.model, self.objective, self._train_iter,
+                                 self.num_microbatches, self.state.iteration, forward_only=False)
+        loss = (total[0] / total[1].clamp(min=1)).item()
+        if not math.isfinite(loss):
+            self.state.skipped_steps += 1
+            self.state.consecutive_nonfinite += 1
+            limit = self.cfg.optim.max_consecutive_nan_steps
+            log.warning("iteration %d: non-finite loss (%s): step skipped (%d in a row)",
+                        self.state.iteration + 1, loss, self.state.consecutive_nonfinite)
+            if self.state.consecutive_nonfinite >= limit:
+                raise TrainingError(
+                    f"{self.state.consecutive_nonfinite} non-finite loss steps in a row (limit "
+                    f"--max-consecutive-nan-steps {limit}): stopping. Lower --lr, check the data, or "
+                    "resume from the last checkpoint.")
+            grad_norm = None
+        else:
+            self.state.consecutive_nonfinite = 0
+            ok, grad_norm, _ = self.optimizer.step()
+            if ok:
+                self.scheduler.step(increment=1)
+            else:
+                self.state.skipped_steps += 1
+        self.state.iteration += 1
+        self.state.consumed_samples += self.cfg.optim.global_batch_size
+        return {"loss": loss, "grad_norm": None if grad_norm is None else float(grad_norm)}
+
+    @torch.no_grad()
+    def evaluate(self) -> Optional[dict]:
+        if self.valid_loader is None:
+            return None
+        for m in self.model:
+            m.eval()
+        it = iter(self.valid_loader)
+        total = run_microbatches(self.cfg, self.model, self.eval_objective, it,
+                                 self.cfg.logging.eval_iters, 0, forward_only=True)
+        for m in self.model:
+            m.train()
+        val = (total[0] / total[1].clamp(min=1)).item()
+        return {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
+
+    def train(self) -> dict:
+        cfg, lg, ck = self.cfg, self.cfg.logging, self.cfg.checkpoint
+        for m in self.model:
+            m.train()
+        self._train_iter = iter(self.train_loader)
+        stop = _StopSignal()
+        start_iter = self.state.iteration
+        t_start = time.perf_counter()
+        interval_losses: list[float] = []
+        result: dict[str, Any] = {"losses": [], "val": []}
+        if self.rank == 0:
+            log.info("training %s: iterations %d -> %d, %d micro-batches/step, world %d (TP %d, PP %d, DP %d)",
+                     cfg.objective.objective, start_iter, self.train_iters, self.num_microbatches,
+                     self.world_size, cfg.parallel.tensor_model_parallel_size,
+                     cfg.parallel.pipeline_model_parallel_size, self.dp_size)
+        try:
+            while self.state.iteration < self.train_iters:
+                out = self.train_step()
+                self.throughput.step()
+                result["losses"].append(out["loss"])
+                interval_losses.append(out["loss"])
+                it = self.state.iteration
+                if it % lg.log_interval == 0 or it == self.train_iters:
+                    self._log(out, interval_losses, start_iter, t_start)
+                    interval_losses = []
+                if lg.eval_interval and (it % lg.eval_interval == 0 or it == self.train_iters):
+                    val = self.evaluate()
+                    if val is not None:
+                        val["iteration"] = it
+                        result["val"].append(val)
+                        self.writer.write(dict(val, consumed_samples=self.state.consumed_samples))
+                        if self.rank == 0:
+                            log.info("iter %7d | validation ELBO %.4f nats/token | ppl bound %.2f",
+                                     it, val["val_loss"], val["val_ppl"])
+                if self.async_queue is not None:
+                    self.async_queue.maybe_finalize_async_calls(blocking=False)
+                if stop.any_rank():
+                    self.save()
+                    result["stopped_by_signal"] = True
+                    break
+                if ck.save_interval and it % ck.save_interval == 0 and it < self.train_iters:
+                    self.save()
+            else:
+                if ck.save is not None:
+                    self.save()
+        finally:
+            stop.restore()
+            if self.async_queue is not None:
+                self.async_queue.maybe_finalize_async_calls(blocking=True)
+            self.writer.close()
+        result["iteration"] = self.state.iteration
+        result["skipped_steps"] = self.state.skipped_steps
+        return result
+
+    def _log(self, out: dict, interval_losses: list, start_iter: int, t_start: float) -> None:
+        it = self.state.iteration
+        finite = [x for x in interval_losses if math.isfinite(x)]
+        elapsed = time.perf_counter() - t_start
+        done = it - start_iter
+        record = {
+            "iteration": it,
+            "consumed_samples": self.state.consumed_samples,
+            "loss": sum(finite) / len(finite) if finite else float("nan"),
+            "lr": self.scheduler.get_lr(self.optimizer.param_groups[0]),
+            "grad_norm": out["grad_norm"],
+            "skipped_steps": self.state.skipped_steps,
+            "eta_s": elapsed / max(done, 1) * (self.train_iters - it),
+        }
+        record.update(self.throughput.report())
+        record.update(memory_gib())
+        self.history.append(record)
+        self.writer.write(record)
+        if self.rank == 0:
+            log.info(format_line(record))
+
+
+# ---- entry -----------------------------------------------------------------------------------------
+
+
+def pretrain(cfg: Config, train_loader=None, valid_loader=None) -> dict:
+    """Run a full job from a resolved config: init, data, model, resume, train, save.
+
+    Loaders may be given (tests); otherwise they are built from ``cfg.data``.
+    """
+    launch = runtime.init_distributed(cfg.parallel, cfg.model.num_layers)
+    try:
+        cfg.validate(world_size=launch.world_size)
+        num_train_iters(cfg)
+        from megatron_mdm.data_setup import build_data  # noqa: PLC0415 - imports the data stack
+
+        tokenizer, train_loader, valid_loader = build_data(cfg, train_loader, valid_loader)
+        if launch.rank == 0:
+            log.info("resolved config:\n%s", cfg.to_yaml())
+            if cfg.checkpoint.save:
+                Path(cfg.checkpoint.save).mkdir(parents=True, exist_ok=True)
+                (Path(cfg.checkpoint.save) / "config.yaml").write_text(cfg.to_yaml())
+        trainer = Trainer(cfg, tokenizer.vocab_size, tokenizer.mask_id, tokenizer.pad_id,
+                          train_loader, valid_loader, tokenizer_dir=cfg.data.tokenizer)
+        trainer.load()
+        result = trainer.train()
+        result["history"] = trainer.history
+        return result
+    finally:
+        destroy_num_microbatches_calculator()
+        runtime.shutdown()
+
+
+__all__ = ["pretrain", "Trainer", "TrainingError", "ConfigError"]
