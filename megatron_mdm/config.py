@@ -516,7 +516,9 @@ def parse_data_path(items: list) -> list[tuple[float, str]]:
             return [(w / total, d) for w, d in zip(weights, items[1::2])]
     try:
         float(items[0])
-        raise ConfigError(f"--data-path: expected weight/path pairs, got {items}")
+        looks_weighted = True
     except ValueError:
-        pass
+        looks_weighted = False
+    if looks_weighted:
+        raise ConfigError(f"--data-path: expected weight/path pairs, got {items}")
     return [(1.0 / len(items), d) for d in items]

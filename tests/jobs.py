@@ -60,6 +60,10 @@ def train_job(rank: int, world: int, overrides: dict, loader_kind: str = "synthe
     """Train with ``overrides``; returns per-step losses and grad norms (and the final iteration)."""
     cfg = tiny_cfg(**overrides)
     loader = None
+    if loader_kind == "memorise":  # the same 4 sequences every step
+        from synthetic import SyntheticLoader
+
+        loader = SyntheticLoader(PAD_ID, cfg.data.seq_length, cfg.optim.micro_batch_size, num_samples=4)
     if loader_kind == "dp2_as_one":
         loader = DP2AsOneLoader(cfg.data.seq_length, cfg.optim.micro_batch_size,
                                 cfg.optim.global_batch_size // cfg.optim.micro_batch_size // 2)
@@ -168,3 +172,70 @@ def sdpa_vs_megatron_job(rank: int, world: int) -> dict:
             mask = torch.triu(torch.ones(s, s, dtype=torch.bool), diagonal=1)[None, None]
         errs[mt.name] = (ours(q, k, v, None) - ref(q, k, v, mask)).abs().max().item()
     return errs
+
+
+def crash_during_save_job(rank: int, world: int, overrides: dict) -> str:
+    """Train, and make the checkpoint save at the last iteration die halfway (files half written)."""
+    from pathlib import Path
+
+    from megatron_mdm import checkpointing
+
+    real_save = checkpointing.dist_checkpointing.save
+
+    def dying_save(sd, path, **kwargs):
+        (Path(path) / "__0_0.distcp").write_bytes(b"partial")
+        raise OSError("simulated node failure during checkpoint save")
+
+    cfg = tiny_cfg(**overrides)
+    trainer = make_trainer(cfg)
+    trainer.load()
+    original_save = trainer.save
+
+    def save_then_die():
+        if trainer.state.iteration == cfg.optim.train_iters:
+            checkpointing.dist_checkpointing.save = dying_save
+        try:
+            original_save()
+        finally:
+            checkpointing.dist_checkpointing.save = real_save
+
+    trainer.save = save_then_die
+    try:
+        trainer.train()
+    except OSError as e:
+        return str(e)
+    return "no error"
+
+
+def nan_job(rank: int, world: int, overrides: dict, nan_iters: list) -> dict:
+    """Train with the loss made non-finite at the given iterations (1-based)."""
+    cfg = tiny_cfg(**overrides)
+    trainer = make_trainer(cfg)
+    obj = trainer.objective
+    real_loss = obj.loss
+
+    def loss(batch, per_token_loss):
+        s, n = real_loss(batch, per_token_loss)
+        if trainer.state.iteration + 1 in nan_iters:
+            s = s * float("nan")
+        return s, n
+
+    obj.loss = loss
+    params_before = [p.detach().clone() for p in trainer.model[0].parameters()]
+    try:
+        result = trainer.train()
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        return {"error": f"{type(e).__name__}: {e}", "iteration": trainer.state.iteration}
+    changed = any(not torch.equal(a, b) for a, b in zip(params_before, trainer.model[0].parameters()))
+    return {"losses": result["losses"], "skipped": result["skipped_steps"], "changed": changed}
+
+
+def skipped_step_keeps_weights_job(rank: int, world: int) -> bool:
+    """A step whose loss is NaN leaves every weight unchanged."""
+    cfg = tiny_cfg(train_iters=1)
+    trainer = make_trainer(cfg)
+    real_loss = trainer.objective.loss
+    trainer.objective.loss = lambda b, t: (real_loss(b, t)[0] * float("nan"), real_loss(b, t)[1])
+    before = [p.detach().clone() for p in trainer.model[0].parameters()]
+    trainer.train()
+    return all(torch.equal(a, b) for a, b in zip(before, trainer.model[0].parameters()))
