@@ -106,6 +106,9 @@ def transformer_config(cfg: Config, use_te: bool | None = None) -> TransformerCo
         recompute_method=m.recompute_method if m.recompute_granularity == "full" else None,
         recompute_num_layers=m.recompute_num_layers if m.recompute_granularity == "full" else None,
         deallocate_pipeline_outputs=on_gpu,
+        # the loss is a weighted *sum* per micro-batch; gradients are divided by the token count of
+        # the global batch (finalize_model_grads), not averaged over micro-batches and DP ranks
+        calculate_per_token_loss=True,
     )
     if use_te:
         kwargs["attention_backend"] = _attention_backend(m.attention_backend)

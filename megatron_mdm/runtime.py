@@ -186,10 +186,13 @@ def set_seed(seed: int) -> None:
 
 
 def shutdown() -> None:
-    """Destroy the parallel state and the process group."""
+    """Destroy the parallel state and the process group; leave the CPU development mode."""
     from megatron.core import parallel_state as ps
 
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+    from megatron_mdm import cpu_fallback  # noqa: PLC0415
+
+    cpu_fallback.disable()

@@ -253,7 +253,6 @@ class Trainer:
         self.optimizer = build_optimizer(cfg, self.model)
         self.scheduler = build_scheduler(cfg, self.optimizer, self.train_iters)
         mconf = chunks[0].config
-        mconf.calculate_per_token_loss = True
         mconf.finalize_model_grads_func = finalize_model_grads
         mconf.grad_scale_func = self.optimizer.scale_loss
         if cfg.parallel.overlap_grad_reduce:
