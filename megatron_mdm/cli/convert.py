@@ -1,0 +1,59 @@
+"""``mdm-convert``: Megatron checkpoints <-> Hugging Face directories.
+
+    mdm-convert to-hf   --load CKPT_DIR [--iteration N] --output HF_DIR [--shard-size 2GB]
+    mdm-convert from-hf --hf HF_DIR --output CKPT_DIR [--tensor-model-parallel-size T]
+                        [--pipeline-model-parallel-size P] [--tokenizer DIR] [--objective mdm|arm]
+
+Errors are one line on stderr and exit status 2 (no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mdm-convert", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    to = sub.add_parser("to-hf", help="Megatron distributed checkpoint -> Hugging Face directory")
+    to.add_argument("--load", required=True, help="run directory or iter_* directory")
+    to.add_argument("--iteration", type=int, default=None, help="iteration to convert (default: latest)")
+    to.add_argument("--output", required=True, help="Hugging Face directory to write")
+    to.add_argument("--shard-size", default="2GB", help="largest safetensors shard (default 2GB)")
+    fr = sub.add_parser("from-hf", help="Hugging Face Llama-architecture directory -> Megatron checkpoint")
+    fr.add_argument("--hf", required=True, help="Hugging Face model directory")
+    fr.add_argument("--output", required=True, help="run directory to write (iteration 0)")
+    fr.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    fr.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    fr.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the --hf directory)")
+    fr.add_argument("--objective", choices=["mdm", "arm"], default="mdm",
+                    help="objective recorded in the checkpoint's config (default mdm: diffusive adaptation)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from megatron_mdm.checkpointing import CheckpointError
+    from megatron_mdm.config import ConfigError
+    from megatron_mdm.hf_convert import ConversionError, export_to_hf, import_from_hf
+
+    try:
+        if args.command == "to-hf":
+            out = export_to_hf(args.load, args.output, iteration=args.iteration, shard_size=args.shard_size)
+            print(f"wrote {out}")
+        else:
+            out = import_from_hf(args.hf, args.output, tokenizer_dir=args.tokenizer,
+                                 tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
+                                 objective=args.objective)
+            print(f"wrote {out}")
+    except (ConversionError, CheckpointError, ConfigError, FileNotFoundError) as e:
+        print(f"mdm-convert: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
