@@ -23,7 +23,7 @@ that turn raw logits into the distribution p_theta(x_0[i] | x_t) that both consu
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 
@@ -47,7 +47,7 @@ def apply_cfg(cond: torch.Tensor, uncond: torch.Tensor, cfg_scale: float) -> tor
     return uncond + (cfg_scale + 1.0) * (cond - uncond)
 
 
-def clip_logits(logits: torch.Tensor, mask_id: int, vocab_size: Optional[int]) -> torch.Tensor:
+def clip_logits(logits: torch.Tensor, mask_id: int, vocab_size: int | None) -> torch.Tensor:
     """Drop padded-vocabulary logits and forbid the mask token.
 
     Args:
@@ -73,9 +73,9 @@ def model_logits(
     logits_fn: LogitsFn,
     input_ids: torch.Tensor,
     mask_id: int,
-    vocab_size: Optional[int] = None,
+    vocab_size: int | None = None,
     cfg_scale: float = 0.0,
-    prompt_mask: Optional[torch.Tensor] = None,
+    prompt_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Logits of p_theta(x_0 | input_ids), with optional unsupervised CFG, in one forward.
 

@@ -37,8 +37,8 @@ in the unconditional input (``guidance.apply_cfg``).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import torch
 
@@ -111,13 +111,13 @@ def _mc_weighted_nll(
     num_samples: int,
     eps: float,
     t_sampling: str,
-    generator: Optional[torch.Generator],
-    vocab_size: Optional[int],
-    batch_size: Optional[int],
+    generator: torch.Generator | None,
+    vocab_size: int | None,
+    batch_size: int | None,
     cfg_scale: float,
 ) -> torch.Tensor:
     """Per-sample sum_{i masked} -log p(x_0[i] | x_t) / t. tokens, eligible: [b, s]. Returns [b, N]."""
-    b, s = tokens.shape
+    b = tokens.shape[0]
     antithetic = t_sampling == "antithetic"
     # t for the N samples of each sequence, stratified per sequence when antithetic
     t = torch.stack([sample_t(num_samples, eps, generator, antithetic) for _ in range(b)])  # [b, N]
@@ -152,10 +152,10 @@ def mc_elbo(
     num_samples: int,
     eps: float = 1e-3,
     t_sampling: str = "uniform",
-    loss_mask: Optional[torch.Tensor] = None,
-    generator: Optional[torch.Generator] = None,
-    vocab_size: Optional[int] = None,
-    batch_size: Optional[int] = None,
+    loss_mask: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    vocab_size: int | None = None,
+    batch_size: int | None = None,
 ) -> ElboResult:
     """Monte Carlo ELBO: an upper bound on the NLL per token of each sequence.
 
@@ -204,11 +204,11 @@ def mc_conditional_loglik(
     num_samples: int,
     eps: float = 1e-3,
     t_sampling: str = "antithetic",
-    generator: Optional[torch.Generator] = None,
-    vocab_size: Optional[int] = None,
-    batch_size: Optional[int] = None,
+    generator: torch.Generator | None = None,
+    vocab_size: int | None = None,
+    batch_size: int | None = None,
     cfg_scale: float = 0.0,
-    device: Optional[torch.device | str] = None,
+    device: torch.device | str | None = None,
 ) -> LoglikResult:
     """Monte Carlo lower bound on log p(completion | prompt) (prompt kept, completion masked at rate t).
 
@@ -249,9 +249,9 @@ def chain_rule_loglik(
     mask_id: int,
     order: str = "greedy",
     cfg_scale: float = 0.0,
-    vocab_size: Optional[int] = None,
-    batch_size: Optional[int] = None,
-    device: Optional[torch.device | str] = None,
+    vocab_size: int | None = None,
+    batch_size: int | None = None,
+    device: torch.device | str | None = None,
 ) -> LoglikResult:
     """Chain-rule log p(completion | prompt), unmasking one completion token per forward.
 

@@ -9,8 +9,9 @@ with ``steps / num_blocks`` iterations (LLaDA, Sec. 2.4). In every iteration of 
 2. a candidate x_0[i] is drawn at every masked position: ``argmax l[i]`` at temperature 0, else
    Gumbel-max ``argmax(l[i] / T + G)``, G ~ Gumbel(0, 1) in float64 from the explicit generator
    (an exact sample of softmax(l / T)), after optional top-k / top-p (nucleus) filtering;
-3. n_k candidates are kept, chosen by the remasking strategy; the others stay masked:
-     * ``low_confidence``: highest p(x_0[i]) under softmax(l[i]) (temperature 1, after filtering);
+3. n_k candidates are kept, chosen by the remasking strategy from the unfiltered softmax(l[i])
+   (temperature 1, as LLaDA; top-k/top-p only restrict the draw); the others stay masked:
+     * ``low_confidence``: highest p(x_0[i]);
      * ``random``: uniform random scores from the generator;
      * ``margin``: highest p(top-1) - p(top-2);
      * ``entropy``: lowest entropy of softmax(l[i]);
@@ -30,8 +31,8 @@ the output is a deterministic function of the logits (ties broken by position, s
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Sequence, Union
 
 import torch
 
@@ -56,7 +57,7 @@ class GenerationOutput:
     prompt_lengths: list[int]
     gen_length: int
     num_forward: int = 0
-    eos_id: Optional[int] = field(default=None, repr=False)
+    eos_id: int | None = field(default=None, repr=False)
 
     def completions(self, strip_eos: bool = True) -> list[list[int]]:
         """Generated ids of each row, cut before the first EOS when ``strip_eos``."""
@@ -85,7 +86,7 @@ def num_transfer_tokens(num_masked: torch.Tensor, steps: int) -> torch.Tensor:
     return base + (idx < rem).long()
 
 
-def _filter_top_k_top_p(logits: torch.Tensor, top_k: Optional[int], top_p: Optional[float]) -> torch.Tensor:
+def _filter_top_k_top_p(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
     """Set logits outside the top-k / nucleus (top-p) set to -inf. logits: [n, V]."""
     if top_k is not None and 0 < top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # [n, 1]
@@ -100,14 +101,14 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: Optional[int], top_p: Optio
     return logits
 
 
-def _uniform(shape: tuple[int, ...], generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
+def _uniform(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
     """float64 U(0, 1) drawn on the generator's device, moved to ``device``."""
     gen_device = generator.device if generator is not None else torch.device("cpu")
     return torch.rand(shape, generator=generator, dtype=torch.float64, device=gen_device).to(device)
 
 
 def _sample(
-    logits: torch.Tensor, temperature: float, generator: Optional[torch.Generator]
+    logits: torch.Tensor, temperature: float, generator: torch.Generator | None
 ) -> torch.Tensor:
     """Candidate x_0 per row of logits [n, V]: argmax at T = 0, else Gumbel-max in float64."""
     if temperature == 0.0:
@@ -118,7 +119,7 @@ def _sample(
 
 
 def _confidence(
-    logits: torch.Tensor, x0: torch.Tensor, remasking: str, generator: Optional[torch.Generator]
+    logits: torch.Tensor, x0: torch.Tensor, remasking: str, generator: torch.Generator | None
 ) -> torch.Tensor:
     """Score [n] of each candidate; higher is unmasked first. logits: [n, V], x0: [n]."""
     if remasking == "random":
@@ -158,14 +159,14 @@ def _generate_group(
     steps_per_block: int,
     block_length: int,
     temperature: float,
-    top_k: Optional[int],
-    top_p: Optional[float],
+    top_k: int | None,
+    top_p: float | None,
     remasking: str,
     cfg_scale: float,
     mask_id: int,
-    eos_id: Optional[int],
-    generator: Optional[torch.Generator],
-    vocab_size: Optional[int],
+    eos_id: int | None,
+    generator: torch.Generator | None,
+    vocab_size: int | None,
 ) -> tuple[torch.Tensor, int]:
     """Sample rows that share one prompt length. prompt: [g, p]. Returns (x [g, p + n], forwards)."""
     g, p = prompt.shape
@@ -190,8 +191,8 @@ def _generate_group(
             forwards += 1
             candidate = (x == mask_id) & in_block[None, :]  # [g, L]
             rows, cols = candidate.nonzero(as_tuple=True)
-            lg = _filter_top_k_top_p(logits[rows, cols], top_k, top_p)  # [n, V]
-            x0 = _sample(lg, temperature, generator)  # [n]
+            lg = logits[rows, cols]  # [n, V]
+            x0 = _sample(_filter_top_k_top_p(lg, top_k, top_p), temperature, generator)  # [n]
             conf = torch.full(x.shape, float("-inf"), dtype=torch.float64, device=x.device)
             conf[rows, cols] = _confidence(lg, x0, remasking, generator)
             proposal = x.clone()
@@ -205,7 +206,7 @@ def _generate_group(
     return x, forwards
 
 
-def _as_rows(prompt_ids: Union[torch.Tensor, Sequence[Sequence[int]]]) -> list[list[int]]:
+def _as_rows(prompt_ids: torch.Tensor | Sequence[Sequence[int]]) -> list[list[int]]:
     if isinstance(prompt_ids, torch.Tensor):
         if prompt_ids.dim() != 2:
             raise ValueError(f"prompt_ids: expected a [b, p] tensor, got shape {tuple(prompt_ids.shape)}")
@@ -216,21 +217,21 @@ def _as_rows(prompt_ids: Union[torch.Tensor, Sequence[Sequence[int]]]) -> list[l
 @torch.no_grad()
 def generate(
     logits_fn: LogitsFn,
-    prompt_ids: Union[torch.Tensor, Sequence[Sequence[int]]],
+    prompt_ids: torch.Tensor | Sequence[Sequence[int]],
     gen_length: int,
     steps: int,
     mask_id: int,
-    block_length: Optional[int] = None,
+    block_length: int | None = None,
     temperature: float = 0.0,
-    top_k: Optional[int] = None,
-    top_p: Optional[float] = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
     remasking: str = "low_confidence",
     cfg_scale: float = 0.0,
-    eos_id: Optional[int] = None,
-    generator: Optional[torch.Generator] = None,
-    vocab_size: Optional[int] = None,
-    pad_id: Optional[int] = None,
-    device: Optional[Union[str, torch.device]] = None,
+    eos_id: int | None = None,
+    generator: torch.Generator | None = None,
+    vocab_size: int | None = None,
+    pad_id: int | None = None,
+    device: str | torch.device | None = None,
 ) -> GenerationOutput:
     """Sample completions by iterative unmasking (see the module docstring for the algorithm).
 

@@ -7,8 +7,9 @@ The mask id comes from the model config (``mask_token_id``), else from the token
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 
@@ -26,19 +27,19 @@ class HFTokenizer:
         return len(self.tok)
 
     @property
-    def mask_id(self) -> Optional[int]:
+    def mask_id(self) -> int | None:
         return self.tok.mask_token_id
 
     @property
-    def pad_id(self) -> Optional[int]:
+    def pad_id(self) -> int | None:
         return self.tok.pad_token_id
 
     @property
-    def bos_id(self) -> Optional[int]:
+    def bos_id(self) -> int | None:
         return self.tok.bos_token_id
 
     @property
-    def eos_id(self) -> Optional[int]:
+    def eos_id(self) -> int | None:
         return self.tok.eos_token_id if self.tok.eos_token_id is not None else self.tok.sep_token_id
 
     def encode(self, text: str) -> list[int]:
@@ -50,17 +51,17 @@ class HFTokenizer:
 
 def _load_tokenizer(path: str) -> Any:
     try:  # the project's tokenizer, when the directory was written by our export
-        from megatron_mdm.tokenization import MDMTokenizer  # noqa: PLC0415
+        from megatron_mdm.tokenization import MDMTokenizer
 
         return MDMTokenizer.load(path)
     except Exception:  # noqa: BLE001 - any failure falls back to transformers
-        from transformers import AutoTokenizer  # noqa: PLC0415
+        from transformers import AutoTokenizer
 
         return HFTokenizer(AutoTokenizer.from_pretrained(path, trust_remote_code=True))
 
 
 def _load_model(path: str, dtype: torch.dtype) -> torch.nn.Module:
-    import transformers  # noqa: PLC0415
+    import transformers
 
     errors = []
     for auto in (transformers.AutoModelForMaskedLM, transformers.AutoModel):

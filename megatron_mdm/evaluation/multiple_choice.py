@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any
 
 import torch
 
@@ -60,10 +61,10 @@ def conditional_loglik(
     mask_id: int,
     method: str = "mc",
     num_samples: int = 128,
-    generator: Optional[torch.Generator] = None,
-    vocab_size: Optional[int] = None,
+    generator: torch.Generator | None = None,
+    vocab_size: int | None = None,
     cfg_scale: float = 0.0,
-    batch_size: Optional[int] = None,
+    batch_size: int | None = None,
     order: str = "left_to_right",
     eps: float = 1e-3,
 ) -> tuple[float, bool]:
@@ -91,10 +92,10 @@ def score_multiple_choice(
     method: str = "mc",
     normalization: str = "none",
     num_samples: int = 128,
-    generator: Optional[torch.Generator] = None,
-    vocab_size: Optional[int] = None,
+    generator: torch.Generator | None = None,
+    vocab_size: int | None = None,
     cfg_scale: float = 0.0,
-    batch_size: Optional[int] = None,
+    batch_size: int | None = None,
     order: str = "left_to_right",
 ) -> MultipleChoiceResult:
     """Accuracy of argmax-likelihood choice selection.

@@ -1,0 +1,124 @@
+"""``mdm-eval``: likelihood evaluation of a Hugging Face MDM directory.
+
+Subcommands:
+  elbo     ELBO perplexity bound on held-out text (.txt one document per line, or .jsonl ``text``)
+  mc       zero-shot multiple choice on a jsonl of {"context", "choices", "gold"}
+  lm-eval  lm-eval harness tasks through the ``mdm`` adapter (offline; ``--include-path`` for local tasks)
+
+Each prints a readable table and, with ``--output``, writes the report as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+import torch
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="Hugging Face directory (mdm-convert to-hf output)")
+    p.add_argument("--num-samples", type=int, default=128, help="Monte Carlo draws per sequence / choice")
+    p.add_argument("--batch-size", type=int, default=32, help="rows per forward")
+    p.add_argument("--cfg-scale", type=float, default=0.0, help="unsupervised CFG scale w")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--output", default=None, help="write the JSON report here")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mdm-eval", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    e = sub.add_parser("elbo", help="ELBO / perplexity bound on held-out text")
+    _common(e)
+    e.add_argument("--data", required=True, help=".txt or .jsonl file")
+    e.add_argument("--seq-length", type=int, default=512, help="tokens per scored block")
+    e.add_argument("--t-sampling", choices=("uniform", "antithetic"), default="antithetic")
+    m = sub.add_parser("mc", help="multiple-choice jsonl (context, choices, gold)")
+    _common(m)
+    m.add_argument("--data", required=True, help="jsonl file")
+    m.add_argument("--method", choices=("mc", "chain"), default="mc")
+    m.add_argument("--order", choices=("left_to_right", "greedy"), default="left_to_right")
+    m.add_argument("--normalization", choices=("none", "token", "char"), default="none")
+    m.add_argument("--limit", type=int, default=None, help="score only the first N examples")
+    h = sub.add_parser("lm-eval", help="lm-eval harness tasks")
+    _common(h)
+    h.add_argument("--tasks", required=True, help="comma-separated task names")
+    h.add_argument("--include-path", default=None, help="folder of local task YAMLs")
+    h.add_argument("--method", choices=("mc", "chain"), default="mc")
+    h.add_argument("--order", choices=("left_to_right", "greedy"), default="left_to_right")
+    h.add_argument("--limit", type=float, default=None)
+    return p
+
+
+def _report(report: dict[str, Any], rows: list[dict[str, Any]], columns: list[str], output: str | None) -> None:
+    from megatron_mdm.evaluation.multiple_choice import format_table
+
+    print(format_table(rows, columns))
+    if output:
+        with open(output, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2, default=str)
+
+
+def _lm_eval(args: argparse.Namespace) -> None:
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from megatron_mdm.evaluation import lm_eval_adapter
+
+    lm = lm_eval_adapter.MDMLM(
+        pretrained=args.model, method=args.method, num_samples=args.num_samples, batch_size=args.batch_size,
+        order=args.order, cfg_scale=args.cfg_scale, seed=args.seed, device=args.device,
+    )
+    results = lm_eval.simple_evaluate(
+        model=lm, tasks=args.tasks.split(","), task_manager=TaskManager(include_path=args.include_path),
+        limit=args.limit, random_seed=args.seed, numpy_random_seed=args.seed, torch_random_seed=args.seed,
+        log_samples=False, bootstrap_iters=0,
+    )
+    rows = []
+    for task, metrics in results["results"].items():
+        for key, value in metrics.items():
+            if isinstance(value, float) and "_stderr" not in key:
+                name, _, filt = key.partition(",")
+                err = metrics.get(f"{name}_stderr,{filt}")
+                rows.append({"task": task, "metric": name, "value": value, "stderr": err if err is not None else ""})
+    _report({"results": results["results"], "config": vars(args)}, rows, ["task", "metric", "value", "stderr"],
+            args.output)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "lm-eval":
+        _lm_eval(args)
+        return 0
+    from megatron_mdm.evaluation.loading import load_logits_fn
+
+    logits_fn, tok, mask_id, vocab_size = load_logits_fn(args.model, args.device)
+    g = torch.Generator().manual_seed(args.seed)
+    if args.command == "elbo":
+        from megatron_mdm.evaluation.corpus import corpus_elbo, read_texts
+
+        r = corpus_elbo(
+            logits_fn, tok.encode, read_texts(args.data), mask_id, args.seq_length, args.num_samples,
+            args.t_sampling, generator=g, vocab_size=vocab_size, batch_size=args.batch_size,
+        )
+        _report({**r, "data": args.data, "model": args.model}, [r], list(r), args.output)
+    else:
+        from megatron_mdm.evaluation.multiple_choice import (
+            load_jsonl_examples,
+            score_multiple_choice,
+        )
+
+        examples = load_jsonl_examples(args.data)[: args.limit]
+        r = score_multiple_choice(
+            logits_fn, tok.encode, examples, mask_id, args.method, args.normalization, args.num_samples, g,
+            vocab_size, args.cfg_scale, args.batch_size, args.order,
+        )
+        row = {"data": args.data, "method": args.method, "normalization": args.normalization, **r.to_dict()}
+        _report({**row, "per_example": r.per_example}, [row], list(row), args.output)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
