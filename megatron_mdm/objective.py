@@ -131,10 +131,10 @@ def _random_length_keep(
     return torch.arange(s)[None, :] < lengths[:, None]  # [B, S]
 
 
-class MDMObjective:
-    """Masked diffusion objective: bidirectional attention, 1/t-weighted masked cross-entropy."""
+class Objective:
+    """The contract the training loop relies on: ``causal``, ``prepare`` and ``loss``."""
 
-    causal = False
+    causal: bool = False
 
     def __init__(self, cfg: ObjectiveConfig, mask_id: int, pad_id: int):
         self.cfg = cfg
@@ -147,13 +147,34 @@ class MDMObjective:
         loss_mask: Optional[torch.Tensor],
         generator: Optional[torch.Generator],
     ) -> PreparedBatch:
-        """Draw t and the masks for one micro-batch.
+        """Turn clean tokens into model inputs, targets and per-token loss weights.
 
         Args:
             tokens: clean tokens [B, S] (int64).
             loss_mask: [B, S] or None; zero positions are never masked and carry no loss.
             generator: CPU generator seeded per (seed, iteration, global micro-batch index).
         """
+        raise NotImplementedError
+
+    @staticmethod
+    def loss(batch: PreparedBatch, per_token_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weighted loss sum and normaliser: loss = loss_sum / num_tokens.
+
+        Args:
+            per_token_loss: cross-entropy -log p(labels | inputs), float [B, S].
+        Returns:
+            (loss_sum [], num_tokens []).
+        """
+        w = batch.weights.to(per_token_loss.device)
+        return (per_token_loss.float() * w).sum(), batch.num_tokens.to(per_token_loss.device)
+
+
+class MDMObjective(Objective):
+    """Masked diffusion objective: bidirectional attention, 1/t-weighted masked cross-entropy."""
+
+    causal = False
+
+    def prepare(self, tokens, loss_mask, generator) -> PreparedBatch:
         _check_no_mask_token(tokens, self.mask_id)
         b, s = tokens.shape
         eligible = (
@@ -171,35 +192,13 @@ class MDMObjective:
         num_tokens = eligible.sum().to(tokens.device)  # int64
         return PreparedBatch(noisy, tokens, weights, num_tokens, t)
 
-    @staticmethod
-    def loss(batch: PreparedBatch, per_token_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Weighted loss sum and normaliser: loss = loss_sum / num_tokens.
 
-        Args:
-            per_token_loss: cross-entropy -log p(labels | inputs), float [B, S].
-        Returns:
-            (loss_sum [], num_tokens []).
-        """
-        w = batch.weights.to(per_token_loss.device)
-        return (per_token_loss.float() * w).sum(), batch.num_tokens.to(per_token_loss.device)
-
-
-class ARMObjective:
+class ARMObjective(Objective):
     """Autoregressive baseline: causal attention, next-token cross-entropy."""
 
     causal = True
 
-    def __init__(self, cfg: ObjectiveConfig, mask_id: int, pad_id: int):
-        self.cfg = cfg
-        self.mask_id = mask_id
-        self.pad_id = pad_id
-
-    def prepare(
-        self,
-        tokens: torch.Tensor,
-        loss_mask: Optional[torch.Tensor],
-        generator: Optional[torch.Generator],
-    ) -> PreparedBatch:
+    def prepare(self, tokens, loss_mask, generator) -> PreparedBatch:
         b, s = tokens.shape
         labels = torch.roll(tokens, shifts=-1, dims=1)  # [B, S]: labels[i] = tokens[i + 1]
         weights = torch.ones(b, s, dtype=torch.float32, device=tokens.device)
@@ -209,10 +208,8 @@ class ARMObjective:
             weights *= torch.roll(loss_mask.float(), shifts=-1, dims=1).to(tokens.device)
         return PreparedBatch(tokens, labels, weights, (weights != 0).sum(), None)
 
-    loss = staticmethod(MDMObjective.loss)
 
-
-def build_objective(cfg: ObjectiveConfig, mask_id: int, pad_id: int):
+def build_objective(cfg: ObjectiveConfig, mask_id: int, pad_id: int) -> Objective:
     """The objective named by ``cfg.objective``."""
     if cfg.objective == "mdm":
         return MDMObjective(cfg, mask_id, pad_id)

@@ -67,3 +67,16 @@ def test_metrics_jsonl_records(tmp_path):
         for key in ("consumed_samples", "loss", "lr", "grad_norm", "tokens_per_sec", "mfu"):
             assert key in r
     assert lines[-1]["consumed_samples"] == 3 * 8
+
+
+def test_async_save_resumes_exactly(tmp_path):
+    run = str(tmp_path / "run")
+    full = run_distributed(train_job, 1, {"train_iters": 4, "save": run, "save_interval": 2,
+                                          "async_save": True, "keep_last": 1})[0]
+    # keep-last-1: only the final checkpoint is left once the asynchronous saves are finalised
+    assert sorted(p.name for p in Path(run).glob("iter_*")) == ["iter_0000004"]
+    assert (Path(run) / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
+    run2 = str(tmp_path / "run2")
+    run_distributed(train_job, 1, {"train_iters": 4, "save": run2, "save_interval": 2, "async_save": True})
+    resumed = run_distributed(train_job, 1, {"train_iters": 4, "load": run2, "ckpt_iteration": 2})[0]
+    assert resumed["losses"] == full["losses"][2:]
