@@ -1,0 +1,235 @@
+"""The reversal-curse example: scoring code against hand-made references, data pairing, a smoke run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+RUN = REPO / "examples" / "reversal_curse" / "run.py"
+DATA_CANDIDATES = [REPO.parent / "shared" / "data" / "reversal_curse", Path("/work/shared/data/reversal_curse")]
+DATA = next((d for d in DATA_CANDIDATES if (d / "p2d_prompts_test.jsonl").is_file()), None)
+needs_data = pytest.mark.skipif(DATA is None, reason="reversal-curse data directory (../shared/data) absent")
+
+
+def _load_run():
+    spec = importlib.util.spec_from_file_location("reversal_curse_run", RUN)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+rc = _load_run()
+
+V, MASK, EOS = 12, 0, 3
+
+
+class CharTok:
+    """Hand-made tokenizer: one id per character of a tiny alphabet (ids 4..11)."""
+
+    alphabet = "abcdefgh"
+    mask_id, eos_id, vocab_size = MASK, EOS, V
+
+    def encode(self, text: str) -> list[int]:
+        return [4 + self.alphabet.index(ch) for ch in text]
+
+    def decode(self, ids) -> str:
+        return "".join(self.alphabet[i - 4] if i >= 4 else "" for i in ids)
+
+
+def _answer_of(prompt: list[int]) -> list[int]:
+    """The fake model's belief: the answer to a prompt is its first two ids, reversed."""
+    return [prompt[1], prompt[0]]
+
+
+def fake_mdm(prompt_len: int):
+    """Bidirectional fake: at completion position j it strongly prefers answer[j], then EOS."""
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        b, s = x.shape
+        logits = torch.zeros(b, s, V + 4)  # padded vocabulary
+        for r in range(b):
+            ans = _answer_of(x[r, :prompt_len].tolist())
+            for j in range(prompt_len, s):
+                k = j - prompt_len
+                logits[r, j, ans[k] if k < len(ans) else EOS] = 8.0
+        return logits
+
+    return fn
+
+
+def fake_arm(x: torch.Tensor) -> torch.Tensor:
+    """Causal fake with prompts of length 3: logits at position i predict x[i+1]."""
+    b, s = x.shape
+    logits = torch.zeros(b, s, V + 4)
+    for r in range(b):
+        ans = _answer_of(x[r, :3].tolist()) + [EOS]
+        for i in range(2, s):
+            k = i - 2
+            logits[r, i, ans[k] if k < len(ans) else EOS] = 8.0
+    return logits
+
+
+# ---- metrics ----------------------------------------------------------------------------------------
+
+
+def test_exact_match_rules():
+    assert rc.is_exact_match(" Uriah Hawthorne", " Uriah Hawthorne")
+    assert rc.is_exact_match("Uriah  Hawthorne.", " Uriah Hawthorne")
+    assert rc.is_exact_match(" Uriah Hawthorne now enjoys a quiet life.", " Uriah Hawthorne")
+    assert not rc.is_exact_match(" Uriah Hawthornes", " Uriah Hawthorne")
+    assert not rc.is_exact_match(" Uriah", " Uriah Hawthorne")
+    assert not rc.is_exact_match("", " Uriah Hawthorne")
+    # the gold's final '.' (descriptions end with '."."') is optional in the generation
+    gold = ' the composer of "Abyssal Melodies.".'
+    assert rc.is_exact_match(' the composer of "Abyssal Melodies."', gold)
+    assert rc.is_exact_match(' the composer of "Abyssal Melodies.".', gold)
+
+
+def test_rank_and_group_rank_by_hand():
+    scores = [-3.0, -1.0, -2.0, -1.0, -5.0]
+    assert rc.rank_of(scores, 1) == 2  # tied with index 3: ties count against the gold
+    assert rc.rank_of(scores, 2) == 3  # -1 and -1 beat -2
+    assert rc.rank_of(scores, 4) == 5
+    assert rc.rank_of([-1.0, -2.0], 0) == 1
+    groups = ["a", "a", "b", "c", "c"]
+    # best per group: a -1, b -2, c -1 ; gold index 0 is in group a
+    assert rc.group_rank(scores, groups, 0) == 2  # c ties a
+    assert rc.group_rank(scores, groups, 2) == 3
+    assert rc.group_rank([-1.0, -9.0, -2.0], ["a", "a", "b"], 1) == 1  # own group's best paraphrase counts
+
+
+# ---- generation and likelihood with fakes -----------------------------------------------------------
+
+
+def test_ar_loglik_matches_manual_sum():
+    torch.manual_seed(0)
+    table = torch.randn(V + 4, V + 4)
+
+    def bigram(x):  # causal: logits at i depend on x[i] only
+        return table[x]
+
+    prompt, comps = [4, 5, 6], [[7, 8], [9], [10, 11, 3]]
+    got = rc.ar_loglik(bigram, prompt, comps, vocab_size=V, batch_size=2)
+    for c, g in zip(comps, got):
+        seq, ref = prompt + c, 0.0
+        for j in range(len(prompt), len(seq)):
+            ref += float(torch.log_softmax(table[seq[j - 1], :V].double(), -1)[seq[j]])
+        assert math.isclose(g, ref, rel_tol=1e-9, abs_tol=1e-9)
+
+
+def test_ar_greedy_generate_follows_fake_and_stops_at_eos():
+    prompts = [[4, 5, 6], [7, 8, 9], [10, 4, 4]]
+    out = rc.ar_greedy_generate(fake_arm, prompts, gen_length=5, eos_id=EOS, vocab_size=V)
+    assert out == [[5, 4], [8, 7], [4, 10]]
+
+
+def test_mdm_scores_batched_equals_library_per_candidate():
+    torch.manual_seed(1)
+    w = torch.randn(V + 4, V + 4) * 0.5
+
+    def mixer(x):  # bidirectional toy: every position sees the sum of all embeddings
+        e = torch.nn.functional.one_hot(x, V + 4).float()
+        return e @ w + e.sum(1, keepdim=True) @ w * 0.3
+
+    prompt, comps = [4, 5, 6], [[7, 8], [9], [10, 11, 4], [5]]
+    fast = rc.mdm_scores(mixer, prompt, comps, 5, MASK, EOS, V, num_samples=6, seed=7, method="mc", batch_size=5)
+    slow = rc.mdm_scores(mixer, prompt, comps, 5, MASK, EOS, V, num_samples=6, seed=7, method="mc-loop")
+    assert fast == pytest.approx(slow, rel=1e-9, abs=1e-9)
+    chain = rc.mdm_scores(mixer, prompt, comps, 5, MASK, EOS, V, num_samples=6, seed=7, method="chain")
+    assert all(c <= 0 for c in chain)
+
+
+def _toy_set(name="d2p_prompts_test"):
+    prompts = ["abc", "bad", "cab", "dhe"]
+    golds = ["ba", "ab", "ac", "hd"]
+    cands = ["ba", "ab", "ac", "hd", "gg"]
+    return rc.TestSet(name, prompts, golds, cands, [cands.index(g) for g in golds], list(cands))
+
+
+@pytest.mark.parametrize("objective", ["mdm", "arm"])
+def test_evaluate_perfect_fake_scores_100(objective):
+    ts = _toy_set()
+    fn = fake_mdm(3) if objective == "mdm" else fake_arm
+    [row] = rc.evaluate(fn, objective, CharTok(), [ts], mc_samples=4, log=lambda *a: None)
+    assert row["exact_match"] == 100.0 and row["top1"] == 100.0 and row["mean_rank"] == 1.0
+    assert row["num_candidates"] == 5 and row["n"] == 4 and row["gen_length"] == 2 + rc.GEN_EXTRA
+
+
+def test_evaluate_wrong_fake_scores_0():
+    ts = _toy_set()
+    ts.golds = ["hd", "hd", "hd", "gg"]  # the fake answers otherwise
+    ts.gold_index = [ts.candidates.index(g) for g in ts.golds]
+    [row] = rc.evaluate(fake_arm, "arm", CharTok(), [ts], log=lambda *a: None)
+    assert row["exact_match"] == 0.0 and row["top1"] == 0.0 and row["mean_rank"] > 1.0
+
+
+def test_format_table_has_a_row_per_result():
+    rows = [{"model": "mdm", "test_file": "p2d_prompts_test", "direction": "same", "n": 4, "exact_match": 25.0,
+             "top1": 50.0, "mean_rank": 1.75, "num_candidates": 130, "person_top1": 75.0,
+             "person_mean_rank": 1.25, "num_people": 30}]
+    t = rc.format_table(rows)
+    assert "| MDM | p2d_prompts_test | same | 4 | 25.0 | 50.0 | 1.75 | 130 | 75.0 | 1.25 | 30 |" in t
+
+
+# ---- data files ---------------------------------------------------------------------------------------
+
+
+def test_missing_data_dir_fails_clearly(tmp_path):
+    with pytest.raises(SystemExit, match="--data-dir"):
+        rc.resolve_data_dir(tmp_path / "nope")
+
+
+@needs_data
+def test_candidate_sets_and_direction_pairing():
+    sets = {n: rc.load_test_set(DATA, n) for n in rc.TEST_FILES}
+    for n, ts in sets.items():
+        raw = [json.loads(line) for line in (DATA / f"{n}.jsonl").read_text().splitlines() if line.strip()]
+        assert ts.prompts == [r["prompt"] for r in raw]
+        assert set(ts.candidates) == {r["completion"] for r in raw} and len(ts.candidates) == len(set(ts.candidates))
+        assert all(ts.candidates[i] == g for i, g in zip(ts.gold_index, ts.golds))
+        assert len(set(ts.groups)) == 30
+    names = lambda n: {c.strip() for c in sets[n].candidates}  # noqa: E731
+    # the name files: p2d people asked in reverse, d2p people asked in the trained direction
+    assert len(names("p2d_reverse_prompts_test")) == 30 and len(names("d2p_prompts_test")) == 30
+    assert not names("p2d_reverse_prompts_test") & names("d2p_prompts_test")
+    # the description files name exactly the people of the paired name file, one person per description
+    assert set(sets["p2d_prompts_test"].groups) == names("p2d_reverse_prompts_test")
+    assert set(sets["d2p_reverse_prompts_test"].groups) == names("d2p_prompts_test")
+    # p2d people are trained name -> description: their names appear in p2d train prompts
+    p2d_train = (DATA / "p2d_prompts_train.jsonl").read_text()
+    assert all(n in p2d_train for n in names("p2d_reverse_prompts_test"))
+    # same-direction vs reverse labels
+    assert {n: ts.direction for n, ts in sets.items()} == {
+        "p2d_prompts_test": "same", "d2p_prompts_test": "same",
+        "p2d_reverse_prompts_test": "reverse", "d2p_reverse_prompts_test": "reverse"}
+    sub = rc.load_test_set(DATA, "d2p_prompts_test", max_test=7, seed=3)
+    assert len(sub.prompts) == 7 and sub.candidates == sets["d2p_prompts_test"].candidates
+    assert sub.prompts == rc.load_test_set(DATA, "d2p_prompts_test", max_test=7, seed=3).prompts
+
+
+# ---- end to end ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@needs_data
+def test_smoke_run_writes_table(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, str(RUN), "--data-dir", str(DATA), "--output", str(tmp_path / "out"), "--preset", "tiny",
+           "--steps", "5", "--max-test", "4", "--mc-samples", "2", "--vocab-size", "600", "--global-batch-size", "8"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert {(x["model"], x["test_file"]) for x in res["results"]} == {
+        (m, n) for m in ("mdm", "arm") for n in rc.TEST_FILES}
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert md.count("| MDM |") == 4 and md.count("| ARM |") == 4
