@@ -4,7 +4,8 @@ The model is a randomly initialised bidirectional transformer encoder (``torch.n
 Llama-like width) behind the same ``LogitsFn`` interface as the HF and Megatron models; throughput
 is dominated by the forward passes: one per step (two rows per sequence under CFG, batched).
 
-Usage: python benchmarks/bench_sampling.py [--output docs/BENCHMARKS_sampling.md] [--threads 2]
+Usage: python benchmarks/bench_sampling.py [--output FILE.md] [--threads 2]  (prints a markdown table;
+with --output also writes it; docs/BENCHMARKS.md records the figures)
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def _cpu_name() -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--output", default="docs/BENCHMARKS_sampling.md")
+    ap.add_argument("--output", default=None, help="also write the markdown table to this file")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--gen-length", type=int, default=64)
     ap.add_argument("--prompt-length", type=int, default=32)
@@ -110,9 +111,11 @@ def main() -> None:
         "doubles the rows of each forward. Tokens/s = batch x generated length / wall time.",
         "",
     ]
-    with open(args.output, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines))
-    print(f"wrote {args.output}")
+    print("\n".join(lines))
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.write("\n".join(lines))
+        print(f"wrote {args.output}")
 
 
 if __name__ == "__main__":

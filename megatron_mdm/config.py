@@ -378,7 +378,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             flag = "--" + f.name.replace("_", "-")
             tp = _resolved_type(sec, f)
             default = f.default if f.default is not dataclasses.MISSING else None
-            help_ = f"{docs.get(f.name, '')} (default: {default})"
+            help_ = f"{docs.get(f.name, '')} (default: {default})".replace("%", "%%")
             if tp is bool:
                 group.add_argument(flag, dest=f.name, nargs="?", const="true", default=None, help=help_)
                 if f.name.startswith("use_") or f.name in ("bf16",):

@@ -107,6 +107,15 @@ class PreparedBatch:
     weights: torch.Tensor  # [B, S] float32: per-token loss weight (0 = no loss)
     num_tokens: torch.Tensor  # [] int64: the normaliser of this micro-batch (eligible positions)
     t: Optional[torch.Tensor] = None  # [B] masking rates (MDM only)
+    count_mask: Optional[torch.Tensor] = None  # [B, S] bool: the positions num_tokens counts
+
+    def split(self, keys_to_tensors) -> "PreparedBatch":
+        """A copy with ``inputs/labels/weights/count_mask`` replaced (a context-parallel slice);
+        the normaliser becomes the count of the slice."""
+        d = dict(keys_to_tensors)
+        count = d.get("count_mask")
+        return PreparedBatch(d["inputs"], d["labels"], d["weights"],
+                             count.sum() if count is not None else self.num_tokens, self.t, count)
 
 
 def _check_no_mask_token(tokens: torch.Tensor, mask_id: int) -> None:
@@ -189,8 +198,8 @@ class MDMObjective(Objective):
         t = sample_t(b, self.cfg.eps, generator, self.cfg.t_sampling == "antithetic")  # [B]
         noisy, masked = forward_mask(tokens, t, self.mask_id, generator, eligible)
         weights = masked.float() / t.to(tokens.device)[:, None]  # [B, S]
-        num_tokens = eligible.sum().to(tokens.device)  # int64
-        return PreparedBatch(noisy, tokens, weights, num_tokens, t)
+        eligible = eligible.to(tokens.device)
+        return PreparedBatch(noisy, tokens, weights, eligible.sum(), t, eligible)
 
 
 class ARMObjective(Objective):
@@ -206,7 +215,8 @@ class ARMObjective(Objective):
         if loss_mask is not None:
             # a target counts when the *target* position is eligible (completion tokens in SFT)
             weights *= torch.roll(loss_mask.float(), shifts=-1, dims=1).to(tokens.device)
-        return PreparedBatch(tokens, labels, weights, (weights != 0).sum(), None)
+        counted = weights != 0
+        return PreparedBatch(tokens, labels, weights, counted.sum(), None, counted)
 
 
 def build_objective(cfg: ObjectiveConfig, mask_id: int, pad_id: int) -> Objective:

@@ -37,6 +37,7 @@ from megatron.core.num_microbatches_calculator import (
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.utils import get_batch_on_this_cp_rank
 
 from megatron_mdm import checkpointing, runtime
 from megatron_mdm.config import Config, ConfigError, num_train_iters
@@ -135,6 +136,14 @@ def forward_step(objective, data_iterator, model):
         return output, None
     b, s = batch.inputs.shape
     position_ids = torch.arange(s, device=batch.inputs.device).unsqueeze(0).expand(b, -1)
+    if ps.get_context_parallel_world_size() > 1:
+        # each CP rank keeps 2 of 2*CP sequence chunks (load-balanced); the normaliser becomes the
+        # count of this rank's chunks, and finalize_model_grads sums counts over DP x CP
+        parts = get_batch_on_this_cp_rank({
+            "inputs": batch.inputs, "labels": batch.labels, "weights": batch.weights,
+            "count_mask": batch.count_mask, "position_ids": position_ids})
+        position_ids = parts.pop("position_ids")
+        batch = batch.split(parts)
     output = model(batch.inputs, position_ids, None, labels=batch.labels)  # [b, s] CE on last stage
     return output, partial(_loss_func, objective, batch)
 
@@ -375,6 +384,8 @@ class Trainer:
                      self.world_size, cfg.parallel.tensor_model_parallel_size,
                      cfg.parallel.pipeline_model_parallel_size, self.dp_size)
         try:
+            if lg.eval_interval and self.state.iteration == 0:
+                self._validate(result)  # the untrained baseline, so that runs show the fall
             while self.state.iteration < self.train_iters:
                 out = self.train_step()
                 self.throughput.step()
@@ -385,14 +396,7 @@ class Trainer:
                     self._log(out, interval_losses, start_iter, t_start)
                     interval_losses = []
                 if lg.eval_interval and (it % lg.eval_interval == 0 or it == self.train_iters):
-                    val = self.evaluate()
-                    if val is not None:
-                        val["iteration"] = it
-                        result["val"].append(val)
-                        self.writer.write(dict(val, consumed_samples=self.state.consumed_samples))
-                        if self.rank == 0:
-                            log.info("iter %7d | validation ELBO %.4f nats/token | ppl bound %.2f",
-                                     it, val["val_loss"], val["val_ppl"])
+                    self._validate(result)
                 if self.async_queue is not None:
                     self.async_queue.maybe_finalize_async_calls(blocking=False)
                 if stop.any_rank():
@@ -412,6 +416,19 @@ class Trainer:
         result["iteration"] = self.state.iteration
         result["skipped_steps"] = self.state.skipped_steps
         return result
+
+    def _validate(self, result: dict) -> None:
+        val = self.evaluate()
+        if val is None:
+            return
+        it = self.state.iteration
+        val["iteration"] = it
+        result["val"].append(val)
+        self.writer.write(dict(val, consumed_samples=self.state.consumed_samples))
+        if self.rank == 0:
+            what = "validation ELBO" if self.cfg.objective.objective == "mdm" else "validation loss"
+            log.info("iter %7d | %s %.4f nats/token | ppl%s %.2f", it, what, val["val_loss"],
+                     " bound" if self.cfg.objective.objective == "mdm" else "", val["val_ppl"])
 
     def _log(self, out: dict, interval_losses: list, start_iter: int, t_start: float) -> None:
         it = self.state.iteration

@@ -105,3 +105,13 @@ def test_pretrain_script_reports_config_errors_without_traceback():
     r = subprocess.run([sys.executable, str(REPO / "pretrain" / "pretrain_mdm.py"), "--no-such-flag"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "unrecognized arguments" in r.stderr
+
+
+def test_pretrain_help_lists_megatron_flags():
+    r = subprocess.run([sys.executable, str(REPO / "pretrain" / "pretrain_mdm.py"), "--help"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    for flag in ("--tensor-model-parallel-size", "--num-layers-per-virtual-pipeline-stage",
+                 "--global-batch-size", "--lr-decay-style", "--fp8-format", "--use-distributed-optimizer",
+                 "--recompute-granularity", "--tensorboard-dir", "--objective", "--random-length-prob"):
+        assert flag in r.stdout
