@@ -63,7 +63,7 @@ def load_megatron_for_inference(load_dir: str | os.PathLike, iteration: int | No
         (with the parallel layout set to 1) and its ``MDMTokenizer`` or None when it has none.
     """
     from megatron_mdm import checkpointing, runtime
-    from megatron_mdm.hf_convert import ensure_single_process_world
+    from megatron_mdm.hf_io import ensure_single_process_world
     from megatron_mdm.model import build_model
 
     path = checkpointing.resolve_checkpoint(load_dir, iteration)

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from megatron_mdm.checkpointing import CheckpointError
     from megatron_mdm.config import ConfigError
-    from megatron_mdm.hf_convert import ConversionError, export_to_hf, import_from_hf
+    from megatron_mdm.hf_io import ConversionError, export_to_hf, import_from_hf
 
     try:
         if args.command == "to-hf":
