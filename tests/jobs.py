@@ -41,11 +41,11 @@ def tiny_cfg(**overrides) -> Config:
 
 
 def make_trainer(cfg: Config, loader=None):
-    from megatron_mdm import runtime
-    from megatron_mdm.training import Trainer
+    from megatron.core import parallel_state as ps
     from synthetic import SyntheticLoader
 
-    from megatron.core import parallel_state as ps
+    from megatron_mdm import runtime
+    from megatron_mdm.training import Trainer
 
     runtime.init_distributed(cfg.parallel, cfg.model.num_layers)
     if loader is None:
@@ -117,9 +117,10 @@ class DP2AsOneLoader:
 
 def model_checks_job(rank: int, world: int, tp: int) -> dict:
     """Attention direction and the vocab-parallel per-token loss vs float64 CE of gathered logits."""
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
     from megatron_mdm import runtime
     from megatron_mdm.model import build_model
-    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     cfg = tiny_cfg(tensor_model_parallel_size=tp)
     runtime.init_distributed(cfg.parallel, cfg.model.num_layers)
@@ -135,7 +136,7 @@ def model_checks_job(rank: int, world: int, tp: int) -> dict:
     for name, causal in (("mdm", False), ("arm", True)):
         model = build_model(cfg, VOCAB, causal)[0].eval()
         with torch.no_grad():
-            full = lambda inp: gather_from_tensor_model_parallel_region(model(inp, pos, None))  # noqa: E731
+            full = lambda inp, model=model: gather_from_tensor_model_parallel_region(model(inp, pos, None))
             a, b, c = full(x), full(x2), full(x3)
             out[f"{name}_pos0_change_last"] = (a[:, 0] - b[:, 0]).abs().max().item()
             out[f"{name}_last_change_first"] = (a[:, -1] - c[:, -1]).abs().max().item()
@@ -150,6 +151,7 @@ def sdpa_vs_megatron_job(rank: int, world: int) -> dict:
     """SDPAttention vs Megatron's DotProductAttention (GQA), no_mask and causal."""
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.enums import AttnMaskType
+
     from megatron_mdm import runtime
     from megatron_mdm.attention import SDPAttention
     from megatron_mdm.model import transformer_config
