@@ -138,4 +138,53 @@ def test_short_pipeline_pretrain_and_resume(tmp_path):
     for r in train:
         for key in ("loss", "lr", "grad_norm", "tokens_per_sec"):
             assert r[key] is not None and r[key] == r[key], (key, r)
+    _convert_generate_and_evaluate(run, tmp_path)
     shutil.rmtree(tmp_path / "run", ignore_errors=True)
+
+
+LM_EVAL_TASK = """task: mdm_local_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+doc_to_target: "{{{{gold}}}}"
+doc_to_choice: "{{{{choices}}}}"
+target_delimiter: " "
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def _convert_generate_and_evaluate(run: Path, tmp_path: Path) -> None:
+    """The pretrained checkpoint converts, loads in transformers, generates and is scored by mdm-eval."""
+    bindir = Path(sys.executable).parent
+    hf = tmp_path / "hf"
+    _run([str(bindir / "mdm-convert"), "to-hf", "--load", str(run), "--output", str(hf)], tmp_path)
+    assert (hf / "config.json").is_file() and list(hf.glob("*.safetensors"))
+    out = _run([str(bindir / "mdm-generate"), "--model", str(hf), "--prompt", "ROMEO:", "--gen-length", "8",
+                "--steps", "8", "--seed", "0"], tmp_path)
+    assert "ROMEO:" in out
+    data = tmp_path / "mc.jsonl"
+    data.write_text("\n".join(json.dumps(x) for x in [
+        {"context": "ROMEO: I", "choices": [" am", " thee thee"], "gold": 0},
+        {"context": "KING HENRY", "choices": [" IV:", " the"], "gold": 0},
+        {"context": "To be, or not to", "choices": [" be", " king"], "gold": 0}]) + "\n")
+    report = tmp_path / "mc.json"
+    _run([str(bindir / "mdm-eval"), "mc", "--model", str(hf), "--data", str(data), "--num-samples", "4",
+          "--output", str(report)], tmp_path)
+    result = json.loads(report.read_text())
+    assert 0.0 <= result["accuracy"] <= 1.0 and result["num_examples"] == 3, result
+    assert len(result["per_example"]) == 3
+    pytest.importorskip("lm_eval")
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "mdm_local_mc.yaml").write_text(LM_EVAL_TASK.format(data=data))
+    lm_report = tmp_path / "lm_eval.json"
+    _run([str(bindir / "mdm-eval"), "lm-eval", "--model", str(hf), "--tasks", "mdm_local_mc",
+          "--include-path", str(tasks), "--method", "chain", "--output", str(lm_report)], tmp_path, timeout=300)
+    assert "acc,none" in json.loads(lm_report.read_text())["results"]["mdm_local_mc"]
