@@ -129,12 +129,18 @@ def _mc_weighted_nll(
     for start in range(0, rows.shape[0], chunk):
         sl = slice(start, start + chunk)
         noisy, masked = forward_mask(rows[sl], t_rows[sl].to(rows.device), mask_id, generator, rows_eligible[sl])
-        prompt_mask = ~rows_eligible[sl] if cfg_scale != 0.0 else None
-        logits = model_logits(logits_fn, noisy, mask_id, vocab_size, cfg_scale, prompt_mask)  # [c, s, V]
-        nll = -_token_logprobs(logits, rows[sl])  # [c, s]
-        nll = torch.where(masked, nll, torch.zeros_like(nll))  # unmasked terms (even inf) drop out
-        out[sl] = (nll.sum(dim=1) / t_rows[sl].double().to(nll.device)).cpu()
+        out[sl] = _masked_nll_over_t(logits_fn, rows[sl], noisy, masked, t_rows[sl], rows_eligible[sl], mask_id,
+                                     vocab_size, cfg_scale)
     return out.view(b, num_samples)
+
+
+def _masked_nll_over_t(logits_fn, rows, noisy, masked, t_rows, eligible, mask_id, vocab_size, cfg_scale):
+    """sum_{i masked} -log p(rows[i] | noisy) / t for each row (float64, CPU): rows/noisy/masked [c, s]."""
+    prompt_mask = ~eligible if cfg_scale != 0.0 else None
+    logits = model_logits(logits_fn, noisy, mask_id, vocab_size, cfg_scale, prompt_mask)  # [c, s, V]
+    nll = -_token_logprobs(logits, rows)  # [c, s]
+    nll = torch.where(masked, nll, torch.zeros_like(nll))  # unmasked terms (even inf) drop out
+    return (nll.sum(dim=1) / t_rows.double().to(nll.device)).cpu()
 
 
 def _mean_stderr(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -239,6 +245,59 @@ def mc_conditional_loglik(
     )[0]  # [N]
     mean, se = _mean_stderr(nll)
     return LoglikResult(-float(mean), float(se), False, seq.numel() - p)
+
+
+@torch.no_grad()
+def mc_conditional_loglik_candidates(
+    logits_fn: LogitsFn,
+    prompt_ids: Sequence[int],
+    completions: Sequence[Sequence[int]],
+    mask_id: int,
+    num_samples: int,
+    eps: float = 1e-3,
+    t_sampling: str = "antithetic",
+    generator: torch.Generator | None = None,
+    vocab_size: int | None = None,
+    batch_size: int | None = None,
+    cfg_scale: float = 0.0,
+    device: torch.device | str | None = None,
+) -> list[LoglikResult]:
+    """``mc_conditional_loglik`` for several candidate completions of one length, with shared draws.
+
+    The N draws of (t, mask positions) depend only on the sequence shape, so they are drawn once and
+    used for every candidate (common random numbers): the differences between candidates carry much
+    less variance than with independent draws, and each value equals what ``mc_conditional_loglik``
+    returns for that candidate from a generator in the same state (with ``batch_size`` None).
+
+    Args:
+        completions: C candidate completions, all of the same length.
+        (the others as in ``mc_conditional_loglik``; ``batch_size`` counts rows per forward.)
+    Returns:
+        One :class:`LoglikResult` per candidate.
+    """
+    lengths = {len(c) for c in completions}
+    if len(lengths) != 1:
+        raise ValueError(f"candidates must have one length (pad them, e.g. with EOS); got lengths {sorted(lengths)}")
+    seqs = torch.stack([_pair(prompt_ids, c, device or "cpu")[0] for c in completions])  # [C, s]
+    p = len(prompt_ids)
+    _check_args(mask_id, num_samples, t_sampling, seqs)
+    eligible = torch.zeros(num_samples, seqs.shape[1], dtype=torch.bool, device=seqs.device)
+    eligible[:, p:] = True
+    t = sample_t(num_samples, eps, generator, t_sampling == "antithetic")  # [N]
+    _, masked = forward_mask(seqs[:1].expand(num_samples, -1), t.to(seqs.device), mask_id, generator,
+                             eligible)  # [N, s]: the same draws for every candidate
+    c, n = seqs.shape[0], num_samples
+    rows = seqs.repeat_interleave(n, dim=0)  # [C*N, s]
+    m_rows, e_rows, t_rows = masked.repeat(c, 1), eligible.repeat(c, 1), t.repeat(c)
+    noisy = torch.where(m_rows, torch.full_like(rows, mask_id), rows)
+    chunk = batch_size or rows.shape[0]
+    nll = torch.empty(rows.shape[0], dtype=torch.float64)
+    for start in range(0, rows.shape[0], chunk):
+        sl = slice(start, start + chunk)
+        nll[sl] = _masked_nll_over_t(logits_fn, rows[sl], noisy[sl], m_rows[sl], t_rows[sl], e_rows[sl], mask_id,
+                                     vocab_size, cfg_scale)
+    mean, se = _mean_stderr(nll.view(c, n))
+    return [LoglikResult(-float(mean[i]), float(se[i]), False, seqs.shape[1] - p) for i in range(c)]
 
 
 @torch.no_grad()

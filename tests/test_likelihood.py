@@ -8,7 +8,12 @@ import math
 import pytest
 import torch
 
-from megatron_mdm.likelihood import chain_rule_loglik, mc_conditional_loglik, mc_elbo
+from megatron_mdm.likelihood import (
+    chain_rule_loglik,
+    mc_conditional_loglik,
+    mc_conditional_loglik_candidates,
+    mc_elbo,
+)
 
 V, MASK, EPS = 6, 5, 1e-3  # ids 0..4 are words, 5 is the mask token
 
@@ -113,6 +118,27 @@ def test_mc_conditional_converges_to_exact(model, cfg):
     exact = -exact_weighted_nll(model, prompt + completion, [2, 3, 4], cfg, prompt_len=2)
     assert 0 < r.stderr < 0.03 * abs(exact) and r.num_tokens == 3
     assert abs(r.loglik - exact) < 4.5 * r.stderr, (r.loglik, exact)
+
+
+@pytest.mark.parametrize("cfg", [0.0, 0.8])
+def test_candidates_share_draws_and_equal_single_calls(model, cfg):
+    seed = int(torch.randint(0, 2**31, ()))
+    prompt = _seqs(1, 2)[0].tolist()
+    cands = [c.tolist() for c in _seqs(4, 3)]
+    many = mc_conditional_loglik_candidates(model, prompt, cands, MASK, 32, cfg_scale=cfg,
+                                            generator=torch.Generator().manual_seed(seed), batch_size=10)
+    for c, r in zip(cands, many):
+        one = mc_conditional_loglik(model, prompt, c, MASK, 32, cfg_scale=cfg,
+                                    generator=torch.Generator().manual_seed(seed))
+        assert r.loglik == pytest.approx(one.loglik, rel=1e-12) and r.stderr == pytest.approx(one.stderr, rel=1e-9)
+    # each estimate still converges to its exact value
+    big = mc_conditional_loglik_candidates(model, prompt, cands[:2], MASK, 20000, cfg_scale=cfg,
+                                           generator=torch.Generator().manual_seed(seed))
+    for c, r in zip(cands[:2], big):
+        exact = -exact_weighted_nll(model, prompt + c, [2, 3, 4], cfg, prompt_len=2)
+        assert abs(r.loglik - exact) < 4.5 * r.stderr, (r.loglik, exact)
+    with pytest.raises(ValueError, match="one length"):
+        mc_conditional_loglik_candidates(model, prompt, [[0, 1], [0]], MASK, 4)
 
 
 def test_mc_is_reproducible_with_a_seed(model):

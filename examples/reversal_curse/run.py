@@ -249,19 +249,19 @@ def mdm_scores(logits_fn, prompt: list[int], completions: list[list[int]], span:
                batch_size: int = 256) -> list[float]:
     """log p(completion + EOS padding to ``span`` | prompt) for each candidate under an MDM.
 
-    ``mc``: the Monte Carlo estimator of ``likelihood.mc_conditional_loglik`` (ELBO bound, antithetic t,
-    generator seeded with ``seed``) for every candidate, batched over the candidates. All candidates
-    have the same length (prompt + span), so ``mc_conditional_loglik`` would draw the very same t and
-    masks for each of them from the same seed (common random numbers): we draw them once with the
-    same calls (``objective.sample_t``, ``objective.forward_mask``) and run all candidates' rows
-    together; the values equal ``mc_conditional_loglik(..., generator=Generator().manual_seed(seed))``
-    (tested). ``mc-loop``: that call per candidate (slow; the reference). ``chain``:
-    ``likelihood.chain_rule_loglik`` with the greedy order (one forward per token: slow).
+    ``mc``: ``likelihood.mc_conditional_loglik_candidates`` (ELBO bound, antithetic t, generator seeded
+    with ``seed``): all candidates have the same length (prompt + span) and share one set of draws
+    (common random numbers); the values equal ``mc_conditional_loglik(..., generator=
+    Generator().manual_seed(seed))`` per candidate (tested). ``mc-loop``: that call per candidate (slow;
+    the reference). ``chain``: ``likelihood.chain_rule_loglik`` with the greedy order (one forward per
+    token: slow).
     """
     torch = _torch()
-    from megatron_mdm.guidance import model_logits
-    from megatron_mdm.likelihood import chain_rule_loglik, mc_conditional_loglik
-    from megatron_mdm.objective import forward_mask, sample_t
+    from megatron_mdm.likelihood import (
+        chain_rule_loglik,
+        mc_conditional_loglik,
+        mc_conditional_loglik_candidates,
+    )
 
     spans = [list(c)[:span] + [eos_id] * max(span - len(c), 0) for c in completions]
     if method in ("mc-loop", "chain"):
@@ -276,25 +276,10 @@ def mdm_scores(logits_fn, prompt: list[int], completions: list[list[int]], span:
         return out
     if method != "mc":
         raise ValueError(f"unknown MDM likelihood method {method!r}")
-    p, n = len(prompt), num_samples
-    seqs = torch.tensor([list(prompt) + ids for ids in spans], dtype=torch.long)  # [C, p + span]
-    eligible = torch.zeros(n, seqs.shape[1], dtype=torch.bool)
-    eligible[:, p:] = True
-    g = torch.Generator().manual_seed(seed)
-    t = sample_t(n, 1e-3, g, antithetic=True)  # [N], as mc_conditional_loglik (eps 1e-3)
-    _, masked = forward_mask(seqs[:1].expand(n, -1), t, mask_id, g, eligible)  # [N, s], shared by all
-    rows = seqs.repeat_interleave(n, dim=0)  # [C*N, s]
-    m_rows = masked.repeat(len(spans), 1)  # [C*N, s]
-    t_rows = t.double().repeat(len(spans))  # [C*N]
-    noisy = torch.where(m_rows, torch.full_like(rows, mask_id), rows)
-    nll = torch.empty(rows.shape[0], dtype=torch.float64)
-    with torch.no_grad():
-        for a in range(0, rows.shape[0], batch_size):
-            sl = slice(a, a + batch_size)
-            logits = model_logits(logits_fn, noisy[sl], mask_id, vocab_size)  # [c, s, V]
-            lp = torch.log_softmax(logits.double(), dim=-1).gather(-1, rows[sl, :, None]).squeeze(-1)
-            nll[sl] = torch.where(m_rows[sl], -lp, torch.zeros_like(lp)).sum(1) / t_rows[sl]
-    return (-nll.view(len(spans), n).mean(dim=1)).tolist()
+    results = mc_conditional_loglik_candidates(
+        logits_fn, prompt, spans, mask_id, num_samples, t_sampling="antithetic",
+        generator=torch.Generator().manual_seed(seed), vocab_size=vocab_size, batch_size=batch_size)
+    return [r.loglik for r in results]
 
 
 def evaluate(logits_fn, objective: str, tokenizer, test_sets: list[TestSet], mc_samples: int = 8,
