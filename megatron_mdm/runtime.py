@@ -135,9 +135,13 @@ def init_distributed(
     if not torch.distributed.is_initialized():
         os.environ.setdefault("MASTER_ADDR", launch.master_addr)
         os.environ.setdefault("MASTER_PORT", str(launch.master_port))
+        if launch.world_size > 1 and os.environ["MASTER_PORT"] == "0":
+            # torchrun --master-port 0 hands the workers port 0, not the port it picked: they would hang
+            raise RuntimeError("MASTER_PORT is 0: give a real port (torchrun --master-port N, or "
+                               "--rdzv-backend c10d --rdzv-endpoint HOST:PORT)")
         torch.distributed.init_process_group(
             backend=backend,
-            init_method=f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
+            init_method="env://",  # under torchrun this joins the agent's store (any --master-port)
             rank=launch.rank,
             world_size=launch.world_size,
             timeout=datetime.timedelta(minutes=parallel.distributed_timeout_minutes),
