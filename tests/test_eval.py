@@ -122,22 +122,7 @@ def test_cli_eval_mc_elbo_and_generate(hf_dir, tmp_path):
     assert all(len(r["ids"]) == 6 and 3 not in r["ids"] and max(r["ids"]) < 16 for r in rows)
 
 
-TASK_YAML = """task: mdm_tiny_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{context}}}}"
-doc_to_target: "{{{{gold}}}}"
-doc_to_choice: "{{{{choices}}}}"
-target_delimiter: " "
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-"""
+TASK_YAML = (Path(__file__).parent / "assets" / "lm_eval_mc_task.yaml").read_text()
 
 
 @pytest.mark.slow
@@ -149,7 +134,7 @@ def test_lm_eval_adapter_offline(hf_dir, tmp_path):
         ("the dog", ["ran", "is big"], 0)]) + "\n")
     tasks = tmp_path / "tasks"
     tasks.mkdir()
-    (tasks / "mdm_tiny_mc.yaml").write_text(TASK_YAML.format(data=data))
+    (tasks / "mdm_tiny_mc.yaml").write_text(TASK_YAML.format(task="mdm_tiny_mc", data=data))
     out = tmp_path / "lm_eval.json"
     stdout = _run(["megatron_mdm.cli.eval", "lm-eval", "--model", str(hf_dir), "--tasks", "mdm_tiny_mc",
                    "--include-path", str(tasks), "--method", "chain", "--output", str(out)], tmp_path)

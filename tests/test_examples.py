@@ -142,22 +142,7 @@ def test_short_pipeline_pretrain_and_resume(tmp_path):
     shutil.rmtree(tmp_path / "run", ignore_errors=True)
 
 
-LM_EVAL_TASK = """task: mdm_local_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{context}}}}"
-doc_to_target: "{{{{gold}}}}"
-doc_to_choice: "{{{{choices}}}}"
-target_delimiter: " "
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-"""
+LM_EVAL_TASK = (Path(__file__).parent / "assets" / "lm_eval_mc_task.yaml").read_text()
 
 
 def _convert_generate_and_evaluate(run: Path, tmp_path: Path) -> None:
@@ -183,7 +168,7 @@ def _convert_generate_and_evaluate(run: Path, tmp_path: Path) -> None:
     pytest.importorskip("lm_eval")
     tasks = tmp_path / "tasks"
     tasks.mkdir()
-    (tasks / "mdm_local_mc.yaml").write_text(LM_EVAL_TASK.format(data=data))
+    (tasks / "mdm_local_mc.yaml").write_text(LM_EVAL_TASK.format(task="mdm_local_mc", data=data))
     lm_report = tmp_path / "lm_eval.json"
     _run([str(bindir / "mdm-eval"), "lm-eval", "--model", str(hf), "--tasks", "mdm_local_mc",
           "--include-path", str(tasks), "--method", "chain", "--output", str(lm_report)], tmp_path, timeout=300)
