@@ -111,6 +111,9 @@ class DataConfig:
     """Samples held in the in-memory shuffle buffer of the loader."""
     sft_data: Optional[str] = None
     """Prompt/completion jsonl files for supervised finetuning (glob); prompt tokens are never masked."""
+    sft_train_on_prompt: bool = False
+    """With --sft-data: train on the whole prompt + completion sequence (prompt masked and in the loss
+    too), as SMDM's reversal-curse finetuning does; default: prompt kept and out of the loss."""
 
 
 @dataclass

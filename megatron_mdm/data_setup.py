@@ -33,6 +33,24 @@ def load_tokenizer(cfg: Config) -> MDMTokenizer:
     return tok
 
 
+class WholeSequence:
+    """An SFT loader whose batches drop ``loss_mask``: every position (prompt, completion, EOS
+    padding) may be masked and is in the loss, i.e. the pretraining objective on the sequence."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __iter__(self):
+        for batch in self.loader:
+            yield {k: v for k, v in batch.items() if k != "loss_mask"}
+
+    def state_dict(self):
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state):
+        self.loader.load_state_dict(state)
+
+
 def build_data(cfg: Config, train_loader=None, valid_loader=None):
     """(tokenizer, train loader, validation loader or None) for this rank."""
     from megatron_mdm.data.loader import build_pretrain_loader, build_valid_loader, resolve_valid_path
@@ -49,6 +67,8 @@ def build_data(cfg: Config, train_loader=None, valid_loader=None):
                 raise ConfigError(f"--sft-data: no file matches {d.sft_data}")
             train_loader = build_sft_loader(files, tok, d.seq_length, mbs, dp_rank, dp_size,
                                             seed=cfg.logging.seed)
+            if d.sft_train_on_prompt:
+                train_loader = WholeSequence(train_loader)
         else:
             if not d.data_path:
                 raise ConfigError("--data-path: no training data given")

@@ -7,7 +7,10 @@
    test prompts (or reuses ``--tokenizer`` / the ``--load`` checkpoint's tokenizer);
 2. trains (or, with ``--load``, finetunes) an MDM and an ARM on ``p2d_prompts_train``,
    ``d2p_prompts_train`` and ``both_prompts_train`` together with ``pretrain/pretrain_mdm.py
-   --sft-data`` (prompt positions never masked and out of the loss), launched with torchrun;
+   --sft-data --sft-train-on-prompt``: each fact is trained as one whole sequence (prompt +
+   completion + EOS padding, every position masked at rate t and in the loss), the protocol of SMDM's
+   reversal-curse finetuning; ``--prompt-out-of-loss`` keeps prompts unmasked and out of the loss
+   instead (plain SFT, which can only learn the prompt -> completion direction). Launched with torchrun;
 3. scores the same-direction (``p2d_prompts_test``, ``d2p_prompts_test``) and reverse-direction
    (``p2d_reverse_prompts_test``, ``d2p_reverse_prompts_test``) test prompts:
 
@@ -419,6 +422,8 @@ def training_command(args, objective: str, data_dir: Path, tok_dir: Path, save: 
            "--lr-warmup-iters", str(min(args.warmup, max(args.steps - 1, 0))), "--lr-decay-style", "cosine",
            "--log-interval", str(max(1, min(50, args.steps // 10))), "--seed", str(args.seed),
            "--save", str(save), "--transformer-impl", "local"]
+    if not args.prompt_out_of_loss:
+        cmd += ["--sft-train-on-prompt"]
     if args.load:
         cmd += ["--load", str(args.load), "--finetune"]
     return cmd
@@ -478,6 +483,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--mc-samples", type=int, default=8, help="Monte Carlo samples of the MDM likelihood")
     ap.add_argument("--mdm-loglik", choices=("mc", "mc-loop", "chain"), default="mc", help="MDM likelihood estimator")
     ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--prompt-out-of-loss", action="store_true",
+                    help="plain SFT (prompt never masked, out of the loss) instead of whole-sequence training")
     ap.add_argument("--skip-train", action="store_true", help="score existing <output>/<model> checkpoints")
     return ap.parse_args(argv)
 
