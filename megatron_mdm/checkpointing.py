@@ -327,8 +327,8 @@ def load_checkpoint(
 
 def _check_shapes(path: Path, template: dict) -> None:
     """Refuse a checkpoint whose tensors have other global shapes (dist_checkpointing may not)."""
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
     from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
     stored = dist_checkpointing.load_tensors_metadata(str(path))
     for key, sd in template.items():

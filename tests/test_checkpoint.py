@@ -4,7 +4,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from dist import run_distributed
 from jobs import crash_during_save_job, train_job
 

@@ -1,7 +1,6 @@
 """The model on Megatron-core: attention direction, SDPA core attention, vocab-parallel loss."""
 
 import pytest
-
 from dist import run_distributed
 from jobs import model_checks_job, sdpa_vs_megatron_job
 

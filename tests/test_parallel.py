@@ -6,7 +6,6 @@ and gradient norms must agree up to float32 reduction-order differences.
 """
 
 import pytest
-
 from dist import run_distributed
 from jobs import train_job
 

@@ -1,7 +1,6 @@
 """The training loop: it learns a memorisable batch, and non-finite steps are skipped then stop it."""
 
 import pytest
-
 from dist import run_distributed
 from jobs import nan_job, skipped_step_keeps_weights_job, train_job
 
