@@ -106,6 +106,11 @@ def transformer_config(cfg: Config, use_te: bool | None = None) -> TransformerCo
         recompute_method=m.recompute_method if m.recompute_granularity == "full" else None,
         recompute_num_layers=m.recompute_num_layers if m.recompute_granularity == "full" else None,
         deallocate_pipeline_outputs=on_gpu,
+        # gloo matches point-to-point messages per peer in posting order; batched p2p posts a stage's
+        # sends and receives in an order that, with PP=2 (next == previous rank) in the interleaved
+        # schedule, pairs a forward activation with a backward gradient. Unbatched p2p orders them
+        # consistently (even ranks send first); NCCL groups batched ops and is unaffected.
+        batch_p2p_comm=on_gpu,
         # the loss is a weighted *sum* per micro-batch; gradients are divided by the token count of
         # the global batch (finalize_model_grads), not averaged over micro-batches and DP ranks
         calculate_per_token_loss=True,
