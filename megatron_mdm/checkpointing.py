@@ -19,7 +19,6 @@ moves only after every rank has finished writing.
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import os
 import random
@@ -343,8 +342,3 @@ def _check_shapes(path: Path, template: dict) -> None:
                     f"{path}: tensor {sh.key} has shape {have} in the checkpoint but {want} in this "
                     "model (another architecture, or another padded vocabulary: check "
                     "--make-vocab-size-divisible-by and the tokenizer)")
-
-
-def describe(path: str | os.PathLike) -> str:
-    meta = load_meta(path)
-    return json.dumps({k: meta[k] for k in ("iteration", "consumed_samples", "layout") if k in meta})

@@ -151,10 +151,6 @@ def _make_tensor_type(orig: Callable) -> Callable:
     return tensor_type
 
 
-def is_enabled() -> bool:
-    return _MODE is not None
-
-
 def enable() -> None:
     """Switch on the CPU development mode (idempotent). Only call when no GPU is present."""
     global _MODE

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import zstandard
 
 FORMAT_NAME = "megatron-mdm-shards"
 FORMAT_VERSION = 1
@@ -53,14 +52,6 @@ def dtype_from_name(name: str) -> np.dtype:
 def sample_key(index: int) -> str:
     """The webdataset key (``__key__``) of the ``index``-th sample of a shard: no dots."""
     return f"{index:08d}"
-
-
-def encode_array(arr: np.ndarray, level: int = ZSTD_LEVEL) -> bytes:
-    return zstandard.ZstdCompressor(level=level).compress(np.ascontiguousarray(arr).tobytes())
-
-
-def decode_array(data: bytes, dtype: np.dtype) -> np.ndarray:
-    return np.frombuffer(zstandard.ZstdDecompressor().decompress(data), dtype=dtype)
 
 
 def sha256_file(path: str | os.PathLike, bufsize: int = 1 << 20) -> str:

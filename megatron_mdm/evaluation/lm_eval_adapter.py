@@ -25,10 +25,6 @@ from megatron_mdm.likelihood import mc_elbo
 from megatron_mdm.sampling import generate
 
 
-def _as_bool(v: Any) -> bool:
-    return v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes")
-
-
 @register_model("mdm")
 class MDMLM(LM):
     """lm-eval model over a masked diffusion LM."""

@@ -7,7 +7,6 @@ The mask id comes from the model config (``mask_token_id``), else from the token
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,8 +100,3 @@ def load_logits_fn(
             return model(input_ids=input_ids.to(device)).logits.float()
 
     return logits_fn, tokenizer, int(mask_id), vocab_size
-
-
-def encode_fn(tokenizer: Any) -> Callable[[str], list[int]]:
-    """The tokenizer's ``encode`` as a plain callable."""
-    return tokenizer.encode
