@@ -490,6 +490,13 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
                f"{opt.micro_batch_size} x {dp}")
 
 
+def virtual_pipeline_size(parallel: ParallelConfig, num_layers: int) -> Optional[int]:
+    """Model chunks per pipeline rank (interleaved schedule), or None without interleaving."""
+    if parallel.num_layers_per_virtual_pipeline_stage is None:
+        return None
+    return num_layers // parallel.pipeline_model_parallel_size // parallel.num_layers_per_virtual_pipeline_stage
+
+
 def num_train_iters(cfg: Config) -> int:
     """Optimizer steps of the run, from --train-iters or --train-tokens."""
     opt = cfg.optim

@@ -26,7 +26,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_mdm.attention import SDPAttention
-from megatron_mdm.config import Config, ConfigError
+from megatron_mdm.config import Config, ConfigError, virtual_pipeline_size
 from megatron_mdm.tokenization import padded_vocab_size
 
 log = logging.getLogger(__name__)
@@ -63,9 +63,7 @@ def transformer_config(cfg: Config, use_te: bool | None = None) -> TransformerCo
     use_te = use_transformer_engine(cfg) if use_te is None else use_te
     on_gpu = torch.cuda.is_available()
     bf16 = cfg.optim.bf16
-    vpp = None
-    if p.num_layers_per_virtual_pipeline_stage is not None:
-        vpp = m.num_layers // p.pipeline_model_parallel_size // p.num_layers_per_virtual_pipeline_stage
+    vpp = virtual_pipeline_size(p, m.num_layers)
     kwargs = dict(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,

@@ -28,7 +28,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from megatron_mdm.config import ParallelConfig
+from megatron_mdm.config import ParallelConfig, virtual_pipeline_size
 
 log = logging.getLogger(__name__)
 
@@ -164,13 +164,6 @@ def init_parallel_state(parallel: ParallelConfig, num_layers: Optional[int] = No
         context_parallel_size=parallel.context_parallel_size,
         distributed_timeout_minutes=parallel.distributed_timeout_minutes,
     )
-
-
-def virtual_pipeline_size(parallel: ParallelConfig, num_layers: int) -> Optional[int]:
-    """Model chunks per pipeline rank (interleaved schedule), or None."""
-    if parallel.num_layers_per_virtual_pipeline_stage is None:
-        return None
-    return num_layers // parallel.pipeline_model_parallel_size // parallel.num_layers_per_virtual_pipeline_stage
 
 
 def set_seed(seed: int) -> None:

@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     try:
         cfg = from_args(args)
         cfg.validate()
-        from megatron_mdm.training import TrainingError, pretrain
+        from megatron_mdm.training import pretrain
 
         result = pretrain(cfg)
     except ConfigError as e:
