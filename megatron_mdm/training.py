@@ -375,6 +375,7 @@ class Trainer:
         self._train_iter = iter(self.train_loader)
         stop = _StopSignal()
         start_iter = self.state.iteration
+        self.writer.start(start_iter)  # drops the records of the steps this run redoes
         t_start = time.perf_counter()
         interval_losses: list[float] = []
         result: dict[str, Any] = {"losses": [], "val": []}
