@@ -427,23 +427,70 @@ def _flat_get(d: dict, key: str) -> Any:
 
 # ---- validation ----------------------------------------------------------------------------------
 
+# The allowed range of every numeric field, as an interval ("[1, inf)": integers from 1; "(0, 1)": open).
+# A None value of an Optional field means "not set" and is not checked; floats must also be finite.
+# tests/test_config.py checks that every int/float field of the schema is listed here.
+RANGES: dict[str, str] = {
+    # model
+    "num_layers": "[1, inf)", "hidden_size": "[1, inf)", "num_attention_heads": "[1, inf)",
+    "num_query_groups": "[1, inf)", "ffn_hidden_size": "[1, inf)", "vocab_size": "[1, inf)",
+    "make_vocab_size_divisible_by": "[1, inf)", "rotary_base": "[1, inf)", "norm_epsilon": "(0, inf)",
+    "init_method_std": "(0, inf)", "fp8_amax_history_len": "[1, inf)", "recompute_num_layers": "[1, inf)",
+    # objective
+    "eps": "(0, 1)", "random_length_prob": "[0, 1]",
+    # data
+    "seq_length": "[2, inf)", "num_workers": "[0, inf)", "shuffle_buffer": "[1, inf)",
+    # parallel
+    "tensor_model_parallel_size": "[1, inf)", "pipeline_model_parallel_size": "[1, inf)",
+    "num_layers_per_virtual_pipeline_stage": "[1, inf)", "context_parallel_size": "[1, inf)",
+    "distributed_timeout_minutes": "[1, inf)",
+    # optim
+    "micro_batch_size": "[1, inf)", "global_batch_size": "[1, inf)", "train_iters": "[1, inf)",
+    "train_tokens": "[1, inf)", "lr": "(0, inf)", "min_lr": "[0, inf)", "lr_warmup_iters": "[0, inf)",
+    "lr_decay_iters": "[1, inf)", "lr_wsd_decay_iters": "[1, inf)", "weight_decay": "[0, inf)",
+    "adam_beta1": "[0, 1)", "adam_beta2": "[0, 1)", "adam_eps": "(0, inf)", "clip_grad": "[0, inf)",
+    "max_consecutive_nan_steps": "[1, inf)",
+    # checkpoint
+    "save_interval": "[1, inf)", "keep_last": "[0, inf)", "ckpt_iteration": "[0, inf)",
+    # logging
+    "log_interval": "[1, inf)", "eval_interval": "[1, inf)", "eval_iters": "[0, inf)",
+    "seed": "[0, 4294967295]", "peak_tflops": "(0, inf)",
+}
+
+
+def _range_error(value: Any, interval: str) -> Optional[str]:
+    """Why ``value`` is outside ``interval`` ("[lo, hi)" notation), or None when it is inside."""
+    lo_s, hi_s = (x.strip() for x in interval[1:-1].split(","))
+    lo, hi = float(lo_s), float(hi_s)
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"must be a finite number, got {value}"
+    low_ok = value >= lo if interval[0] == "[" else value > lo
+    high_ok = value <= hi if interval[-1] == "]" else value < hi
+    if low_ok and high_ok:
+        return None
+    if hi == math.inf:
+        return f"must be {'>=' if interval[0] == '[' else '>'} {lo_s}, got {value}"
+    return f"must be in {interval}, got {value}"
+
+
+def _check_ranges(cfg: Config) -> None:
+    for name, interval in RANGES.items():
+        sec, _ = FIELDS[name]
+        value = getattr(getattr(cfg, sec), name)
+        if value is not None:
+            err = _range_error(value, interval)
+            _check(err is None, name, err or "")
+
 
 def validate(cfg: Config, world_size: Optional[int] = None) -> None:
-    m, o, p, opt, ck, lg = cfg.model, cfg.objective, cfg.parallel, cfg.optim, cfg.checkpoint, cfg.logging
-    for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size"):
-        _check(getattr(m, name) > 0, name, "must be positive")
+    m, p, opt, ck, lg = cfg.model, cfg.parallel, cfg.optim, cfg.checkpoint, cfg.logging
+    _check_ranges(cfg)
     _check(m.hidden_size % m.num_attention_heads == 0, "hidden_size",
            f"{m.hidden_size} is not divisible by --num-attention-heads {m.num_attention_heads}")
     groups = m.num_query_groups or m.num_attention_heads
     _check(m.num_attention_heads % groups == 0, "num_query_groups",
            f"--num-attention-heads {m.num_attention_heads} is not divisible by {groups}")
-    _check(0.0 < o.eps < 1.0, "eps", f"must be in (0, 1), got {o.eps}")
-    _check(0.0 <= o.random_length_prob <= 1.0, "random_length_prob", "must be in [0, 1]")
-    _check(cfg.data.seq_length >= 2, "seq_length", "must be at least 2")
     tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
-    for name, v in (("tensor_model_parallel_size", tp), ("pipeline_model_parallel_size", pp),
-                    ("context_parallel_size", cp)):
-        _check(v >= 1, name, "must be >= 1")
     _check(m.num_attention_heads % tp == 0, "tensor_model_parallel_size",
            f"--num-attention-heads {m.num_attention_heads} is not divisible by TP={tp}")
     _check(groups % tp == 0, "tensor_model_parallel_size",
@@ -455,7 +502,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     if p.num_layers_per_virtual_pipeline_stage is not None:
         vl = p.num_layers_per_virtual_pipeline_stage
         _check(pp > 1, "num_layers_per_virtual_pipeline_stage", "needs --pipeline-model-parallel-size > 1")
-        _check(vl > 0 and (m.num_layers // pp) % vl == 0, "num_layers_per_virtual_pipeline_stage",
+        _check((m.num_layers // pp) % vl == 0, "num_layers_per_virtual_pipeline_stage",
                f"layers per pipeline stage ({m.num_layers // pp}) is not divisible by {vl}")
     if p.sequence_parallel:
         _check(tp > 1, "sequence_parallel", "needs --tensor-model-parallel-size > 1")
@@ -467,27 +514,36 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
                "FP8 needs the Transformer Engine spec (--transformer-impl transformer_engine or auto on GPU)")
         _check(not (m.first_last_layers_bf16 and m.fp8_recipe == "delayed"), "first_last_layers_bf16",
                "is not supported with --fp8-recipe delayed; use tensorwise or blockwise")
-    _check(opt.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
     _check(opt.global_batch_size >= opt.micro_batch_size, "global_batch_size",
            f"{opt.global_batch_size} is smaller than --micro-batch-size {opt.micro_batch_size}")
-    _check(opt.lr > 0 and opt.min_lr >= 0 and opt.min_lr <= opt.lr, "min_lr",
-           f"need 0 <= --min-lr ({opt.min_lr}) <= --lr ({opt.lr}) and --lr > 0")
+    _check(opt.min_lr <= opt.lr, "min_lr", f"{opt.min_lr} is larger than --lr {opt.lr}")
     _check(not (opt.train_iters is not None and opt.train_tokens is not None), "train_tokens",
            "give either --train-iters or --train-tokens, not both")
-    _check(opt.clip_grad >= 0, "clip_grad", "must be >= 0")
-    _check(ck.keep_last >= 0, "keep_last", "must be >= 0")
-    _check(lg.log_interval >= 1, "log_interval", "must be >= 1")
     if ck.save_interval is not None:
-        _check(ck.save_interval >= 1, "save_interval", "must be >= 1")
         _check(ck.save is not None, "save_interval", "needs --save")
+    if lg.eval_interval is not None:
+        _check(lg.eval_iters >= 1, "eval_iters",
+               f"is {lg.eval_iters} with --eval-interval {lg.eval_interval}: validation needs at least one "
+               "micro-batch (leave out --eval-interval to train without validation)")
     if world_size is not None:
+        _check_world_size(tp, pp, cp, world_size)
         model_parallel = tp * pp * cp
-        _check(world_size % model_parallel == 0, "tensor_model_parallel_size",
-               f"world size {world_size} is not divisible by TP x PP x CP = {model_parallel}")
         dp = world_size // model_parallel
         _check(opt.global_batch_size % (opt.micro_batch_size * dp) == 0, "global_batch_size",
                f"{opt.global_batch_size} is not divisible by --micro-batch-size x DP = "
                f"{opt.micro_batch_size} x {dp}")
+
+
+def _check_world_size(tp: int, pp: int, cp: int, world_size: int) -> None:
+    """The launched processes must hold whole TP x PP x CP model replicas."""
+    sizes = (("tensor_model_parallel_size", "TP", tp), ("pipeline_model_parallel_size", "PP", pp),
+             ("context_parallel_size", "CP", cp))
+    for name, short, v in sizes:
+        _check(v <= world_size, name, f"{short}={v} is larger than the world size {world_size} "
+               "(the number of processes the launcher started)")
+    first = next((name for name, _, v in sizes if v > 1), "tensor_model_parallel_size")
+    _check(world_size % (tp * pp * cp) == 0, first,
+           f"world size {world_size} is not divisible by TP x PP x CP = {tp} x {pp} x {cp} = {tp * pp * cp}")
 
 
 def virtual_pipeline_size(parallel: ParallelConfig, num_layers: int) -> Optional[int]:

@@ -461,10 +461,12 @@ def pretrain(cfg: Config, train_loader=None, valid_loader=None) -> dict:
 
     Loaders may be given (tests); otherwise they are built from ``cfg.data``.
     """
+    world = (torch.distributed.get_world_size() if torch.distributed.is_initialized()
+             else runtime.detect_launch_env().world_size)
+    cfg.validate(world_size=world)  # before Megatron sees the layout: errors name our flags
+    num_train_iters(cfg)
     launch = runtime.init_distributed(cfg.parallel, cfg.model.num_layers)
     try:
-        cfg.validate(world_size=launch.world_size)
-        num_train_iters(cfg)
         from megatron_mdm.data_setup import build_data  # noqa: PLC0415 - imports the data stack
 
         tokenizer, train_loader, valid_loader = build_data(cfg, train_loader, valid_loader)
