@@ -142,7 +142,7 @@ def _model_card(cfg: Config, mdm: bool, special: dict, vocab_size: int, source: 
             else "AutoModelForCausalLM.from_pretrained(path)")
     sample = (
         "Sample by reverse diffusion from a prompt followed by mask tokens:\n\n"
-        "```bash\nmdm-generate --hf PATH --prompt \"Once upon a time\" --gen-length 64 --steps 64\n```\n\n"
+        "```bash\nmdm-generate --model PATH --prompt \"Once upon a time\" --gen-length 64 --steps 64\n```\n\n"
         "or in Python with `megatron_mdm.sampling.generate(logits_fn, ...)`, where `logits_fn(input_ids)` returns\n"
         "`model(input_ids).logits`. Plain left-to-right `model.generate()` does not apply to this model."
         if mdm else "Sample with `model.generate(...)` as for any causal language model.")
@@ -164,7 +164,7 @@ Converted from the Megatron checkpoint `{source}` by `mdm-convert to-hf`.
 
 ```python
 from transformers import AutoTokenizer, {'AutoModelForMaskedLM' if mdm else 'AutoModelForCausalLM'}
-tokenizer = AutoTokenizer.from_pretrained(path)
+tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)  # tokenizer.json, no custom code
 model = {load}
 logits = model(input_ids).logits  # [batch, seq, vocab]
 ```

@@ -7,6 +7,10 @@ logits keep Megatron's vocabulary padding; callers slice ``[..., :vocab_size]``.
 ``load_megatron_for_inference(load_dir)`` starts a world-size-1 gloo group when none exists, builds
 the model at TP1/PP1 from the checkpoint's config, loads the weights (from any saved TP/PP layout)
 and returns ``(logits_fn, cfg, tokenizer_or_None)``.
+
+Security: a Megatron checkpoint is read with torch's distributed-checkpoint reader, which unpickles its
+``.metadata`` file; unpickling runs code, so load checkpoints from trusted sources only (an exported
+safetensors directory is the safe form to share).
 """
 
 from __future__ import annotations

@@ -25,6 +25,8 @@ PAD_TOKEN = "<|pad|>"
 BOS_TOKEN = "<|bos|>"
 EOS_TOKEN = "<|eos|>"
 SPECIAL_TOKENS = [MASK_TOKEN, PAD_TOKEN, BOS_TOKEN, EOS_TOKEN]
+# tokenizer_config.json classes that are tokenizer.json and nothing else (transformers 4 and 5 names)
+_PLAIN_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")
 
 
 def padded_vocab_size(vocab_size: int, make_vocab_size_divisible_by: int, tensor_model_parallel_size: int) -> int:
@@ -68,7 +70,16 @@ class MDMTokenizer:
             hf = PreTrainedTokenizerFast(tokenizer_file=str(p))
         elif p.is_dir():
             if (p / "tokenizer_config.json").is_file():
-                hf = AutoTokenizer.from_pretrained(str(p), use_fast=True)
+                tok_cfg = json.loads((p / "tokenizer_config.json").read_text(encoding="utf-8"))
+                if tok_cfg.get("auto_map"):
+                    raise ValueError(f"{p}: the tokenizer asks for its own Python code (auto_map in "
+                                     "tokenizer_config.json); only tokenizer.json tokenizers are supported")
+                if tok_cfg.get("tokenizer_class") in _PLAIN_CLASSES and (p / "tokenizer.json").is_file():
+                    # the class itself: AutoTokenizer would read config.json first, and an exported MDM's
+                    # auto_map there makes transformers ask "run the custom code? [y/N]" on stdin
+                    hf = PreTrainedTokenizerFast.from_pretrained(str(p))
+                else:
+                    hf = AutoTokenizer.from_pretrained(str(p), use_fast=True, trust_remote_code=False)
             elif (p / "tokenizer.json").is_file():
                 hf = PreTrainedTokenizerFast(tokenizer_file=str(p / "tokenizer.json"))
             else:
