@@ -382,12 +382,10 @@ class Trainer:
         interval_losses: list[float] = []
         result: dict[str, Any] = {"losses": [], "val": []}
         if self.rank == 0:
-            log.info("training %s: iterations %d -> %d, %d micro-batches/step, world %d "
-                     "(TP %d, PP %d, CP %d, DP %d)",
+            log.info("training %s: iterations %d -> %d, %d micro-batches/step, world %d (TP %d, PP %d, DP %d)",
                      cfg.objective.objective, start_iter, self.train_iters, self.num_microbatches,
                      self.world_size, cfg.parallel.tensor_model_parallel_size,
-                     cfg.parallel.pipeline_model_parallel_size, cfg.parallel.context_parallel_size,
-                     self.dp_size)
+                     cfg.parallel.pipeline_model_parallel_size, self.dp_size)
         try:
             if lg.eval_interval and self.state.iteration == 0:
                 self._validate(result)  # the untrained baseline, so that runs show the fall
