@@ -125,7 +125,11 @@ class ParallelConfig:
     num_layers_per_virtual_pipeline_stage: Optional[int] = None
     """Layers per virtual pipeline stage (interleaved 1F1B); None disables interleaving."""
     context_parallel_size: int = 1
-    """Context-parallel size (Transformer Engine spec only)."""
+    """Context-parallel size: each rank holds 2 of 2 x CP sequence chunks (--seq-length divisible by
+    2 x CP). Local spec: all-gather of K/V over the CP group; TE spec: TE's CP (--cp-comm-type)."""
+    cp_comm_type: Literal["p2p", "a2a", "all_gather"] = "p2p"
+    """Transformer Engine spec only: TE's context-parallel communication (Megatron-LM's default p2p);
+    the local spec always all-gathers K and V."""
     sequence_parallel: bool = False
     """Sequence parallelism with TP (needs Transformer Engine norms)."""
     use_distributed_optimizer: bool = False
@@ -507,8 +511,9 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     if p.sequence_parallel:
         _check(tp > 1, "sequence_parallel", "needs --tensor-model-parallel-size > 1")
     if cp > 1:
-        _check(cfg.data.seq_length % (2 * cp) == 0, "context_parallel_size",
-               f"--seq-length {cfg.data.seq_length} is not divisible by 2 x CP = {2 * cp}")
+        _check(cfg.data.seq_length % (2 * cp) == 0, "seq_length",
+               f"{cfg.data.seq_length} is not divisible by 2 x --context-parallel-size = {2 * cp} "
+               "(each CP rank holds 2 of 2 x CP equal chunks)")
     if m.fp8_format is not None:
         _check(m.transformer_impl != "local", "fp8_format",
                "FP8 needs the Transformer Engine spec (--transformer-impl transformer_engine or auto on GPU)")

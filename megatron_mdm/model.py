@@ -115,6 +115,8 @@ def transformer_config(cfg: Config, use_te: bool | None = None) -> TransformerCo
     )
     if use_te:
         kwargs["attention_backend"] = _attention_backend(m.attention_backend)
+        # TE's own context parallelism; the local spec (SDPAttention) always all-gathers K/V
+        kwargs["cp_comm_type"] = p.cp_comm_type
     if m.fp8_format is not None:
         if not use_te:
             raise ConfigError("--fp8-format: FP8 needs the Transformer Engine spec")

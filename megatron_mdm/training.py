@@ -137,8 +137,11 @@ def forward_step(objective, data_iterator, model):
     b, s = batch.inputs.shape
     position_ids = torch.arange(s, device=batch.inputs.device).unsqueeze(0).expand(b, -1)
     if ps.get_context_parallel_world_size() > 1:
-        # each CP rank keeps 2 of 2*CP sequence chunks (load-balanced); the normaliser becomes the
-        # count of this rank's chunks, and finalize_model_grads sums counts over DP x CP
+        # each CP rank keeps 2 of 2*CP sequence chunks (TE's split, also used by SDPAttention's K/V
+        # all-gather and by RotaryEmbedding's positions); the normaliser becomes the count of this
+        # rank's chunks, and finalize_model_grads sums loss gradients and counts over DP x CP, so the
+        # step equals the CP=1 step. position_ids are sliced for completeness: GPTModel's RoPE derives
+        # positions from the CP rank itself.
         parts = get_batch_on_this_cp_rank({
             "inputs": batch.inputs, "labels": batch.labels, "weights": batch.weights,
             "count_mask": batch.count_mask, "position_ids": position_ids})
