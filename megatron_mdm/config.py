@@ -79,6 +79,34 @@ class ModelConfig:
     """How full recomputation groups layers."""
     recompute_num_layers: int = 1
     """Layers per recomputation group (full recomputation)."""
+    architecture: Literal["llama", "bert"] = "llama"
+    """Layer family: llama (pre-RMSNorm decoder stack with RoPE and SwiGLU: Llama, Mistral, Qwen2) or bert
+    (post-LayerNorm encoder with learned absolute positions, token types, GELU MLP with biases and the MLM
+    head tied to the embeddings: BERT, RoBERTa, XLM-R, for diffusive adaptation of masked LMs, Ye et al. 2023)."""
+    hf_model_type: Optional[str] = None
+    """Hugging Face model_type the weights were imported from (set by mdm-convert from-hf); mdm-convert to-hf
+    writes that family back. None: a model trained here (exported as Llama)."""
+    add_qkv_bias: bool = False
+    """Biases on the query, key and value projections only (Qwen2)."""
+    rope_scaling: Optional[Literal["llama3"]] = None
+    """RoPE frequency scaling: None, or llama3 (Llama 3.1+: wavelengths above original/low-freq-factor are
+    divided by --rope-scaling-factor, those below original/high-freq-factor kept, a smooth ramp between)."""
+    rope_scaling_factor: float = 8.0
+    """llama3 RoPE scaling: the factor long wavelengths are divided by."""
+    rope_low_freq_factor: float = 1.0
+    """llama3 RoPE scaling: low_freq_factor."""
+    rope_high_freq_factor: float = 4.0
+    """llama3 RoPE scaling: high_freq_factor."""
+    rope_original_max_position_embeddings: int = 8192
+    """llama3 RoPE scaling: the context length the model was pretrained with before scaling."""
+    max_position_embeddings: Optional[int] = None
+    """Rows of the learned position table (--architecture bert); for RoPE models only recorded for export.
+    None means --seq-length."""
+    num_tokentypes: int = 0
+    """Token-type (segment) embeddings of an encoder (BERT's type_vocab_size); inputs always use type 0."""
+    position_padding_idx: Optional[int] = None
+    """RoBERTa/XLM-R position ids: non-pad tokens are numbered from this id + 1 and pad tokens get this id
+    (the pad token id); None numbers positions 0..s-1."""
 
 
 @dataclass
@@ -92,6 +120,14 @@ class ObjectiveConfig:
     (stratified over the micro-batch, as in MDLM)."""
     random_length_prob: float = 0.01
     """Fraction of sequences cut to a uniformly random length (the SMDM/LLaDA variable-length trick)."""
+    shift_logits: bool = False
+    """Shifted prediction, for starts from an autoregressive model: the output at position i predicts token
+    i + 1, which keeps the AR head aligned (Dream, Ye et al. 2025; DiffuLLaMA, Gong et al. 2025). Position 0
+    is never masked, so decoding needs a prompt of at least one token."""
+    attention_anneal_iters: int = 0
+    """Anneal the attention mask from causal to bidirectional over this many steps (DiffuLLaMA, Gong et al.
+    2025): at step k each non-causal query/key pair attends with probability min(1, k / N), one draw per
+    micro-batch shared by all layers and heads; 0 disables it (bidirectional from the start)."""
 
 
 @dataclass
@@ -437,6 +473,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     groups = m.num_query_groups or m.num_attention_heads
     _check(m.num_attention_heads % groups == 0, "num_query_groups",
            f"--num-attention-heads {m.num_attention_heads} is not divisible by {groups}")
+    _validate_architecture(cfg)
     _check(0.0 < o.eps < 1.0, "eps", f"must be in (0, 1), got {o.eps}")
     _check(0.0 <= o.random_length_prob <= 1.0, "random_length_prob", "must be in [0, 1]")
     _check(cfg.data.seq_length >= 2, "seq_length", "must be at least 2")
@@ -488,6 +525,40 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         _check(opt.global_batch_size % (opt.micro_batch_size * dp) == 0, "global_batch_size",
                f"{opt.global_batch_size} is not divisible by --micro-batch-size x DP = "
                f"{opt.micro_batch_size} x {dp}")
+
+
+def _validate_architecture(cfg: Config) -> None:
+    """Family-specific options: each only where it applies, with the flag named."""
+    m, o = cfg.model, cfg.objective
+    if m.architecture == "bert":
+        _check(m.rope_scaling is None, "rope_scaling", "needs --architecture llama (bert has learned positions)")
+        _check(not m.add_qkv_bias, "add_qkv_bias", "needs --architecture llama (bert has biases everywhere)")
+        _check(m.num_query_groups in (None, m.num_attention_heads), "num_query_groups",
+               "--architecture bert has multi-head attention (no query groups)")
+        _check(m.fp8_format is None, "fp8_format", "--architecture bert runs on the local spec (no FP8)")
+        rows = m.max_position_embeddings or cfg.data.seq_length
+        offset = 0 if m.position_padding_idx is None else m.position_padding_idx + 1
+        _check(cfg.data.seq_length + offset <= rows, "seq_length",
+               f"{cfg.data.seq_length} positions (+ offset {offset}) do not fit --max-position-embeddings {rows}")
+        _check(not o.shift_logits and o.attention_anneal_iters == 0,
+               "shift_logits" if o.shift_logits else "attention_anneal_iters",
+               "is for starts from autoregressive models (--architecture llama)")
+    else:
+        _check(m.position_padding_idx is None, "position_padding_idx", "needs --architecture bert")
+        _check(m.num_tokentypes == 0, "num_tokentypes", "needs --architecture bert")
+    if m.rope_scaling is not None:
+        _check(m.rope_scaling_factor >= 1.0, "rope_scaling_factor", "must be >= 1")
+        _check(0 < m.rope_low_freq_factor < m.rope_high_freq_factor, "rope_high_freq_factor",
+               "need 0 < --rope-low-freq-factor < --rope-high-freq-factor")
+        _check(m.rope_original_max_position_embeddings > 0, "rope_original_max_position_embeddings", "must be > 0")
+    _check(o.attention_anneal_iters >= 0, "attention_anneal_iters", "must be >= 0")
+    for name, on in (("shift_logits", o.shift_logits), ("attention_anneal_iters", o.attention_anneal_iters > 0)):
+        if on:
+            _check(o.objective == "mdm", name, "needs --objective mdm")
+    if o.attention_anneal_iters > 0:
+        _check(cfg.parallel.context_parallel_size == 1, "attention_anneal_iters",
+               "is not supported with context parallelism")
+        _check(m.fp8_format is None, "attention_anneal_iters", "needs an arbitrary attention mask (no FP8)")
 
 
 def virtual_pipeline_size(parallel: ParallelConfig, num_layers: int) -> Optional[int]:

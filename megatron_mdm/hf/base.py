@@ -24,7 +24,7 @@ import torch
 from megatron_mdm.config import Config
 
 HfNames = str | tuple[str, ...]
-MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.")
+MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.", "lm_head.")
 
 
 class ConversionError(ValueError):

@@ -110,15 +110,31 @@ def hf_shapes(cfg: Config, vocab_size: int) -> dict[str, tuple]:
 # ---- configs -----------------------------------------------------------------------------------
 
 LLAMA_LIKE = ("llama", "mistral", "mdm_llama")
+ARM_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
+def _rope_parameters(cfg: Config) -> dict:
+    m = cfg.model
+    rope = {"rope_type": "default", "rope_theta": float(m.rotary_base)}
+    if m.rope_scaling == "llama3":
+        rope.update(rope_type="llama3", factor=m.rope_scaling_factor, low_freq_factor=m.rope_low_freq_factor,
+                    high_freq_factor=m.rope_high_freq_factor,
+                    original_max_position_embeddings=m.rope_original_max_position_embeddings)
+    return rope
 
 
 def hf_config_dict(cfg: Config, vocab_size: int, dtype: torch.dtype, mdm: bool,
                    special: dict[str, int | None]) -> dict:
-    """The ``config.json`` of an exported model (``LlamaForCausalLM`` or our ``MDMForMaskedLM``)."""
+    """The ``config.json`` of an export: the causal class of the source family (ARM) or our ``MDMForMaskedLM``.
+
+    An MDM carries ``qkv_bias`` (Qwen2's q/k/v biases) and ``shift_logits`` for ``MDMForMaskedLM``.
+    """
     m = cfg.model
+    source = m.hf_model_type if m.hf_model_type in ARM_CLASSES else "llama"
+    rope = _rope_parameters(cfg)
     d = {
-        "architectures": ["MDMForMaskedLM"] if mdm else ["LlamaForCausalLM"],
-        "model_type": "mdm_llama" if mdm else "llama",
+        "architectures": ["MDMForMaskedLM"] if mdm else [ARM_CLASSES[source]],
+        "model_type": "mdm_llama" if mdm else source,
         "vocab_size": vocab_size,
         "hidden_size": m.hidden_size,
         "intermediate_size": m.ffn_hidden_size,
@@ -127,11 +143,11 @@ def hf_config_dict(cfg: Config, vocab_size: int, dtype: torch.dtype, mdm: bool,
         "num_key_value_heads": m.num_query_groups or m.num_attention_heads,
         "head_dim": m.hidden_size // m.num_attention_heads,
         "hidden_act": "silu",
-        "max_position_embeddings": cfg.data.seq_length,
+        "max_position_embeddings": m.max_position_embeddings or cfg.data.seq_length,
         "rms_norm_eps": m.norm_epsilon,
         "rope_theta": float(m.rotary_base),
-        "rope_parameters": {"rope_type": "default", "rope_theta": float(m.rotary_base)},
-        "rope_scaling": None,
+        "rope_parameters": rope,
+        "rope_scaling": None if rope["rope_type"] == "default" else rope,
         "attention_bias": False,
         "attention_dropout": 0.0,
         "mlp_bias": False,
@@ -143,8 +159,13 @@ def hf_config_dict(cfg: Config, vocab_size: int, dtype: torch.dtype, mdm: bool,
         "eos_token_id": special.get("eos"),
         "pad_token_id": special.get("pad"),
     }
+    if source in ("mistral", "qwen2"):
+        d.update(sliding_window=None, use_sliding_window=False)  # Megatron attended to the whole sequence
     if mdm:
         d["mask_token_id"] = special.get("mask")
+        d["qkv_bias"] = m.add_qkv_bias
+        d["shift_logits"] = cfg.objective.shift_logits
+        d["source_model_type"] = m.hf_model_type
         d["auto_map"] = {
             "AutoConfig": "configuration_mdm.MDMConfig",
             "AutoModel": "modeling_mdm.MDMModel",
@@ -153,28 +174,32 @@ def hf_config_dict(cfg: Config, vocab_size: int, dtype: torch.dtype, mdm: bool,
     return d
 
 
-def config_from_hf(hf: dict) -> Config:
-    """A Megatron ``Config`` from an HF ``config.json`` dict; ConversionError when it is not Llama-shaped."""
+def decoder_config_from_hf(hf: dict, qkv_bias: bool) -> Config:
+    """A Megatron ``Config`` from a Llama/Mistral/Qwen2 (or our MDM) ``config.json``; ConversionError if unfit.
+
+    Args:
+        hf: the ``config.json`` dict.
+        qkv_bias: the family has biases on q/k/v (Qwen2); other biases are refused.
+    """
     mt = hf.get("model_type")
-    if mt not in LLAMA_LIKE:
-        raise ConversionError(f"the Hugging Face model is {mt!r}, not Llama-shaped (supported: {list(LLAMA_LIKE)})")
     if hf.get("attention_bias") or hf.get("mlp_bias"):
-        raise ConversionError("the Hugging Face model has attention/MLP biases; the Megatron model has none")
+        raise ConversionError("the Hugging Face model has attention-output/MLP biases; the Megatron model has none")
     if hf.get("hidden_act", "silu") != "silu":
         raise ConversionError(f"hidden_act {hf.get('hidden_act')!r} is not SwiGLU (silu)")
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise ConversionError(f"RoPE scaling {rope.get('rope_type') or rope.get('type')!r} is not supported "
-                              "by the Megatron model (plain RoPE only)")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "llama3"):
+        raise ConversionError(f"RoPE scaling {rope_type!r} is not supported (supported: default, llama3)")
     heads = hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
     if head_dim * heads != hf["hidden_size"]:
         raise ConversionError(f"head_dim {head_dim} x {heads} heads != hidden_size {hf['hidden_size']}")
-    if hf.get("sliding_window"):
-        log.warning("the model uses a sliding attention window of %s; Megatron attends to the whole sequence",
-                    hf["sliding_window"])
+    window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
+    if window:
+        log.warning("the model uses a sliding attention window of %s; Megatron attends to the whole sequence", window)
     cfg = Config()
     m = cfg.model
+    m.hf_model_type = (hf.get("source_model_type") or "llama") if mt == "mdm_llama" else mt
     m.num_layers = hf["num_hidden_layers"]
     m.hidden_size = hf["hidden_size"]
     m.num_attention_heads = heads
@@ -183,12 +208,29 @@ def config_from_hf(hf: dict) -> Config:
     m.ffn_hidden_size = hf["intermediate_size"]
     m.vocab_size = hf["vocab_size"]
     m.rotary_base = int(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    if rope_type == "llama3":
+        m.rope_scaling = "llama3"
+        m.rope_scaling_factor = float(rope["factor"])
+        m.rope_low_freq_factor = float(rope.get("low_freq_factor", 1.0))
+        m.rope_high_freq_factor = float(rope.get("high_freq_factor", 4.0))
+        m.rope_original_max_position_embeddings = int(rope.get("original_max_position_embeddings", 8192))
+    m.add_qkv_bias = qkv_bias
     m.norm_epsilon = float(hf.get("rms_norm_eps", 1e-5))
     m.init_method_std = float(hf.get("initializer_range", 0.02))
     m.untie_embeddings_and_output_weights = not hf.get("tie_word_embeddings", False)
-    cfg.data.seq_length = int(hf.get("max_position_embeddings", cfg.data.seq_length))
+    m.max_position_embeddings = int(hf.get("max_position_embeddings", cfg.data.seq_length))
+    cfg.data.seq_length = m.max_position_embeddings
     cfg.objective.objective = "mdm" if mt == "mdm_llama" else "arm"
+    cfg.objective.shift_logits = bool(hf.get("shift_logits", False))
     return cfg
+
+
+def config_from_hf(hf: dict) -> Config:
+    """A Megatron ``Config`` from a Llama or Mistral ``config.json`` (no biases)."""
+    if hf.get("model_type") not in LLAMA_LIKE:
+        raise ConversionError(f"the Hugging Face model is {hf.get('model_type')!r}, not Llama-shaped "
+                              f"(supported: {list(LLAMA_LIKE)})")
+    return decoder_config_from_hf(hf, qkv_bias=False)
 
 
 LLAMA = Family(
