@@ -7,7 +7,9 @@ and stays linear in memory. It is used for the local spec on CPU and on GPUs wit
 Engine; the TE spec keeps ``TEDotProductAttention``.
 
 The attention mask type comes from the layer spec: ``no_mask`` (MDM, bidirectional) or ``causal``
-(ARM baseline). Padding masks are honoured when given as Megatron's boolean mask (True = masked out).
+(ARM baseline). Padding and ``arbitrary`` masks (the causal-to-bidirectional annealing of an adapted AR
+model) are honoured when given as Megatron's boolean mask (True = masked out); ``arbitrary`` without a mask
+is bidirectional.
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ class SDPAttention(MegatronModule):
             k = k.repeat_interleave(nq // nkv, dim=1)
             v = v.repeat_interleave(nq // nkv, dim=1)
         mask = None
-        if mask_type == AttnMaskType.padding and attention_mask is not None:
+        if mask_type in (AttnMaskType.padding, AttnMaskType.arbitrary) and attention_mask is not None:
             mask = ~attention_mask.bool()  # Megatron: True = masked out; SDPA: True = attend
         if attention_bias is not None:
             mask = attention_bias if mask is None else attention_bias.masked_fill(~mask, float("-inf"))

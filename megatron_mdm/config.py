@@ -434,10 +434,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def from_args(args: argparse.Namespace, presets: Optional[dict] = None) -> Config:
-    """Build the resolved Config: defaults < preset < YAML < flags."""
+    """Build the resolved Config: defaults < preset < checkpoint architecture < YAML < flags.
+
+    With ``--load``, the architecture fields of the checkpoint's saved config fill every model field that
+    no preset, YAML or flag set; one that is set to another value is a ConfigError naming its flag (the
+    weights would not fit). See :func:`apply_checkpoint_architecture`.
+    """
     cfg = Config()
     overrides = {k: v for k, v in vars(args).items() if k in FIELDS and v is not None}
     yaml_dict = load_yaml(args.config) if getattr(args, "config", None) else {}
+    explicit: dict[str, str] = {}  # model field -> where it was set
     preset = overrides.get("preset") or _flat_get(yaml_dict, "preset")
     if preset:
         if presets is None:
@@ -446,10 +452,90 @@ def from_args(args: argparse.Namespace, presets: Optional[dict] = None) -> Confi
             raise ConfigError(f"--preset: unknown preset {preset!r}; choose from {sorted(presets)}")
         apply_dict(cfg, presets[preset], f"preset {preset}")
         cfg.model.preset = preset
+        explicit.update({k: f"--preset {preset}" for k in _flat_keys(presets[preset])})
     apply_dict(cfg, yaml_dict, str(getattr(args, "config", "config")))
+    explicit.update({k: f"--config {args.config}" for k in _flat_keys(yaml_dict)})
     for k, v in overrides.items():
         set_field(cfg, k, v)
+    explicit.update({k: "the command line" for k in overrides})
+    if cfg.checkpoint.load:
+        saved = checkpoint_config(cfg.checkpoint.load, cfg.checkpoint.ckpt_iteration)
+        if saved is not None:
+            apply_checkpoint_architecture(cfg, saved.get("model", {}), explicit, cfg.checkpoint.load)
     return cfg
+
+
+ARCHITECTURE_FREE = ("preset", "transformer_impl", "attention_backend", "fp8_format", "fp8_recipe",
+                     "fp8_amax_history_len", "first_last_layers_bf16", "recompute_granularity", "recompute_method",
+                     "recompute_num_layers", "init_method_std")
+"""Model fields that do not change the weights' shapes or meaning: free to differ from a checkpoint's."""
+
+
+def architecture_fields() -> list[str]:
+    """The model fields a checkpoint fixes (every ``ModelConfig`` field but ``ARCHITECTURE_FREE``)."""
+    return [f.name for f in dataclasses.fields(ModelConfig) if f.name not in ARCHITECTURE_FREE]
+
+
+def _flat_keys(d: dict) -> list[str]:
+    keys = []
+    for k, v in d.items():
+        if k in SECTIONS and isinstance(v, dict):
+            keys.extend(v)
+        else:
+            keys.append(k.replace("-", "_"))
+    return keys
+
+
+def checkpoint_config(load: str | Path, iteration: Optional[int] = None) -> Optional[dict]:
+    """The config saved with a checkpoint (``config.yaml`` of its ``iter_*`` directory), or None when absent.
+
+    ``load`` is a run directory (the marker file names the newest complete iteration) or an ``iter_*``
+    directory. A missing checkpoint returns None: the loader reports it later, naming ``--load``.
+    """
+    root = Path(load)
+    if iteration is None and (root / "metadata.json").is_file():
+        path = root
+    else:
+        if iteration is None:
+            marker = root / "latest_checkpointed_iteration.txt"
+            text = marker.read_text().strip() if marker.is_file() else ""
+            if not text.isdigit():
+                return None
+            iteration = int(text)
+        path = root / f"iter_{iteration:07d}"
+    if not (path / "config.yaml").is_file():
+        return None
+    try:
+        data = yaml.safe_load((path / "config.yaml").read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--load: {path / 'config.yaml'} is not valid YAML: {e}") from None
+    return data if isinstance(data, dict) else None
+
+
+def apply_checkpoint_architecture(cfg: Config, saved_model: dict, explicit: dict[str, str], source: str) -> None:
+    """Take the architecture from a checkpoint's saved ``model`` section; a conflicting explicit value raises.
+
+    Args:
+        cfg: the config being resolved (modified in place).
+        saved_model: the ``model`` section of the checkpoint's config.
+        explicit: model fields set by a preset, the YAML or a flag, with where (for the message).
+        source: the checkpoint, for the message.
+    Raises:
+        ConfigError: ``--flag: value (from where) differs from the checkpoint's ...``.
+    """
+    for name in architecture_fields():
+        if name not in saved_model:
+            continue
+        sec, f = FIELDS[name]
+        value = _coerce(saved_model[name], _resolved_type(sec, f), name)
+        if name in explicit:
+            mine = getattr(cfg.model, name)
+            if mine != value:
+                raise ConfigError(
+                    f"--{name.replace('_', '-')}: {mine!r} (from {explicit[name]}) differs from the checkpoint "
+                    f"{source} ({value!r}); the architecture comes from the checkpoint: drop the option")
+        else:
+            setattr(cfg.model, name, value)
 
 
 def _flat_get(d: dict, key: str) -> Any:
