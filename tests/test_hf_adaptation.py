@@ -338,3 +338,20 @@ def test_export_never_mixes_files(adapted, tmp_path, capsys):
     assert main(["to-hf", "--load", str(base / "run"), "--output", str(other), "--force"]) == 0
     assert not (other / "notes.txt").exists() and (other / "model.safetensors").is_file()
     shutil.rmtree(other)
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_annealed_training_interleaved_pipeline_matches_single_process(tmp_path):
+    """PP=2 x 2 virtual stages: the chunks without data (middle stages) get the same annealed masks."""
+    from tests.jobs import train_job
+
+    base = {"num_layers": 4, "train_iters": 3, "attention_anneal_iters": 4}
+    init = str(tmp_path / "init")
+    run_distributed(train_job, 1, dict(base, train_iters=0, save=init))
+    base.update(load=init, finetune=True)
+    ref = run_distributed(train_job, 1, base)[0]
+    vpp = run_distributed(train_job, 2, dict(base, pipeline_model_parallel_size=2,
+                                             num_layers_per_virtual_pipeline_stage=1))
+    for r in vpp:
+        torch.testing.assert_close(r["losses"], ref["losses"], rtol=1e-5, atol=1e-6)
