@@ -1,12 +1,12 @@
 """Diffusive adaptation at CPU scale: an MDM started from an ARM or a masked LM vs the same MDM from scratch.
 
-    python examples/adaptation/run.py --output runs/adaptation                  # ~25 min on 2 CPU cores
+    python examples/adaptation/run.py --output runs/adaptation                  # ~25 min on 2 idle CPU cores
     python examples/adaptation/run.py --output /tmp/ad --arm-steps 4 --mlm-steps 4 --steps 4 --eval-interval 2
 
 The same commands a user runs, one process each, on the shipped Tiny Shakespeare corpus:
 
 1. tokenizer (byte-level BPE, 2048 ids) and shards (sequence 128, 5% of documents for validation);
-2. **AR start**: pretrain an ARM (``--objective arm``, the ``quickstart`` preset) for ``--arm-steps``,
+2. **AR start**: pretrain an ARM (``--objective arm``, ``--preset``, default ``quickstart``) for ``--arm-steps``,
    export it (``mdm-convert to-hf``: a ``LlamaForCausalLM``), import it as an MDM (``mdm-convert from-hf``),
    then train the MDM ``--steps`` steps from it, plain and with ``--shift-logits --attention-anneal-iters``;
 3. **MLM start**: train a ``RobertaForMaskedLM`` of the same width with plain ``transformers`` (15% masking,
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -35,8 +36,11 @@ CORPUS = ROOT / "examples" / "data" / "tinyshakespeare.txt.zst"
 
 def sh(cmd: list[str], log: Path) -> None:
     """Run one command (this checkout on PYTHONPATH), its output to ``log``; stop with the log's tail on failure."""
+    with socket.socket() as s:  # a free rendezvous port: other jobs may hold the default 29500
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+               OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"), MASTER_PORT=str(port))
     t0 = time.perf_counter()
     print(f"$ {' '.join(str(c) for c in cmd)}", flush=True)
     with open(log, "w") as f:
@@ -134,6 +138,11 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=300, help="MDM steps of every compared run (K)")
     ap.add_argument("--anneal-iters", type=int, default=100, help="--attention-anneal-iters of the annealed run")
     ap.add_argument("--eval-interval", type=int, default=25)
+    ap.add_argument("--eval-iters", type=int, default=8, help="validation micro-batches per evaluation")
+    ap.add_argument("--preset", default="quickstart", help="model size of the Llama-stack runs (the encoder matches "
+                                                          "its layers, width and heads, with a GELU MLP of 4x width)")
+    ap.add_argument("--micro-batch-size", type=int, default=16)
+    ap.add_argument("--global-batch-size", type=int, default=32)
     ap.add_argument("--seed", type=int, default=1234)
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))  # megatron_mdm from this checkout (the RoBERTa step runs in this process)
@@ -149,10 +158,11 @@ def main(argv=None) -> int:
         sh([py, "data_prep/prepare_data.py", "--input", CORPUS, "--tokenizer", tok, "--output", shards,
             "--seq-length", "128", "--val-fraction", "0.05", "--workers", "1"], out / "logs" / "shards.log")
     # the schedule every compared MDM run shares (the ARM pretraining uses it too)
-    common = ["--tokenizer", tok, "--data-path", shards, "--seq-length", "128", "--micro-batch-size", "16",
-              "--global-batch-size", "32", "--lr", "3e-3", "--min-lr", "3e-4", "--lr-warmup-iters", "20",
+    common = ["--tokenizer", tok, "--data-path", shards, "--seq-length", "128", "--micro-batch-size",
+              str(args.micro_batch_size), "--global-batch-size", str(args.global_batch_size), "--lr", "3e-3",
+              "--min-lr", "3e-4", "--lr-warmup-iters", "20",
               "--lr-decay-style", "cosine", "--t-sampling", "antithetic", "--eval-interval", str(args.eval_interval),
-              "--eval-iters", "8", "--log-interval", "25", "--num-workers", "1", "--seed", str(args.seed)]
+              "--eval-iters", str(args.eval_iters), "--log-interval", "25", "--num-workers", "1", "--seed", str(args.seed)]
     fresh = ["--make-vocab-size-divisible-by", "64"]  # runs from a checkpoint take it (and all shapes) from it
     pretrain = [py, "pretrain/pretrain_mdm.py"]
 
@@ -164,17 +174,21 @@ def main(argv=None) -> int:
 
     # -- AR start
     if not (out / "arm" / "latest_checkpointed_iteration.txt").is_file():
-        sh(pretrain + common + fresh + ["--preset", "quickstart", "--objective", "arm", "--train-iters", str(args.arm_steps),
+        sh(pretrain + common + fresh + ["--preset", args.preset, "--objective", "arm", "--train-iters", str(args.arm_steps),
                                 "--save", out / "arm"], out / "logs" / "arm.log")
     sh(convert + ["to-hf", "--load", out / "arm", "--output", out / "arm-hf"], out / "logs" / "arm-export.log")
     sh(convert + ["from-hf", "--hf", out / "arm-hf", "--output", out / "arm-import", "--objective", "mdm"],
        out / "logs" / "arm-import.log")
-    mdm("scratch_llama", fresh + ["--preset", "quickstart"])
+    mdm("scratch_llama", fresh + ["--preset", args.preset])
     mdm("from_arm", ["--load", out / "arm-import", "--finetune"])
     mdm("from_arm_shift_anneal", ["--load", out / "arm-import", "--finetune", "--shift-logits",
                                   "--attention-anneal-iters", str(args.anneal_iters)])
-    # -- MLM start: the same width as the quickstart preset, GELU 4h, post-LN
-    enc = {"hidden": 128, "layers": 4, "heads": 4, "ffn": 512}
+    # -- MLM start: the layers, width and heads of the preset, GELU 4h, post-LN
+    from megatron_mdm.presets import get_preset
+
+    size = get_preset(args.preset)
+    enc = {"hidden": size["hidden_size"], "layers": size["num_layers"], "heads": size["num_attention_heads"],
+           "ffn": 4 * size["hidden_size"]}
     if not (out / "roberta-hf" / "config.json").is_file():
         print("$ train RobertaForMaskedLM with transformers", flush=True)
         train_roberta(tok, shards, out / "roberta-hf", args.mlm_steps, 128, seed=args.seed, **enc)
