@@ -355,3 +355,26 @@ def test_annealed_training_interleaved_pipeline_matches_single_process(tmp_path)
                                              num_layers_per_virtual_pipeline_stage=1))
     for r in vpp:
         torch.testing.assert_close(r["losses"], ref["losses"], rtol=1e-5, atol=1e-6)
+
+
+def test_tokenizer_keeps_its_mask_token_or_adds_one_with_a_warning(tmp_path, caplog):
+    import logging
+
+    from megatron_mdm.tokenization import MDMTokenizer
+    from tests.test_hf_convert import make_tokenizer as make_plain_tokenizer
+    from tests.test_hf_families import VOCAB, make_tokenizer
+
+    make_tokenizer(tmp_path / "bert", "bert")
+    make_tokenizer(tmp_path / "roberta", "roberta")
+    with caplog.at_level(logging.INFO, logger="megatron_mdm.tokenization"):
+        bert, roberta = MDMTokenizer.load(tmp_path / "bert"), MDMTokenizer.load(tmp_path / "roberta")
+    assert not caplog.records  # nothing added
+    assert bert.vocab_size == roberta.vocab_size == VOCAB
+    assert bert.hf.convert_ids_to_tokens(bert.mask_id) == "[MASK]" and bert.eos_id == bert.hf.sep_token_id
+    assert roberta.hf.convert_ids_to_tokens(roberta.mask_id) == "<mask>"
+    make_plain_tokenizer(tmp_path / "plain", with_mask=False)
+    with caplog.at_level(logging.INFO, logger="megatron_mdm.tokenization"):
+        plain = MDMTokenizer.load(tmp_path / "plain")
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and f"no mask token: id {plain.mask_id} is new" in warned[0].getMessage()
+    assert plain.hf.convert_ids_to_tokens(plain.mask_id) == "<|mask|>"
