@@ -104,7 +104,7 @@ def _model_card(cfg: Config, family: Family, mdm: bool, special: dict, vocab_siz
     load = f"{auto}.from_pretrained(path{', trust_remote_code=True' if remote else ''})"
     sample = (
         "Sample by reverse diffusion from a prompt followed by mask tokens:\n\n"
-        "```bash\nmdm-generate --hf PATH --prompt \"Once upon a time\" --gen-length 64 --steps 64\n```\n\n"
+        "```bash\nmdm-generate --model PATH --prompt \"Once upon a time\" --gen-length 64 --steps 64\n```\n\n"
         "or in Python with `megatron_mdm.sampling.generate(logits_fn, ...)`, where `logits_fn(input_ids)` returns\n"
         "`model(input_ids).logits`. Plain left-to-right `model.generate()` does not apply to this model."
         if mdm else "Sample with `model.generate(...)` as for any causal language model.")
@@ -125,7 +125,7 @@ Converted from the Megatron checkpoint `{source}` by `mdm-convert to-hf`.
 
 ```python
 from transformers import AutoTokenizer, {auto}
-tokenizer = AutoTokenizer.from_pretrained(path)
+tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)  # tokenizer.json, no custom code
 model = {load}
 logits = model(input_ids).logits  # [batch, seq, vocab]
 ```
