@@ -3,7 +3,8 @@
     python examples/adaptation/run.py --output runs/adaptation                  # ~25 min on 2 idle CPU cores
     python examples/adaptation/run.py --output /tmp/ad --arm-steps 4 --mlm-steps 4 --steps 4 --eval-interval 2
 
-The same commands a user runs, one process each, on the shipped Tiny Shakespeare corpus:
+The same commands a user runs, one process each, on the shipped Tiny Shakespeare corpus (a step whose
+output exists is skipped, so an interrupted run continues and a finished one only redraws the results):
 
 1. tokenizer (byte-level BPE, 2048 ids) and shards (sequence 128, 5% of documents for validation);
 2. **AR start**: pretrain an ARM (``--objective arm``, ``--preset``, default ``quickstart``) for ``--arm-steps``,
@@ -176,9 +177,11 @@ def main(argv=None) -> int:
     if not (out / "arm" / "latest_checkpointed_iteration.txt").is_file():
         sh(pretrain + common + fresh + ["--preset", args.preset, "--objective", "arm", "--train-iters", str(args.arm_steps),
                                 "--save", out / "arm"], out / "logs" / "arm.log")
-    sh(convert + ["to-hf", "--load", out / "arm", "--output", out / "arm-hf"], out / "logs" / "arm-export.log")
-    sh(convert + ["from-hf", "--hf", out / "arm-hf", "--output", out / "arm-import", "--objective", "mdm"],
-       out / "logs" / "arm-import.log")
+    if not (out / "arm-hf" / "config.json").is_file():
+        sh(convert + ["to-hf", "--load", out / "arm", "--output", out / "arm-hf"], out / "logs" / "arm-export.log")
+    if not (out / "arm-import" / "latest_checkpointed_iteration.txt").is_file():
+        sh(convert + ["from-hf", "--hf", out / "arm-hf", "--output", out / "arm-import", "--objective", "mdm"],
+           out / "logs" / "arm-import.log")
     mdm("scratch_llama", fresh + ["--preset", args.preset])
     mdm("from_arm", ["--load", out / "arm-import", "--finetune"])
     mdm("from_arm_shift_anneal", ["--load", out / "arm-import", "--finetune", "--shift-logits",
@@ -192,7 +195,9 @@ def main(argv=None) -> int:
     if not (out / "roberta-hf" / "config.json").is_file():
         print("$ train RobertaForMaskedLM with transformers", flush=True)
         train_roberta(tok, shards, out / "roberta-hf", args.mlm_steps, 128, seed=args.seed, **enc)
-    sh(convert + ["from-hf", "--hf", out / "roberta-hf", "--output", out / "mlm-import"], out / "logs" / "mlm-import.log")
+    if not (out / "mlm-import" / "latest_checkpointed_iteration.txt").is_file():
+        sh(convert + ["from-hf", "--hf", out / "roberta-hf", "--output", out / "mlm-import"],
+           out / "logs" / "mlm-import.log")
     mdm("from_mlm", ["--load", out / "mlm-import", "--finetune"])
     from megatron_mdm.tokenization import MDMTokenizer
 
