@@ -7,7 +7,9 @@ flash / memory-efficient kernel on GPU and stays linear in memory. It is used fo
 CPU and on GPUs without Transformer Engine; the TE spec keeps ``TEDotProductAttention``.
 
 The attention mask type comes from the layer spec: ``no_mask`` (MDM, bidirectional) or ``causal``
-(ARM baseline). Padding masks are honoured when given as Megatron's boolean mask (True = masked out).
+(ARM baseline). Padding and ``arbitrary`` masks (the causal-to-bidirectional annealing of an adapted AR
+model) are honoured when given as Megatron's boolean mask (True = masked out); ``arbitrary`` without a mask
+is bidirectional.
 
 Context parallelism (CP > 1). The batch is split as Transformer Engine's CP splits it
 (``megatron.core.utils.get_batch_on_this_cp_rank``): the sequence is cut into 2·CP chunks and CP rank
@@ -108,7 +110,8 @@ class SDPAttention(MegatronModule):
         cp = self.cp_group.size() if self.cp_group is not None else 1
         mask = None
         if cp > 1:
-            if attention_bias is not None or (mask_type == AttnMaskType.padding and attention_mask is not None):
+            masked = mask_type in (AttnMaskType.padding, AttnMaskType.arbitrary) and attention_mask is not None
+            if attention_bias is not None or masked:
                 raise ValueError("context parallelism on the local spec supports no_mask and causal "
                                  "attention only (no padding mask or attention bias)")
             key, value = gather_kv(key, value, self.cp_group)  # [cp * sq, b, nkv, d]
@@ -121,7 +124,7 @@ class SDPAttention(MegatronModule):
             k = k.repeat_interleave(nq // nkv, dim=1)
             v = v.repeat_interleave(nq // nkv, dim=1)
         if cp == 1:
-            if mask_type == AttnMaskType.padding and attention_mask is not None:
+            if mask_type in (AttnMaskType.padding, AttnMaskType.arbitrary) and attention_mask is not None:
                 mask = ~attention_mask.bool()  # Megatron: True = masked out; SDPA: True = attend
             if attention_bias is not None:
                 mask = attention_bias if mask is None else attention_bias.masked_fill(~mask, float("-inf"))

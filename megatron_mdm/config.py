@@ -79,6 +79,34 @@ class ModelConfig:
     """How full recomputation groups layers."""
     recompute_num_layers: int = 1
     """Layers per recomputation group (full recomputation)."""
+    architecture: Literal["llama", "bert"] = "llama"
+    """Layer family: llama (pre-RMSNorm decoder stack with RoPE and SwiGLU: Llama, Mistral, Qwen2) or bert
+    (post-LayerNorm encoder with learned absolute positions, token types, GELU MLP with biases and the MLM
+    head tied to the embeddings: BERT, RoBERTa, XLM-R, for diffusive adaptation of masked LMs, Ye et al. 2023)."""
+    hf_model_type: Optional[str] = None
+    """Hugging Face model_type the weights were imported from (set by mdm-convert from-hf); mdm-convert to-hf
+    writes that family back. None: a model trained here (exported as Llama)."""
+    add_qkv_bias: bool = False
+    """Biases on the query, key and value projections only (Qwen2)."""
+    rope_scaling: Optional[Literal["llama3"]] = None
+    """RoPE frequency scaling: None, or llama3 (Llama 3.1+: wavelengths above original/low-freq-factor are
+    divided by --rope-scaling-factor, those below original/high-freq-factor kept, a smooth ramp between)."""
+    rope_scaling_factor: float = 8.0
+    """llama3 RoPE scaling: the factor long wavelengths are divided by."""
+    rope_low_freq_factor: float = 1.0
+    """llama3 RoPE scaling: low_freq_factor."""
+    rope_high_freq_factor: float = 4.0
+    """llama3 RoPE scaling: high_freq_factor."""
+    rope_original_max_position_embeddings: int = 8192
+    """llama3 RoPE scaling: the context length the model was pretrained with before scaling."""
+    max_position_embeddings: Optional[int] = None
+    """Rows of the learned position table (--architecture bert); for RoPE models only recorded for export.
+    None means --seq-length."""
+    num_tokentypes: int = 0
+    """Token-type (segment) embeddings of an encoder (BERT's type_vocab_size); inputs always use type 0."""
+    position_padding_idx: Optional[int] = None
+    """RoBERTa/XLM-R position ids: non-pad tokens are numbered from this id + 1 and pad tokens get this id
+    (the pad token id); None numbers positions 0..s-1."""
 
 
 @dataclass
@@ -92,6 +120,14 @@ class ObjectiveConfig:
     (stratified over the micro-batch, as in MDLM)."""
     random_length_prob: float = 0.01
     """Fraction of sequences cut to a uniformly random length (the SMDM/LLaDA variable-length trick)."""
+    shift_logits: bool = False
+    """Shifted prediction, for starts from an autoregressive model: the output at position i predicts token
+    i + 1, which keeps the AR head aligned (Dream, Ye et al. 2025; DiffuLLaMA, Gong et al. 2025). Position 0
+    is never masked, so decoding needs a prompt of at least one token."""
+    attention_anneal_iters: int = 0
+    """Anneal the attention mask from causal to bidirectional over this many steps (DiffuLLaMA, Gong et al.
+    2025): at step k each non-causal query/key pair attends with probability min(1, k / N), one draw per
+    micro-batch shared by all layers and heads; 0 disables it (bidirectional from the start)."""
 
 
 @dataclass
@@ -402,10 +438,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def from_args(args: argparse.Namespace, presets: Optional[dict] = None) -> Config:
-    """Build the resolved Config: defaults < preset < YAML < flags."""
+    """Build the resolved Config: defaults < preset < checkpoint architecture < YAML < flags.
+
+    With ``--load``, the architecture fields of the checkpoint's saved config fill every model field that
+    no preset, YAML or flag set; one that is set to another value is a ConfigError naming its flag (the
+    weights would not fit). See :func:`apply_checkpoint_architecture`.
+    """
     cfg = Config()
     overrides = {k: v for k, v in vars(args).items() if k in FIELDS and v is not None}
     yaml_dict = load_yaml(args.config) if getattr(args, "config", None) else {}
+    explicit: dict[str, str] = {}  # model field -> where it was set
     preset = overrides.get("preset") or _flat_get(yaml_dict, "preset")
     if preset:
         if presets is None:
@@ -414,10 +456,90 @@ def from_args(args: argparse.Namespace, presets: Optional[dict] = None) -> Confi
             raise ConfigError(f"--preset: unknown preset {preset!r}; choose from {sorted(presets)}")
         apply_dict(cfg, presets[preset], f"preset {preset}")
         cfg.model.preset = preset
+        explicit.update({k: f"--preset {preset}" for k in _flat_keys(presets[preset])})
     apply_dict(cfg, yaml_dict, str(getattr(args, "config", "config")))
+    explicit.update({k: f"--config {args.config}" for k in _flat_keys(yaml_dict)})
     for k, v in overrides.items():
         set_field(cfg, k, v)
+    explicit.update({k: "the command line" for k in overrides})
+    if cfg.checkpoint.load:
+        saved = checkpoint_config(cfg.checkpoint.load, cfg.checkpoint.ckpt_iteration)
+        if saved is not None:
+            apply_checkpoint_architecture(cfg, saved.get("model", {}), explicit, cfg.checkpoint.load)
     return cfg
+
+
+ARCHITECTURE_FREE = ("preset", "transformer_impl", "attention_backend", "fp8_format", "fp8_recipe",
+                     "fp8_amax_history_len", "first_last_layers_bf16", "recompute_granularity", "recompute_method",
+                     "recompute_num_layers", "init_method_std")
+"""Model fields that do not change the weights' shapes or meaning: free to differ from a checkpoint's."""
+
+
+def architecture_fields() -> list[str]:
+    """The model fields a checkpoint fixes (every ``ModelConfig`` field but ``ARCHITECTURE_FREE``)."""
+    return [f.name for f in dataclasses.fields(ModelConfig) if f.name not in ARCHITECTURE_FREE]
+
+
+def _flat_keys(d: dict) -> list[str]:
+    keys = []
+    for k, v in d.items():
+        if k in SECTIONS and isinstance(v, dict):
+            keys.extend(v)
+        else:
+            keys.append(k.replace("-", "_"))
+    return keys
+
+
+def checkpoint_config(load: str | Path, iteration: Optional[int] = None) -> Optional[dict]:
+    """The config saved with a checkpoint (``config.yaml`` of its ``iter_*`` directory), or None when absent.
+
+    ``load`` is a run directory (the marker file names the newest complete iteration) or an ``iter_*``
+    directory. A missing checkpoint returns None: the loader reports it later, naming ``--load``.
+    """
+    root = Path(load)
+    if iteration is None and (root / "metadata.json").is_file():
+        path = root
+    else:
+        if iteration is None:
+            marker = root / "latest_checkpointed_iteration.txt"
+            text = marker.read_text().strip() if marker.is_file() else ""
+            if not text.isdigit():
+                return None
+            iteration = int(text)
+        path = root / f"iter_{iteration:07d}"
+    if not (path / "config.yaml").is_file():
+        return None
+    try:
+        data = yaml.safe_load((path / "config.yaml").read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--load: {path / 'config.yaml'} is not valid YAML: {e}") from None
+    return data if isinstance(data, dict) else None
+
+
+def apply_checkpoint_architecture(cfg: Config, saved_model: dict, explicit: dict[str, str], source: str) -> None:
+    """Take the architecture from a checkpoint's saved ``model`` section; a conflicting explicit value raises.
+
+    Args:
+        cfg: the config being resolved (modified in place).
+        saved_model: the ``model`` section of the checkpoint's config.
+        explicit: model fields set by a preset, the YAML or a flag, with where (for the message).
+        source: the checkpoint, for the message.
+    Raises:
+        ConfigError: ``--flag: value (from where) differs from the checkpoint's ...``.
+    """
+    for name in architecture_fields():
+        if name not in saved_model:
+            continue
+        sec, f = FIELDS[name]
+        value = _coerce(saved_model[name], _resolved_type(sec, f), name)
+        if name in explicit:
+            mine = getattr(cfg.model, name)
+            if mine != value:
+                raise ConfigError(
+                    f"--{name.replace('_', '-')}: {mine!r} (from {explicit[name]}) differs from the checkpoint "
+                    f"{source} ({value!r}); the architecture comes from the checkpoint: drop the option")
+        else:
+            setattr(cfg.model, name, value)
 
 
 def _flat_get(d: dict, key: str) -> Any:
@@ -440,8 +562,11 @@ RANGES: dict[str, str] = {
     "num_query_groups": "[1, inf)", "ffn_hidden_size": "[1, inf)", "vocab_size": "[1, inf)",
     "make_vocab_size_divisible_by": "[1, inf)", "rotary_base": "[1, inf)", "norm_epsilon": "(0, inf)",
     "init_method_std": "(0, inf)", "fp8_amax_history_len": "[1, inf)", "recompute_num_layers": "[1, inf)",
+    "rope_scaling_factor": "[1, inf)", "rope_low_freq_factor": "(0, inf)", "rope_high_freq_factor": "(0, inf)",
+    "rope_original_max_position_embeddings": "[1, inf)", "max_position_embeddings": "[1, inf)",
+    "num_tokentypes": "[0, inf)", "position_padding_idx": "[0, inf)",
     # objective
-    "eps": "(0, 1)", "random_length_prob": "[0, 1]",
+    "eps": "(0, 1)", "random_length_prob": "[0, 1]", "attention_anneal_iters": "[0, inf)",
     # data
     "seq_length": "[2, inf)", "num_workers": "[0, inf)", "shuffle_buffer": "[1, inf)",
     # parallel
@@ -494,6 +619,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     groups = m.num_query_groups or m.num_attention_heads
     _check(m.num_attention_heads % groups == 0, "num_query_groups",
            f"--num-attention-heads {m.num_attention_heads} is not divisible by {groups}")
+    _validate_architecture(cfg)
     tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
     _check(m.num_attention_heads % tp == 0, "tensor_model_parallel_size",
            f"--num-attention-heads {m.num_attention_heads} is not divisible by TP={tp}")
@@ -549,6 +675,38 @@ def _check_world_size(tp: int, pp: int, cp: int, world_size: int) -> None:
     first = next((name for name, _, v in sizes if v > 1), "tensor_model_parallel_size")
     _check(world_size % (tp * pp * cp) == 0, first,
            f"world size {world_size} is not divisible by TP x PP x CP = {tp} x {pp} x {cp} = {tp * pp * cp}")
+
+
+def _validate_architecture(cfg: Config) -> None:
+    """Family-specific options: each only where it applies, with the flag named."""
+    m, o = cfg.model, cfg.objective
+    if m.architecture == "bert":
+        _check(m.rope_scaling is None, "rope_scaling", "needs --architecture llama (bert has learned positions)")
+        _check(not m.add_qkv_bias, "add_qkv_bias", "needs --architecture llama (bert has biases everywhere)")
+        _check(m.num_query_groups in (None, m.num_attention_heads), "num_query_groups",
+               "--architecture bert has multi-head attention (no query groups)")
+        _check(m.fp8_format is None, "fp8_format", "--architecture bert runs on the local spec (no FP8)")
+        rows = m.max_position_embeddings or cfg.data.seq_length
+        offset = 0 if m.position_padding_idx is None else m.position_padding_idx + 1
+        _check(cfg.data.seq_length + offset <= rows, "seq_length",
+               f"{cfg.data.seq_length} positions (+ offset {offset}) do not fit --max-position-embeddings {rows}")
+        _check(not o.shift_logits and o.attention_anneal_iters == 0,
+               "shift_logits" if o.shift_logits else "attention_anneal_iters",
+               "is for starts from autoregressive models (--architecture llama)")
+    else:
+        _check(m.position_padding_idx is None, "position_padding_idx", "needs --architecture bert")
+        _check(m.num_tokentypes == 0, "num_tokentypes", "needs --architecture bert")
+    if m.rope_scaling is not None:
+        _check(0 < m.rope_low_freq_factor < m.rope_high_freq_factor, "rope_high_freq_factor",
+               "need 0 < --rope-low-freq-factor < --rope-high-freq-factor")
+        _check(m.rope_original_max_position_embeddings > 0, "rope_original_max_position_embeddings", "must be > 0")
+    for name, on in (("shift_logits", o.shift_logits), ("attention_anneal_iters", o.attention_anneal_iters > 0)):
+        if on:
+            _check(o.objective == "mdm", name, "needs --objective mdm")
+    if o.attention_anneal_iters > 0:
+        _check(cfg.parallel.context_parallel_size == 1, "attention_anneal_iters",
+               "is not supported with context parallelism")
+        _check(m.fp8_format is None, "attention_anneal_iters", "needs an arbitrary attention mask (no FP8)")
 
 
 def virtual_pipeline_size(parallel: ParallelConfig, num_layers: int) -> Optional[int]:

@@ -1,8 +1,9 @@
 """The tokenizer wrapper: mask, pad, bos and eos ids, a stable hash, BPE training, vocabulary padding.
 
 :class:`MDMTokenizer` wraps a Hugging Face ``PreTrainedTokenizerFast``. Masked diffusion needs a mask
-token; a loaded tokenizer that lacks one (e.g. a Llama-family tokenizer) gets ``<|mask|>`` appended
-(and ``<|pad|>``/``<|eos|>`` when missing), and the new vocabulary size is logged. ``encode`` never adds
+token: a tokenizer's own (``[MASK]`` of BERT, ``<mask>`` of RoBERTa/XLM-R) is reused; one that lacks it
+(e.g. a Llama-family tokenizer) gets ``<|mask|>`` appended with a warning (and ``<|pad|>``/``<|eos|>`` when
+missing; a BERT-style ``[SEP]`` serves as end of document), and the new vocabulary size is logged. ``encode`` never adds
 special tokens and treats special-token strings in the text as plain text, so raw data can never
 produce the mask id. ``hash`` fingerprints what decides the ids (vocabulary, merges, special tokens):
 the data manifests record it and the loader checks it against the model's tokenizer.
@@ -103,6 +104,8 @@ class MDMTokenizer:
         if hf.eos_token is None:
             if EOS_TOKEN in vocab:
                 hf.eos_token = EOS_TOKEN
+            elif hf.sep_token is not None:  # BERT-style: [SEP] ends a segment
+                hf.eos_token = hf.sep_token
             else:
                 add["eos_token"] = EOS_TOKEN
         if hf.pad_token is None:
@@ -114,7 +117,10 @@ class MDMTokenizer:
             hf.bos_token = BOS_TOKEN
         if add:
             hf.add_special_tokens(add)
-            log.info("tokenizer: added %s; vocabulary size %d -> %d", sorted(add.values()), before, len(hf))
+            level = logging.WARNING if "mask_token" in add else logging.INFO
+            log.log(level, "tokenizer: added %s%s; vocabulary size %d -> %d", sorted(add.values()),
+                    f" (it had no mask token: id {hf.mask_token_id} is new)" if "mask_token" in add else "",
+                    before, len(hf))
 
     # ---- ids -------------------------------------------------------------------------------------
     @property
