@@ -129,19 +129,27 @@ grep -q "iterations $ITERS -> $TOTAL" "$LOG" || die "the second run did not resu
 
 # ---------------------------------------------------------------------------------------------------
 step "6/7 summary"
-"$PY" - "$RUN" "$VOCAB" "$((T1 - T0))" "$((T2 - T1))" "$ITERS" <<'EOF'
+"$PY" - "$RUN" "$VOCAB" "$((T1 - T0))" "$((T2 - T1))" "$ITERS" "$SHARDS" <<'EOF'
 import json, math, statistics, sys
+from megatron_mdm.sweep.curves import unigram_entropy
 run, vocab, t_first, t_resume, resume_at = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+unigram = unigram_entropy(sys.argv[6])
 recs = [json.loads(l) for l in open(f"{run}/metrics.jsonl") if l.strip()]
 val = [r for r in recs if "val_loss" in r]
 train = [r for r in recs if "loss" in r]
 tps = [r["tokens_per_sec"] for r in train if r.get("tokens_per_sec")]
-print(f"validation ELBO (nats/token, lower is better; uniform guess = ln {vocab} = {math.log(vocab):.2f}):")
+print(f"validation ELBO (nats/token, lower is better; uniform guess = ln {vocab} = {math.log(vocab):.2f}; "
+      f"unigram level = {unigram:.3f}, the entropy of the validation tokens' unigram distribution:\n"
+      f"  a model that ignores context cannot go below it)")
 for r in val:
     mark = "   <- resumed here" if r["iteration"] == resume_at else ""
     print(f"  iter {r['iteration']:>5d}: {r['val_loss']:.3f}{mark}")
 print(f"first -> last validation ELBO: {val[0]['val_loss']:.3f} (iter {val[0]['iteration']}) -> "
       f"{val[-1]['val_loss']:.3f} (iter {val[-1]['iteration']}), a drop of {val[0]['val_loss'] - val[-1]['val_loss']:.2f} nats/token")
+below = unigram - val[-1]["val_loss"]
+print(f"last validation ELBO vs unigram level: {val[-1]['val_loss']:.3f} vs {unigram:.3f}: "
+      + (f"{below:.2f} nats/token below it: the model uses context" if below > 0 else
+         f"{-below:.2f} nats/token above it: not yet learning from context (train longer)"))
 print(f"training loss: {train[0]['loss']:.3f} (iter {train[0]['iteration']}) -> {train[-1]['loss']:.3f} (iter {train[-1]['iteration']})")
 print(f"throughput: median {statistics.median(tps):,.0f} tokens/s over {len(tps)} log intervals")
 print(f"wall time: {t_first} s for iterations 0-{resume_at}, {t_resume} s for the resumed run (incl. start-up)")
@@ -150,6 +158,11 @@ LATEST=$(cat "$RUN/latest_checkpointed_iteration.txt")
 echo "checkpoint: $RUN/iter_$(printf %07d "$LATEST") (latest marker: $RUN/latest_checkpointed_iteration.txt)"
 echo "metrics:    $RUN/metrics.jsonl   config: $RUN/config.yaml   log: $LOG"
 echo "tensorboard: tensorboard --logdir $RUN/tensorboard"
+if "$PY" -m megatron_mdm.cli.plot "$RUN" --unigram "$SHARDS" --title "quickstart MDM ($RUN)" >/dev/null 2>"$RUN/plot.log"; then
+  echo "curves:     $RUN/curves.png (training loss, validation ELBO vs the unigram level, lr, tokens/s: mdm-plot)"
+else
+  echo "curves:     not drawn ($(tail -n 1 "$RUN/plot.log"))"
+fi
 
 # ---------------------------------------------------------------------------------------------------
 HF="$RUN/hf"
