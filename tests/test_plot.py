@@ -114,7 +114,8 @@ def test_mdm_plot_writes_a_png_for_a_real_run(dataset, tmp_path):
     from megatron_mdm.cli.plot import main
 
     assert main([str(run), "--unigram", str(dataset / "shards")]) == 0
-    assert main([str(run), str(run), "--labels", "a,b", "--x", "flops", "--log-x", "-o", str(tmp_path / "c.png")]) == 0
+    assert main([str(run), str(run), "--label", "a, lr 1", "--label", "b", "--x", "flops", "--log-x", "-o",
+                 str(tmp_path / "c.png")]) == 0
     for png in (run / "curves.png", tmp_path / "c.png"):
         data = png.read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > 10_000
@@ -125,7 +126,7 @@ def test_mdm_plot_writes_a_png_for_a_real_run(dataset, tmp_path):
     r = load_run(run)
     assert [x["iteration"] for x in r.val] == [0, 3, 6] and [x["iteration"] for x in r.train] == [2, 4, 6]
     assert main([str(tmp_path / "missing")]) == 2  # one-line error, no traceback
-    assert main([str(run), "--labels", "a,b"]) == 2
+    assert main([str(run), "--label", "a", "--label", "b"]) == 2
 
 
 def _free_port() -> int:

@@ -24,7 +24,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="PNG to write (default: RUN/curves.png for one run, curves.png for several)")
     p.add_argument("--x", choices=["iterations", "tokens", "flops"], default="iterations", help="x axis")
     p.add_argument("--log-x", action="store_true", help="logarithmic x axis")
-    p.add_argument("--labels", default=None, help="comma list of legend labels, one per run")
+    p.add_argument("--label", action="append", default=None,
+                   help="legend label of a run; repeat once per run, in order (default: the directory names)")
     p.add_argument("--unigram", default=None, metavar="DATA",
                    help="prepared dataset: draw the unigram entropy of its validation tokens on the loss panels")
     p.add_argument("--title", default=None)
@@ -36,9 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_mdm.sweep.curves import RunError, load_run, plot_runs, unigram_entropy
 
     try:
-        labels = [x.strip() for x in args.labels.split(",")] if args.labels else [None] * len(args.runs)
+        labels = args.label or [None] * len(args.runs)
         if len(labels) != len(args.runs):
-            raise RunError(f"--labels: {len(labels)} labels for {len(args.runs)} runs")
+            raise RunError(f"--label: {len(labels)} labels for {len(args.runs)} runs")
         runs = [load_run(r, lab) for r, lab in zip(args.runs, labels)]
         ref = unigram_entropy(args.unigram) if args.unigram else None
         out = args.output or (Path(args.runs[0]) / "curves.png" if len(args.runs) == 1 else "curves.png")
