@@ -6,13 +6,13 @@
 # tokenizer (byte-level BPE, 512 ids) -> 64-token shards with a 5% validation split -> mdm-sweep plan ->
 # launch (one process per run, sequential, under nice; re-running skips finished runs and resumes an
 # interrupted one from its checkpoint) -> collect -> fit (bootstrap) -> plot. Environment overrides:
-#   SWEEP_BUDGETS  (default "2e10 6e10 1.8e11")   SWEEP_SHAPES (default "1x32,1x48,2x48,2x64")
-#   SWEEP_NICE     (default 15)
+#   SWEEP_BUDGETS  (default "2e10 4e10 8e10")   SWEEP_SHAPES (default "1x32,1x48,2x48,2x64")
+#   SWEEP_NICE     (default 15)      SWEEP_MAX_RUNS (train at most this many runs in this call; default all)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 WORK="${1:-outputs/scaling_cpu}"
 PY="${PYTHON:-python}"
-BUDGETS="${SWEEP_BUDGETS:-2e10 6e10 1.8e11}"
+BUDGETS="${SWEEP_BUDGETS:-2e10 4e10 8e10}"
 SHAPES="${SWEEP_SHAPES:-1x32,1x48,2x48,2x64}"
 NICE="${SWEEP_NICE:-15}"
 CORPUS=examples/data/tinyshakespeare.txt.zst
@@ -33,7 +33,9 @@ if [ ! -f "$WORK/plan.yaml" ]; then
     --config examples/scaling/cpu_sweep.yaml \
     --train-args "--tokenizer $WORK/tok --data-path $WORK/shards" --output "$WORK/plan.yaml"
 fi
-"$PY" -m megatron_mdm.cli.sweep launch --plan "$WORK/plan.yaml" --out "$WORK" --nice "$NICE"
+MAX=()
+[ -n "${SWEEP_MAX_RUNS:-}" ] && MAX=(--max-runs "$SWEEP_MAX_RUNS")
+"$PY" -m megatron_mdm.cli.sweep launch --plan "$WORK/plan.yaml" --out "$WORK" --nice "$NICE" "${MAX[@]}"
 "$PY" -m megatron_mdm.cli.sweep collect --plan "$WORK/plan.yaml" --out "$WORK"
 "$PY" -m megatron_mdm.cli.sweep fit --csv "$WORK/results.csv" --bootstrap 200
 "$PY" -m megatron_mdm.cli.sweep plot --csv "$WORK/results.csv" --title "CPU IsoFLOP sweep: Tiny Shakespeare, BPE 512, seq 64"
