@@ -80,7 +80,11 @@ def plot_sweep(rows: list[dict], fit: dict, output: str | Path, title: str | Non
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("compute C = 6·N·D (FLOPs)")
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "no IsoFLOP minima to fit\n(see mdm-sweep fit)", transform=ax.transAxes,
+                    ha="center", va="center", fontsize=9, color="0.4")
         ax.grid(alpha=0.3, which="both")
     ax_iso.grid(alpha=0.3, which="both")
     ax_n.set_ylabel("optimal N* (blue), D* (red)")
