@@ -7,6 +7,7 @@ exponents within the tolerances stated in each test.
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -170,3 +171,25 @@ def test_fit_needs_finished_runs():
     with pytest.raises(FitError, match="no finished runs"):
         fit_sweep([{"objective": "mdm", "budget": 1e12, "non_embedding_params": 1000, "tokens": 10,
                     "val_loss": None, "status": "missing"}])
+
+
+def test_sweep_figure_and_cli_round_trip(tmp_path):
+    """fit and plot through the CLI on a CSV of synthetic runs of both objectives: JSON and PNG written."""
+    pytest.importorskip("matplotlib")
+    from megatron_mdm.cli.sweep import main
+    from megatron_mdm.sweep.collect import COLUMNS, write_csv
+
+    rng = np.random.default_rng(5)
+    p = dict(CHINCHILLA, E=0.0)
+    rows = isoflop_rows(p, [1e18, 1e19, 1e20], rng, sizes=5) + \
+        isoflop_rows(p, [1e18, 1e19, 1e20], rng, sizes=5, objective="mdm", compute_factor=16.0)
+    for i, r in enumerate(rows):
+        r.update(name=f"run{i}", shape=f"s{i}", iters=1, flops=r["budget"])
+    rows.append(dict(rows[0], name="missing", val_loss=None, status="missing"))
+    csv_path = write_csv([{k: r.get(k) for k in COLUMNS} for r in rows], tmp_path / "results.csv")
+    assert main(["fit", "--csv", str(csv_path), "--bootstrap", "20", "--no-parametric"]) == 0
+    fit = json.loads((tmp_path / "fit.json").read_text())
+    assert fit["multiplier"]["budgets"][0]["multiplier"] == pytest.approx(16.0, rel=0.3)
+    assert main(["plot", "--csv", str(csv_path)]) == 0
+    assert (tmp_path / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["fit", "--csv", str(tmp_path / "none.csv")]) == 2  # one-line error
