@@ -73,6 +73,11 @@ def test_isoflop_minimum_refuses_bad_curves():
     with pytest.raises(FitError, match="curve upwards"):
         x = np.log([1e5, 2e5, 4e5, 8e5])
         isoflop_minimum(np.exp(x), -(x - x.mean()) ** 2 + 3, 1e12)
+    with pytest.raises(FitError, match="nearly flat"):  # a straight line with a hint of curvature
+        x = np.log([1e5, 2e5, 4e5, 8e5])
+        isoflop_minimum(np.exp(x), 0.1 * x + 1e-9 * (x - x.mean()) ** 2, 1e12)
+    with pytest.raises(FitError, match="positive"):
+        power_law([1e12, 1e13], [0.0, 1.0])
 
 
 def test_power_law_exact():

@@ -1,19 +1,19 @@
 #!/usr/bin/env bash
-# The CPU-scale IsoFLOP sweep of docs/SCALING.md: 3 budgets x 5 shapes x {MDM, ARM} on Tiny Shakespeare
-# (30 runs; docs/SCALING.md lists which of them the measured sweep ran).
+# The CPU-scale IsoFLOP sweep of docs/SCALING.md: 5 budgets x 5 shapes x {MDM, ARM} on Tiny Shakespeare
+# (50 runs; about 15 minutes on an idle 2-core machine).
 #
 #   bash examples/scaling/run_cpu_sweep.sh [WORK_DIR]        # default outputs/scaling_cpu
 #
 # tokenizer (byte-level BPE, 512 ids) -> 64-token shards with a 5% validation split -> mdm-sweep plan ->
 # launch (one process per run, sequential, under nice; re-running skips finished runs and resumes an
 # interrupted one from its checkpoint) -> collect -> fit (bootstrap) -> plot. Environment overrides:
-#   SWEEP_BUDGETS  (default "5e9 1e10 2e10")   SWEEP_SHAPES (default "1x16,1x32,1x48,2x48,2x64")
+#   SWEEP_BUDGETS  (default "5e9 1e10 2e10 4e10 8e10")   SWEEP_SHAPES (default "1x16,1x32,1x48,2x48,2x64")
 #   SWEEP_NICE     (default 15)      SWEEP_MAX_RUNS (train at most this many runs in this call; default all)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 WORK="${1:-outputs/scaling_cpu}"
 PY="${PYTHON:-python}"
-BUDGETS="${SWEEP_BUDGETS:-5e9 1e10 2e10}"
+BUDGETS="${SWEEP_BUDGETS:-5e9 1e10 2e10 4e10 8e10}"
 SHAPES="${SWEEP_SHAPES:-1x16,1x32,1x48,2x48,2x64}"
 NICE="${SWEEP_NICE:-15}"
 CORPUS=examples/data/tinyshakespeare.txt.zst

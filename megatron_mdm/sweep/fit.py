@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 HUBER_DELTA = 1e-3
+MIN_BUDGETS = 3  # IsoFLOP minima needed for the power laws (two points would fit any law exactly)
 
 
 class FitError(ValueError):
@@ -65,6 +66,9 @@ def isoflop_minimum(n: np.ndarray, loss: np.ndarray, budget: float) -> IsoflopMi
     if not p2 > 0:
         raise FitError(f"budget {budget:.3g}: the losses do not curve upwards in ln N (no IsoFLOP minimum)")
     xs = -p1 / (2 * p2)
+    if not np.isfinite(xs) or abs(xs - x.mean()) > 20:  # e^20 = 5e8 times beyond the sampled sizes
+        raise FitError(f"budget {budget:.3g}: the parabola is nearly flat, its vertex (ln N = {xs:.3g}) is far "
+                       "outside the sampled sizes")
     n_opt = float(np.exp(xs))
     return IsoflopMinimum(budget=float(budget), coef=(float(p2), float(p1), float(p0)), n_opt=n_opt,
                           d_opt=float(budget / (6 * n_opt)), loss_opt=float(p0 - p1 * p1 / (4 * p2)),
@@ -73,7 +77,10 @@ def isoflop_minimum(n: np.ndarray, loss: np.ndarray, budget: float) -> IsoflopMi
 
 def power_law(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     """(exponent, coefficient) of y = coefficient · x^exponent, least squares in log-log."""
-    lx, ly = np.log(np.asarray(x, dtype=np.float64)), np.log(np.asarray(y, dtype=np.float64))
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y)) and np.all(x > 0) and np.all(y > 0)):
+        raise FitError("a power law needs finite positive values")
+    lx, ly = np.log(x), np.log(y)
     if len(np.unique(lx)) < 2:
         raise FitError("a power law needs at least 2 distinct budgets")
     e, c = np.polyfit(lx, ly, 1)
@@ -98,7 +105,9 @@ def isoflop_fit(rows: list[dict]) -> dict:
         except FitError as e:
             problems.append(str(e))
     out: dict = {"minima": minima, "problems": problems}
-    if len(minima) >= 2:
+    if len(minima) < MIN_BUDGETS:
+        problems.append(f"IsoFLOP minima at {len(minima)} budget(s): the power laws need {MIN_BUDGETS}")
+    else:
         cs = np.array([m.budget for m in minima])
         out["n_opt"] = power_law(cs, [m.n_opt for m in minima])
         out["d_opt"] = power_law(cs, [m.d_opt for m in minima])
