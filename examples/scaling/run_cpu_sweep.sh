@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CPU-scale IsoFLOP sweep of docs/SCALING.md: 5 budgets x 5 shapes x {MDM, ARM} on Tiny Shakespeare
-# (50 runs; about 15 minutes on an idle 2-core machine).
+# (50 runs; about 25 minutes on an idle 2-core machine, estimated from the measured runs).
 #
 #   bash examples/scaling/run_cpu_sweep.sh [WORK_DIR]        # default outputs/scaling_cpu
 #
