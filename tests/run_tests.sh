@@ -13,15 +13,15 @@ cd "$(dirname "$0")/.."
 MCORE="${MDM_MCORE:-both}"
 case "$MCORE" in 0.16|0.19|both) ;; *) echo "MDM_MCORE must be 0.16, 0.19 or both, not '$MCORE'" >&2; exit 2 ;; esac
 
-# The 0.19 subset: one or two representative tests per area (keep it under ~6 minutes on 2 cores).
+# The 0.19 subset: one or two representative tests per area (resharding is covered by the HF parity fixture,
+# which loads TP2/PP2 checkpoints at TP1). 33 tests took 54 min on the 2-core box at load average 30-90;
+# ~3x less at load ~5 (estimate ~8-10 min idle): keep it small.
 SUBSET_019=(
   tests/test_compat.py
   tests/test_model.py
   "tests/test_training.py::test_optimizer_steps_reduce_loss_on_memorisable_batch[mdm]"
-  tests/test_training.py::test_nonfinite_steps_are_skipped_then_stop
   tests/test_checkpoint.py::test_resume_is_bit_exact
   tests/test_checkpoint.py::test_async_save_resumes_exactly
-  "tests/test_checkpoint.py::test_resharded_resume[layout0]"
   "tests/test_parallel.py::test_tp2_and_pp2_match_single_process[mdm]"
   tests/test_parallel.py::test_dp2_equals_one_process_with_doubled_batch
   "tests/test_hf_convert.py::test_megatron_vs_exported_hf_logits"
