@@ -14,8 +14,8 @@ MCORE="${MDM_MCORE:-both}"
 case "$MCORE" in 0.16|0.19|both) ;; *) echo "MDM_MCORE must be 0.16, 0.19 or both, not '$MCORE'" >&2; exit 2 ;; esac
 
 # The 0.19 subset: one or two representative tests per area (resharding is covered by the HF parity fixture,
-# which loads TP2/PP2 checkpoints at TP1). 33 tests took 54 min on the 2-core box at load average 30-90;
-# ~3x less at load ~5 (estimate ~8-10 min idle): keep it small.
+# which loads TP2/PP2 checkpoints at TP1). Measured: 31 tests in 11 min on the 2-core box at load average
+# ~5-8 (other jobs running); 54 min at load 30-90: keep it small.
 SUBSET_019=(
   tests/test_compat.py
   tests/test_model.py
