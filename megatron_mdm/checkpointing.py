@@ -18,7 +18,6 @@ moves only after every rank has finished writing.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import random
@@ -31,6 +30,8 @@ import torch
 from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+from megatron_mdm import compat
 
 log = logging.getLogger(__name__)
 
@@ -136,9 +137,7 @@ def _per_rank_objects(rng: Any, data_state: Any) -> dict:
 
 
 def _save_kwargs() -> dict:
-    params = inspect.signature(dist_checkpointing.save).parameters
-    # megatron-core >= 0.17 defaults to the nvrx async strategy (needs nvidia-resiliency-ext)
-    return {"async_strategy": "mcore"} if "async_strategy" in params else {}
+    return compat.dist_save_kwargs()  # megatron-core >= 0.17 defaults to nvrx (nvidia-resiliency-ext)
 
 
 def _sharding_metadata() -> dict:
@@ -209,7 +208,7 @@ def save_checkpoint(
         path.mkdir(parents=True)
     torch.distributed.barrier()
     meta = dict(meta, iteration=iteration, layout=_layout(),
-                megatron_core_version=_mcore_version())
+                megatron_core_version=compat.mcore_version())
     sd = build_state_dict(model_chunks, optimizer, scheduler, _rng_state(), data_state, meta)
 
     def finalize() -> None:
@@ -239,15 +238,6 @@ def save_checkpoint(
     log.info("saved checkpoint iteration %d to %s", iteration, path)
 
 
-def _mcore_version() -> str:
-    try:
-        from megatron.core.package_info import __version__
-
-        return __version__
-    except ImportError:  # pragma: no cover
-        return "unknown"
-
-
 def _write_tracker(root: Path, iteration: int) -> None:
     tmp = root / (TRACKER + ".tmp")
     tmp.write_text(f"{iteration}\n")
@@ -264,7 +254,7 @@ def _prune(root: Path, keep_last: int) -> None:
 
 def load_meta(path: str | os.PathLike) -> dict:
     """The common ``meta`` of a checkpoint directory (iteration, config, layout, ...)."""
-    common = dist_checkpointing.load_common_state_dict(str(path))
+    common = compat.load_common_state(path)  # + the megatron-core version check (0.16 vs 0.19)
     if "meta" not in common:
         raise CheckpointError(f"{path}: not a megatron-mdm checkpoint (no 'meta' in its common state)")
     return common["meta"]
