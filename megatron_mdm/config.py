@@ -79,6 +79,10 @@ class ModelConfig:
     """How full recomputation groups layers."""
     recompute_num_layers: int = 1
     """Layers per recomputation group (full recomputation)."""
+    masked_only_logits: bool = False
+    """Run the output layer and the cross-entropy only on positions with a nonzero loss weight (the
+    masked ones for MDM), gathered before the head: same loss and gradients, less work (training and
+    validation; see docs/BENCHMARKS.md)."""
 
 
 @dataclass
