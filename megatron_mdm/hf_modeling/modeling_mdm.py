@@ -111,7 +111,9 @@ class MDMModel(MDMPreTrainedModel, LlamaModel):
         position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)
         extra = {}
         if cache is not None:
-            extra[_cache_kwarg(self.layers[0])] = cache
+            if not hasattr(self, "_cache_kw"):
+                self._cache_kw = _cache_kwarg(self.layers[0])
+            extra[self._cache_kw] = cache
         for layer in self.layers[: self.config.num_hidden_layers]:
             hidden = layer(hidden, attention_mask=mask, position_ids=position_ids,
                            position_embeddings=position_embeddings, is_causal=False, **extra)
