@@ -12,6 +12,9 @@ attention for MDM, half for the causal ARM). MFU needs the device's peak: detect
 else ``--peak-tflops``; on CPU none is printed (and the TFLOP/s of a masked-only-logits variant count
 the full head's FLOPs: a like-for-like rate of the same step).
 
+``CPU s`` is the median process CPU time per step (slowest rank): on a shared CPU machine it is far less
+inflated by other jobs than wall time (on a GPU it only measures the host).
+
 ``--masked-only-logits both`` adds, for each objective, a variant with the output layer and the
 cross-entropy on the positions with a nonzero loss weight only (``+masked`` in the table), timed in the
 same interleaved repetitions: the MDM's head then works on the masked fraction t ~ U(eps, 1) of the
@@ -151,16 +154,19 @@ def main(argv=None) -> int:
     def timed_step(obj: str) -> float:
         torch.distributed.barrier()
         sync()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = trainers[obj].train_step()
         sync()
-        dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64, device=runtime.device())
+        dt = torch.tensor([time.perf_counter() - t0, time.process_time() - c0], dtype=torch.float64,
+                          device=runtime.device())
         torch.distributed.all_reduce(dt, op=torch.distributed.ReduceOp.MAX)  # the slowest rank sets the pace
         if not (out["loss"] == out["loss"]):
             raise RuntimeError(f"{obj}: non-finite loss")
-        return dt.item()
+        cpu_times[obj].append(dt[1].item())
+        return dt[0].item()
 
     names = list(trainers)
+    cpu_times = {obj: [] for obj in names}  # process CPU time per step (less inflated by a shared machine)
     for _ in range(args.warmup):
         for obj in names:
             timed_step(obj)
@@ -186,6 +192,7 @@ def main(argv=None) -> int:
         tflops = flops / med / world / 1e12
         results["objectives"][obj] = {
             "step_time_s_median": med, "step_time_s_min": min(ts), "step_time_s_max": max(ts),
+            "cpu_time_s_median": statistics.median(cpu_times[obj][args.warmup:]),
             "tokens_per_sec": tokens / med, "tflops_per_device": tflops,
             "mfu": tflops / peak if peak else None,
         }
@@ -197,19 +204,21 @@ def main(argv=None) -> int:
               f"{'bf16' if args.bf16 else 'fp32'}{', fp8 ' + args.fp8_format if args.fp8_format else ''}, "
               f"{device}; {args.steps} interleaved steps per objective")
         print(f"vocabulary {vocab}, masked-only logits: {args.masked_only_logits}")
-        print(f"{'objective':>10} | {'median step s':>13} | {'min':>7} | {'max':>7} | {'tokens/s':>10} | "
-              f"{'TFLOP/s/dev':>11} | MFU")
+        print(f"{'objective':>10} | {'median step s':>13} | {'min':>7} | {'max':>7} | {'CPU s':>7} | "
+              f"{'tokens/s':>10} | {'TFLOP/s/dev':>11} | MFU")
         for obj, r in results["objectives"].items():
             mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a (peak unknown)"
             print(f"{obj:>10} | {r['step_time_s_median']:13.4f} | {r['step_time_s_min']:7.4f} | "
-                  f"{r['step_time_s_max']:7.4f} | {r['tokens_per_sec']:10,.0f} | "
+                  f"{r['step_time_s_max']:7.4f} | {r['cpu_time_s_median']:7.4f} | {r['tokens_per_sec']:10,.0f} | "
                   f"{r['tflops_per_device']:11.4f} | {mfu}")
         objs = results["objectives"]
         for a, b in (("mdm", "arm"), ("mdm+masked", "mdm"), ("mdm+masked", "arm"), ("arm+masked", "arm")):
             if a in objs and b in objs:
                 ratio = objs[a]["step_time_s_median"] / objs[b]["step_time_s_median"]
+                cpu_ratio = objs[a]["cpu_time_s_median"] / objs[b]["cpu_time_s_median"]
                 results[f"{a} / {b} step time"] = ratio
-                print(f"{a.upper()} / {b.upper()} median step time: {ratio:.3f}")
+                results[f"{a} / {b} cpu time"] = cpu_ratio
+                print(f"{a.upper()} / {b.upper()} median step time: {ratio:.3f} (process CPU time: {cpu_ratio:.3f})")
         if "mdm_over_arm_step_time" not in results and "mdm / arm step time" in results:
             results["mdm_over_arm_step_time"] = results["mdm / arm step time"]
         if args.json:
