@@ -279,7 +279,8 @@ def test_forwards_per_row_with_eos():
         lg[0, 2, eos] = 50.0
         return lg
 
-    out = generate(rigged, [[0, 0], [0, 0]], gen_length=8, steps=8, block_length=4, mask_id=MASK, eos_id=eos)
+    out = generate(rigged, [[0, 0], [0, 0]], gen_length=8, steps=8, block_length=4, mask_id=MASK, eos_id=eos,
+                   progress=True)  # the bar is off without a terminal; its updates still run
     assert out.forwards_per_row == [1, 8] and out.num_forward == 8
     assert out.completions() == [[], [1] * 8]
 
