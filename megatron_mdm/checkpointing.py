@@ -118,16 +118,20 @@ def _layout() -> dict:
 
 
 def _per_rank_objects(rng: Any, data_state: Any) -> dict:
-    """Objects kept per rank (RNG: per TP/PP rank of every DP replica) and per DP rank (loader)."""
+    """Objects kept per rank (RNG: per TP/PP rank of every DP x CP rank) and per DP rank (loader)."""
     tp, pp, dp = (ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
                   ps.get_data_parallel_rank())
     tps, pps, dps = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
                      ps.get_data_parallel_world_size())
-    out = {"rng_state": ShardedObject("rng_state", rng, (pps, tps, dps), (pp, tp, dp), replica_id=0)}
+    cp = ps.get_context_parallel_rank()
+    # the RNG grid's last axis is the DP x CP rank (equal to the DP rank at CP=1, as before)
+    dpcp, dpcps = (ps.get_data_parallel_rank(with_context_parallel=True),
+                   ps.get_data_parallel_world_size(with_context_parallel=True))
+    out = {"rng_state": ShardedObject("rng_state", rng, (pps, tps, dpcps), (pp, tp, dpcp), replica_id=0)}
     if data_state is not None:
-        # identical on every TP/PP rank of one replica: only the first of them writes it
+        # identical on every TP/PP/CP rank of one replica: only the first of them writes it
         out["data_state"] = ShardedObject("data_state", data_state, (dps,), (dp,),
-                                          replica_id=tp + tps * pp)
+                                          replica_id=tp + tps * (pp + pps * cp))
     return out
 
 

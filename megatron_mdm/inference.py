@@ -14,10 +14,18 @@ Its ``forward`` also takes
   pre-hook on each layer's ``self_attention.core_attention`` hands the layer's fresh K/V
   (``[s, b, kv_heads, d]``, after RoPE) to ``cache.update`` and attends to what it returns.
 
+A model trained with ``--shift-logits`` (output i predicts token i + 1) is wrapped with ``shift=True``:
+its outputs are re-aligned so that entry i predicts token i (the hidden states are shifted before the
+head, ``objective.shift_logits``' convention; decoders then widen their windows by one position).
+
 ``megatron_logits_fn(chunks)`` is the same object (historical name). ``load_megatron_for_inference(
 load_dir)`` starts a world-size-1 gloo group when none exists, builds the model at TP1/PP1 from the
 checkpoint's config, loads the weights (from any saved TP/PP layout) and returns ``(logits_fn, cfg,
 tokenizer_or_None)``.
+
+Security: a Megatron checkpoint is read with torch's distributed-checkpoint reader, which unpickles its
+``.metadata`` file; unpickling runs code, so load checkpoints from trusted sources only (an exported
+safetensors directory is the safe form to share).
 """
 
 from __future__ import annotations
@@ -93,11 +101,13 @@ class MegatronForward(ModelForward):
 
     Args:
         model_chunks: ``build_model`` output; exactly one chunk holding every layer.
+        shift: the model predicts token i + 1 at output i (``--shift-logits``): re-align its outputs.
     """
 
     supports_cache = True
 
-    def __init__(self, model_chunks: list):
+    def __init__(self, model_chunks: list, shift: bool = False):
+        self.shift = shift
         if len(model_chunks) != 1:
             raise ValueError("megatron_logits_fn needs one model chunk (TP1/PP1, no virtual pipeline)")
         self.model = unwrap(model_chunks[0])
@@ -118,7 +128,7 @@ class MegatronForward(ModelForward):
         position_ids = torch.arange(start, start + s, device=device).unsqueeze(0).expand(b, s)
         positions = Positions.from_mask(select) if isinstance(select, torch.Tensor) else select
         try:
-            with _rope_offset(model, start), _kv_hooks(model, cache), select_output(model, positions):
+            with _rope_offset(model, start), _kv_hooks(model, cache), select_output(model, positions, self.shift):
                 logits = model(ids, position_ids, None)  # [b, s', padded_vocab] or [1, n, padded_vocab]
         finally:
             model.train(was_training)
@@ -149,7 +159,7 @@ def load_megatron_for_inference(load_dir: str | os.PathLike, iteration: int | No
         (with the parallel layout set to 1) and its ``MDMTokenizer`` or None when it has none.
     """
     from megatron_mdm import checkpointing, runtime
-    from megatron_mdm.hf_io import ensure_single_process_world
+    from megatron_mdm.hf import ensure_single_process_world
     from megatron_mdm.model import build_model
 
     path = checkpointing.resolve_checkpoint(load_dir, iteration)
@@ -170,7 +180,8 @@ def load_megatron_for_inference(load_dir: str | os.PathLike, iteration: int | No
         from megatron_mdm.tokenization import MDMTokenizer
 
         tokenizer = MDMTokenizer.load(path / "tokenizer")
-    return megatron_logits_fn(chunks), local, tokenizer
+    # a shifted model (--shift-logits) predicts token i + 1 at output i: decoders get aligned logits
+    return MegatronForward(chunks, shift=cfg.objective.shift_logits), local, tokenizer
 
 
 def _checkpoint_vocab_rows(path: Path) -> int:

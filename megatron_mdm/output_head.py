@@ -81,17 +81,19 @@ def _select_rows(hidden: torch.Tensor, select) -> torch.Tensor:
 
 
 @contextmanager
-def select_output(model: torch.nn.Module, select):
+def select_output(model: torch.nn.Module, select, shift: bool = False):
     """While active, the model's output layer computes logits only at ``select``.
 
     Args:
         model: a ``GPTModel`` (wrappers are looked through); a no-op for a stage without output layer.
         select: a slice of sequence positions, or :class:`Positions` (then logits come back as
             ``[1, n, V]``, per-token losses as ``[1, n]``); None selects everything.
+        shift: re-align a ``--shift-logits`` model for inference: entry i gets the hidden state of
+            position i - 1 (entry 0 its own), as ``objective.shift_logits`` does to logits.
     """
     core = unwrap(model)
     layer = getattr(core, "output_layer", None) if getattr(core, "post_process", False) else None
-    if select is None or layer is None:
+    if (select is None and not shift) or layer is None:
         yield
         return
 
@@ -102,7 +104,9 @@ def select_output(model: torch.nn.Module, select):
         sp = bool(getattr(module, "sequence_parallel", False))
         if sp:  # the head's input is split along the sequence over TP ranks: gather, select, re-split
             hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
-        rows = _select_rows(hidden, select)
+        if shift:
+            hidden = torch.cat([hidden[:1], hidden[:-1]], dim=0)  # [s, b, h]
+        rows = hidden if select is None else _select_rows(hidden, select)
         if sp:
             rows = tensor_parallel.scatter_to_sequence_parallel_region(rows)
         return (rows, *args[1:]), kwargs
@@ -142,5 +146,5 @@ def forward_at_loss_positions(model: torch.nn.Module, batch, position_ids: torch
     labels = pos.gather(batch.labels)[None]  # [1, n_pad]
     weights = torch.where(pos.valid.to(batch.weights.device), pos.gather(batch.weights), 0.0)[None]
     with select_output(model, pos):
-        output = model(batch.inputs, position_ids, None, labels=labels)
+        output = model(batch.inputs, position_ids, getattr(batch, "attention_mask", None), labels=labels)
     return output, dataclasses.replace(batch, labels=labels, weights=weights)

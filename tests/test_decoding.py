@@ -235,6 +235,37 @@ def cache_dual(fn, x, lo, hi):
     return cache
 
 
+@pytest.mark.parametrize("shift", [False, True])
+def test_window_logits_of_the_loop_equal_its_full_forward(shift):
+    """The loop's window forwards (prefix, dual; CFG; a --shift-logits model, whose windows start one
+    position earlier) give the logits of its recording full forward when nothing changed in between."""
+    from megatron_mdm.decoding.loop import _BlockForward, _Settings
+
+    model = tiny_mdm(_seed(), sharp=3.0)
+    model.config.shift_logits = shift
+    fn = HFForward(model)
+    assert fn.shift == shift
+    x = torch.randint(0, MASK, (2, 20))
+    x[:, 12:] = MASK
+    pm = torch.zeros_like(x, dtype=torch.bool)
+    pm[:, :6] = True
+    for cache in ("prefix", "dual"):
+        for cfg_scale in (0.0, 1.5):
+            s = _Settings(12, 4, 4, 0.0, None, None, "low_confidence", cfg_scale, MASK, None, V, cache, None, None,
+                          None)
+            fwd = _BlockForward(fn, s, pm)
+            for lo in (0, 8, 12, 16):  # lo = 0: a shifted window cannot start earlier
+                full = fwd.logits(x, lo, lo + 4, refresh=True)  # [b, 4, V]
+                window = fwd.logits(x, lo, lo + 4, refresh=False)
+                assert torch.allclose(window, full, atol=1e-5), (cache, cfg_scale, lo)
+    if shift:  # entry i comes from the network's output at position i - 1
+        s = _Settings(12, 4, 4, 0.0, None, None, "low_confidence", 0.0, MASK, None, V, "dual", None, None, None)
+        aligned = _BlockForward(fn, s, pm).logits(x, 8, 12, refresh=True)[..., :MASK]
+        model.config.shift_logits = False
+        raw = HFForward(model)(x)[:, 7:11, :MASK]
+        assert torch.allclose(aligned, raw, atol=1e-5)
+
+
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
 def test_cache_refreshed_every_step_equals_no_cache(cache):
     seed = _seed()
@@ -346,10 +377,10 @@ def test_cli_generate_bad_decoding_flags_one_line(tmp_path, capsys):
     for flags, msg in ((["--threshold", "0.5", "--factor", "1"], "threshold and factor"),
                        (["--threshold", "0.5", "--remasking", "random"], "remasking"),
                        (["--block-length", "3"], "block_length")):
-        with pytest.raises(SystemExit) as e:  # before the model is loaded: the directory need not exist
-            main(["--model", str(tmp_path / "none"), "--gen-length", "8", *flags])
+        # checked before the model is loaded: the directory need not exist
+        assert main(["--model", str(tmp_path / "none"), "--gen-length", "8", *flags]) == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert e.value.code == 2 and err[-1].startswith("mdm-generate: error:") and msg in err[-1]
+        assert len(err) == 1 and err[0].startswith("mdm-generate: error:") and msg in err[0]
 
 
 # ---- the Megatron backend ------------------------------------------------------------------------

@@ -3,12 +3,17 @@
 Fast decoding: ``--cache prefix|dual`` (Fast-dLLM's block KV caches) and ``--threshold`` / ``--factor``
 (parallel unmasking) cut the forwards; ``--json`` reports each sample's forward count. A progress bar
 (unmasked tokens) goes to stderr when it is a terminal.
+
+A bad input (a missing ``--model`` directory, a model that ships code without ``--trust-remote-code``,
+inconsistent decoding flags) is one line on stderr and exit status 2. With ``--json`` stdout holds only
+the JSON lines.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import torch
 
@@ -18,6 +23,11 @@ from megatron_mdm.decoding import CACHE_MODES, REMASKING
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mdm-generate", description=__doc__)
     p.add_argument("--model", required=True, help="Hugging Face directory (mdm-convert to-hf output)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a model directory that is not our own export to run the Python code it ships "
+                        "(auto_map); it runs with your permissions, so only for sources you trust")
+    p.add_argument("--allow-download", action="store_true",
+                   help="fetch --model from the Hugging Face hub when it is a hub id missing from the local cache")
     p.add_argument("--prompt", action="append", default=[], help="prompt text; repeat for a batch")
     p.add_argument("--gen-length", type=int, default=64, help="generated positions per prompt")
     p.add_argument("--steps", type=int, default=64, help="sampling iterations (a multiple of the blocks)")
@@ -46,24 +56,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     from megatron_mdm.decoding.loop import check_settings
-    from megatron_mdm.evaluation.loading import load_logits_fn
+    from megatron_mdm.evaluation.loading import EvalInputError, load_logits_fn
 
-    try:  # inconsistent decoding flags: one line, exit 2, before loading the model
+    try:  # inconsistent decoding flags: before the model loads
         check_settings(args.gen_length, args.steps, args.block_length, args.temperature, args.remasking, args.cache,
                        args.threshold, args.factor, args.refresh_interval)
     except ValueError as e:
-        parser.error(str(e))
+        print(f"mdm-generate: error: {e}", file=sys.stderr)
+        return 2
 
-    logits_fn, tok, mask_id, vocab_size = load_logits_fn(args.model, args.device)
+    try:
+        logits_fn, tok, mask_id, vocab_size = load_logits_fn(
+            args.model, args.device, trust_remote_code=args.trust_remote_code, allow_download=args.allow_download)
+    except EvalInputError as e:
+        print(f"mdm-generate: error: {e}", file=sys.stderr)
+        return 2
     prompts = args.prompt or [""]
     eos_id = None if args.no_eos_stop else getattr(tok, "eos_id", None)
     try:
         out = _generate(args, logits_fn, tok, prompts, mask_id, vocab_size, eos_id)
     except ValueError as e:  # e.g. --cache on a model without KV cache support
-        parser.error(str(e))
+        print(f"mdm-generate: error: {e}", file=sys.stderr)
+        return 2
     for prompt, ids, n in zip(prompts, out.completions(), out.forwards_per_row):
         text = tok.decode(ids)
         print(json.dumps({"prompt": prompt, "completion": text, "ids": ids, "forwards": n}) if args.json

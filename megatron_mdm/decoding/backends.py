@@ -31,6 +31,7 @@ class HFForward(ModelForward):
         params = inspect.signature(model.forward).parameters
         self._keeps = "logits_to_keep" in params
         self.supports_cache = "past_key_values" in params and self._keeps
+        self.shift = bool(getattr(getattr(model, "config", None), "shift_logits", False))  # re-aligned in the model
 
     def forward(self, input_ids: torch.Tensor, select: Select = None, start: int = 0, cache=None) -> torch.Tensor:
         kwargs = {}

@@ -55,6 +55,9 @@ class ModelForward:
     """
 
     supports_cache: bool = False
+    shift: bool = False
+    """True for a ``--shift-logits`` model: entry i is computed from position i - 1 (decoders widen
+    their windows by one position on the left)."""
 
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.forward(input_ids)

@@ -129,16 +129,18 @@ class _BlockForward:
     def logits(self, x: torch.Tensor, lo: int, hi: int, refresh: bool) -> torch.Tensor:
         """Guided, clipped logits [g, hi - lo, V] of the block ``[lo, hi)`` of x [g, L]."""
         s, L = self.s, x.shape[1]
+        # a shifted model (--shift-logits) gets entry i from position i - 1: windows start one earlier
+        ws = max(lo - 1, 0) if getattr(self.model, "shift", False) else lo
         if self.cache is None or refresh:
             if self.cache is not None:
-                self.cache.record(lo, hi if s.cache == "dual" else None)
+                self.cache.record(ws, hi if s.cache == "dual" else None)
             start, ids, sel = 0, x, slice(lo, hi)
         elif s.cache == "prefix":
-            self.cache.window(lo, L)
-            start, ids, sel = lo, x[:, lo:], slice(0, hi - lo)
+            self.cache.window(ws, L)
+            start, ids, sel = ws, x[:, ws:], slice(lo - ws, hi - ws)
         else:  # dual
-            self.cache.window(lo, hi)
-            start, ids, sel = lo, x[:, lo:hi], None
+            self.cache.window(ws, hi)
+            start, ids, sel = ws, x[:, ws:hi], (slice(lo - ws, hi - ws) if ws < lo else None)
         pm = self.prompt_mask[:, start : start + ids.shape[1]]
         return model_logits(self.model, ids, s.mask_id, s.vocab_size, s.cfg_scale, pm, select=sel, start=start,
                             cache=self.cache)

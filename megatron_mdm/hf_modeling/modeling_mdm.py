@@ -8,7 +8,10 @@ SwiGLU), so the numerics are those of ``LlamaModel``; the differences are:
   only), so each position attends to the whole sequence, as the Megatron MDM was trained;
 * ``MDMForMaskedLM`` returns logits ``[batch, seq, vocab]`` for every position, or only for the
   positions in ``logits_to_keep`` (the last n, a slice, an index tensor, or a bool mask [b, s] giving
-  ``[n, vocab]``): a diffusion sampler needs the current block, a likelihood the masked positions.
+  ``[n, vocab]``): a diffusion sampler needs the current block, a likelihood the masked positions;
+* options of adapted models: q/k/v biases (``qkv_bias``, from Qwen2) and the shifted prediction
+  (``shift_logits``: the outputs are re-aligned so that entry i predicts token i: entry i is the head
+  applied to the hidden state of position i - 1, entry 0 to its own).
 
 **Per-layer K/V (``past_key_values``).** Block decoding (Fast-dLLM's prefix and dual caches) runs a
 window of the sequence, ``input_ids`` = positions ``[start, start + q)`` with ``position_ids`` to match,
@@ -19,6 +22,8 @@ the K/V it returns, in any order of positions (attention is bidirectional: no ma
 object is updated in place (as transformers' caches are; it is not repeated in the output, whose
 cache field is named differently across transformers versions). A ``transformers.DynamicCache``
 works as a plain prefix cache (it appends); megatron-mdm's ``decoding.KVCache`` keeps prefix and suffix.
+With ``shift_logits``, entry 0 of a window that does not start the sequence has no previous position in
+the window: ask for windows one position wider on the left.
 """
 
 import inspect
@@ -81,6 +86,10 @@ class MDMModel(MDMPreTrainedModel, LlamaModel):
         LlamaModel.__init__(self, config)
         for layer in self.layers:
             layer.self_attn.is_causal = False
+            if getattr(config, "qkv_bias", False):  # Qwen2: biases on q/k/v only (o_proj has none)
+                for name in ("q_proj", "k_proj", "v_proj"):
+                    old = getattr(layer.self_attn, name)
+                    setattr(layer.self_attn, name, nn.Linear(old.in_features, old.out_features, bias=True))
 
     def forward(
         self,
@@ -159,6 +168,8 @@ class MDMForMaskedLM(MDMPreTrainedModel):
         cache = kwargs.pop("cache", None) if past_key_values is None else past_key_values
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                             inputs_embeds=inputs_embeds, past_key_values=cache).last_hidden_state
+        if getattr(self.config, "shift_logits", False):  # output i predicts i + 1: entry i gets output i - 1
+            hidden = torch.cat([hidden[:, :1], hidden[:, :-1]], dim=1)
         logits = self.lm_head(_keep_positions(hidden, logits_to_keep))
         loss = None
         if labels is not None:
