@@ -9,12 +9,23 @@ the 1/t weights) should cost ~nothing next to the forward/backward.
 
 FLOPs per step are ``model.flops_per_sequence`` x global batch (6·N·S + head + attention; full S²
 attention for MDM, half for the causal ARM). MFU needs the device's peak: detected for H100/H200/A100,
-else ``--peak-tflops``; on CPU none is printed.
+else ``--peak-tflops``; on CPU none is printed (and the TFLOP/s of a masked-only-logits variant count
+the full head's FLOPs: a like-for-like rate of the same step).
+
+``CPU s`` is the median process CPU time per step (slowest rank): on a shared CPU machine it is far less
+inflated by other jobs than wall time (on a GPU it only measures the host).
+
+``--masked-only-logits both`` adds, for each objective, a variant with the output layer and the
+cross-entropy on the positions with a nonzero loss weight only (``+masked`` in the table), timed in the
+same interleaved repetitions: the MDM's head then works on the masked fraction t ~ U(eps, 1) of the
+positions (half on average); the ARM's on all but the last.
 
     torchrun --nproc-per-node 2 benchmarks/bench_train.py --preset quickstart --seq-length 128 \
         --micro-batch-size 16 --tensor-model-parallel-size 2 --steps 20
     torchrun --nproc-per-node 1 benchmarks/bench_train.py --preset smdm-1.1b --seq-length 2048 \
         --micro-batch-size 8 --global-batch-size 64 --bf16 --vocab-size 32000 --objectives mdm arm
+    torchrun --nproc-per-node 1 benchmarks/bench_train.py --preset quickstart --vocab-size 128000 \
+        --masked-only-logits both --objectives mdm arm
 """
 
 from __future__ import annotations
@@ -59,6 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10, help="timed steps per objective")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per objective first")
     p.add_argument("--objectives", nargs="+", default=["mdm", "arm"], choices=["mdm", "arm"])
+    p.add_argument("--masked-only-logits", default="off", choices=["off", "on", "both"],
+                   help="head and cross-entropy only where the loss weight is nonzero; both = time each way")
     p.add_argument("--vocab-size", type=int, default=2048, help="tokenizer vocabulary (mask and pad at the end)")
     p.add_argument("--tensor-model-parallel-size", type=int, default=1)
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
@@ -121,37 +134,45 @@ def main(argv=None) -> int:
     vocab, mask_id, pad_id = args.vocab_size, args.vocab_size - 1, args.vocab_size - 2
     dp_rank = ps.get_data_parallel_rank()
 
-    trainers = {}
+    trainers, causal = {}, {}
+    masked_modes = {"off": [False], "on": [True], "both": [False, True]}[args.masked_only_logits]
     for obj in args.objectives:
-        ocfg = dataclasses.replace(cfg, objective=dataclasses.replace(cfg.objective, objective=obj))
-        loader = RandomTokens(vocab - 2, cfg.data.seq_length, cfg.optim.micro_batch_size, seed=100 + dp_rank)
-        destroy_num_microbatches_calculator()
-        t = Trainer(ocfg, vocab, mask_id, pad_id, loader)
-        t._train_iter = iter(loader)
-        for m in t.model:
-            m.train()
-        trainers[obj] = t
+        for masked in masked_modes:
+            ocfg = dataclasses.replace(cfg, objective=dataclasses.replace(cfg.objective, objective=obj),
+                                       model=dataclasses.replace(cfg.model, masked_only_logits=masked))
+            loader = RandomTokens(vocab - 2, cfg.data.seq_length, cfg.optim.micro_batch_size, seed=100 + dp_rank)
+            destroy_num_microbatches_calculator()
+            t = Trainer(ocfg, vocab, mask_id, pad_id, loader)
+            t._train_iter = iter(loader)
+            for m in t.model:
+                m.train()
+            name = obj + ("+masked" if masked and args.masked_only_logits == "both" else "")
+            trainers[name], causal[name] = t, obj == "arm"
 
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
 
     def timed_step(obj: str) -> float:
         torch.distributed.barrier()
         sync()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = trainers[obj].train_step()
         sync()
-        dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64, device=runtime.device())
+        dt = torch.tensor([time.perf_counter() - t0, time.process_time() - c0], dtype=torch.float64,
+                          device=runtime.device())
         torch.distributed.all_reduce(dt, op=torch.distributed.ReduceOp.MAX)  # the slowest rank sets the pace
         if not (out["loss"] == out["loss"]):
             raise RuntimeError(f"{obj}: non-finite loss")
-        return dt.item()
+        cpu_times[obj].append(dt[1].item())
+        return dt[0].item()
 
+    names = list(trainers)
+    cpu_times = {obj: [] for obj in names}  # process CPU time per step (less inflated by a shared machine)
     for _ in range(args.warmup):
-        for obj in args.objectives:
+        for obj in names:
             timed_step(obj)
-    times = {obj: [] for obj in args.objectives}
+    times = {obj: [] for obj in names}
     for rep in range(args.steps):
-        order = args.objectives if rep % 2 == 0 else list(reversed(args.objectives))
+        order = names if rep % 2 == 0 else list(reversed(names))
         for obj in order:
             times[obj].append(timed_step(obj))
 
@@ -162,14 +183,16 @@ def main(argv=None) -> int:
         "preset": args.preset, "seq_length": cfg.data.seq_length, "micro_batch_size": cfg.optim.micro_batch_size,
         "global_batch_size": cfg.optim.global_batch_size, "world_size": world,
         "tp": cfg.parallel.tensor_model_parallel_size, "pp": cfg.parallel.pipeline_model_parallel_size,
-        "bf16": args.bf16, "fp8": args.fp8_format, "device": device, "steps": args.steps, "objectives": {},
+        "bf16": args.bf16, "fp8": args.fp8_format, "device": device, "steps": args.steps, "vocab_size": vocab,
+        "masked_only_logits": args.masked_only_logits, "objectives": {},
     }
     for obj, ts in times.items():
         med = statistics.median(ts)
-        flops = flops_per_sequence(cfg, vocab, causal=obj == "arm") * cfg.optim.global_batch_size
+        flops = flops_per_sequence(cfg, vocab, causal=causal[obj]) * cfg.optim.global_batch_size
         tflops = flops / med / world / 1e12
         results["objectives"][obj] = {
             "step_time_s_median": med, "step_time_s_min": min(ts), "step_time_s_max": max(ts),
+            "cpu_time_s_median": statistics.median(cpu_times[obj][args.warmup:]),
             "tokens_per_sec": tokens / med, "tflops_per_device": tflops,
             "mfu": tflops / peak if peak else None,
         }
@@ -180,18 +203,24 @@ def main(argv=None) -> int:
               f"{cfg.optim.global_batch_size}, world {world} (TP {results['tp']}, PP {results['pp']}), "
               f"{'bf16' if args.bf16 else 'fp32'}{', fp8 ' + args.fp8_format if args.fp8_format else ''}, "
               f"{device}; {args.steps} interleaved steps per objective")
-        print(f"{'objective':>9} | {'median step s':>13} | {'min':>7} | {'max':>7} | {'tokens/s':>10} | "
-              f"{'TFLOP/s/dev':>11} | MFU")
+        print(f"vocabulary {vocab}, masked-only logits: {args.masked_only_logits}")
+        print(f"{'objective':>10} | {'median step s':>13} | {'min':>7} | {'max':>7} | {'CPU s':>7} | "
+              f"{'tokens/s':>10} | {'TFLOP/s/dev':>11} | MFU")
         for obj, r in results["objectives"].items():
             mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a (peak unknown)"
-            print(f"{obj:>9} | {r['step_time_s_median']:13.4f} | {r['step_time_s_min']:7.4f} | "
-                  f"{r['step_time_s_max']:7.4f} | {r['tokens_per_sec']:10,.0f} | "
+            print(f"{obj:>10} | {r['step_time_s_median']:13.4f} | {r['step_time_s_min']:7.4f} | "
+                  f"{r['step_time_s_max']:7.4f} | {r['cpu_time_s_median']:7.4f} | {r['tokens_per_sec']:10,.0f} | "
                   f"{r['tflops_per_device']:11.4f} | {mfu}")
-        if "mdm" in times and "arm" in times:
-            objs = results["objectives"]
-            ratio = objs["mdm"]["step_time_s_median"] / objs["arm"]["step_time_s_median"]
-            results["mdm_over_arm_step_time"] = ratio
-            print(f"MDM / ARM median step time: {ratio:.3f}")
+        objs = results["objectives"]
+        for a, b in (("mdm", "arm"), ("mdm+masked", "mdm"), ("mdm+masked", "arm"), ("arm+masked", "arm")):
+            if a in objs and b in objs:
+                ratio = objs[a]["step_time_s_median"] / objs[b]["step_time_s_median"]
+                cpu_ratio = objs[a]["cpu_time_s_median"] / objs[b]["cpu_time_s_median"]
+                results[f"{a} / {b} step time"] = ratio
+                results[f"{a} / {b} cpu time"] = cpu_ratio
+                print(f"{a.upper()} / {b.upper()} median step time: {ratio:.3f} (process CPU time: {cpu_ratio:.3f})")
+        if "mdm_over_arm_step_time" not in results and "mdm / arm step time" in results:
+            results["mdm_over_arm_step_time"] = results["mdm / arm step time"]
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(results, f, indent=1)

@@ -107,6 +107,10 @@ class ModelConfig:
     position_padding_idx: Optional[int] = None
     """RoBERTa/XLM-R position ids: non-pad tokens are numbered from this id + 1 and pad tokens get this id
     (the pad token id); None numbers positions 0..s-1."""
+    masked_only_logits: bool = False
+    """Run the output layer and the cross-entropy only on positions with a nonzero loss weight (the
+    masked ones for MDM), gathered before the head: same loss and gradients, less work (training and
+    validation; see docs/BENCHMARKS.md)."""
 
 
 @dataclass
@@ -471,7 +475,7 @@ def from_args(args: argparse.Namespace, presets: Optional[dict] = None) -> Confi
 
 ARCHITECTURE_FREE = ("preset", "transformer_impl", "attention_backend", "fp8_format", "fp8_recipe",
                      "fp8_amax_history_len", "first_last_layers_bf16", "recompute_granularity", "recompute_method",
-                     "recompute_num_layers", "init_method_std")
+                     "recompute_num_layers", "init_method_std", "masked_only_logits")
 """Model fields that do not change the weights' shapes or meaning: free to differ from a checkpoint's."""
 
 

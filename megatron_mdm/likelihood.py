@@ -4,7 +4,9 @@ All functions are pure, take a model-agnostic ``LogitsFn`` (input_ids [b, s] -> 
 draw randomness only from the ``torch.Generator`` passed in, and mask exactly as training does
 (``objective.sample_t`` and ``objective.forward_mask``: the project's single masking function).
 Logits at ids >= ``vocab_size`` are ignored and the mask token is never a prediction
-(``guidance.model_logits``).
+(``guidance.model_logits``). Logits are asked for the scored positions only, so a model that supports
+it (``decoding.logits.ModelForward``: the HF export, ``inference.MegatronForward``) runs its output head
+there only, as training does with ``--masked-only-logits``.
 
 **ELBO** (SMDM Eq. 3; the training loss): for x_0 with n eligible positions,
 
@@ -135,12 +137,16 @@ def _mc_weighted_nll(
 
 
 def _masked_nll_over_t(logits_fn, rows, noisy, masked, t_rows, eligible, mask_id, vocab_size, cfg_scale):
-    """sum_{i masked} -log p(rows[i] | noisy) / t for each row (float64, CPU): rows/noisy/masked [c, s]."""
+    """sum_{i masked} -log p(rows[i] | noisy) / t for each row (float64, CPU): rows/noisy/masked [c, s].
+
+    Logits are asked for the masked positions only (the head runs there only, when the model can)."""
     prompt_mask = ~eligible if cfg_scale != 0.0 else None
-    logits = model_logits(logits_fn, noisy, mask_id, vocab_size, cfg_scale, prompt_mask)  # [c, s, V]
-    nll = -_token_logprobs(logits, rows)  # [c, s]
-    nll = torch.where(masked, nll, torch.zeros_like(nll))  # unmasked terms (even inf) drop out
-    return (nll.sum(dim=1) / t_rows.double().to(nll.device)).cpu()
+    masked = masked.to(noisy.device)
+    logits = model_logits(logits_fn, noisy, mask_id, vocab_size, cfg_scale, prompt_mask, select=masked)  # [n, V]
+    nll = -_token_logprobs(logits, rows[masked].to(logits.device))  # [n]
+    row_of = masked.nonzero(as_tuple=True)[0].to(nll.device)  # [n] row of each masked entry
+    per_row = torch.zeros(rows.shape[0], dtype=nll.dtype, device=nll.device).index_add_(0, row_of, nll)
+    return (per_row / t_rows.double().to(nll.device)).cpu()
 
 
 def _mean_stderr(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -346,8 +352,10 @@ def chain_rule_loglik(
         for start in range(0, c, chunk):
             r = rows[start : start + chunk]
             j = pos[start : start + chunk]
-            logits = model_logits(logits_fn, r, mask_id, vocab_size, cfg_scale, prompt_mask.expand_as(r))
-            at = logits[torch.arange(r.shape[0]), p + j]  # [c', V]
+            at_pos = torch.zeros_like(r, dtype=torch.bool)
+            at_pos[torch.arange(r.shape[0]), p + j] = True  # row i scores position p + j_i
+            at = model_logits(logits_fn, r, mask_id, vocab_size, cfg_scale, prompt_mask.expand_as(r),
+                              select=at_pos)  # [c', V]
             total += float(_token_logprobs(at, seq[p + j]).sum())
             greedy &= bool((at.argmax(-1) == seq[p + j]).all())
         return LoglikResult(total, 0.0, greedy, c)
@@ -355,9 +363,11 @@ def chain_rule_loglik(
     x[p:] = mask_id
     total, greedy = 0.0, True
     for _ in range(c):
-        logits = model_logits(logits_fn, x[None], mask_id, vocab_size, cfg_scale, prompt_mask[None])[0]  # [s, V]
-        masked = (x == mask_id).nonzero(as_tuple=True)[0]  # [m]
-        logp = torch.log_softmax(logits[masked].double(), dim=-1)  # [m, V]
+        is_masked = x == mask_id  # [s]
+        logits = model_logits(logits_fn, x[None], mask_id, vocab_size, cfg_scale, prompt_mask[None],
+                              select=is_masked[None])  # [m, V]
+        masked = is_masked.nonzero(as_tuple=True)[0]  # [m]
+        logp = torch.log_softmax(logits.double(), dim=-1)  # [m, V]
         conf, pred = logp.max(dim=-1)  # confidence in the model's own argmax
         k = int(conf.argmax())  # first position among equally confident ones
         i = int(masked[k])

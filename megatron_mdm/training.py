@@ -44,6 +44,7 @@ from megatron_mdm.config import Config, ConfigError, num_train_iters
 from megatron_mdm.metrics import MetricsWriter, Throughput, format_line, memory_gib, peak_tflops
 from megatron_mdm.model import build_model, flops_per_sequence
 from megatron_mdm.objective import PreparedBatch, anneal_generator, build_objective, mask_generator
+from megatron_mdm.output_head import forward_at_loss_positions
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +144,12 @@ def stage_masks(objective, num_microbatches: int, seq_len: int, seed: int, itera
         yield _attention_mask(objective, seq_len, seed, iteration, first + mb, device)
 
 
-def forward_step(objective, data_iterator, model):
-    """Megatron ``forward_step_func``: run one micro-batch, return (output, loss function)."""
+def forward_step(objective, data_iterator, model, masked_only_logits: bool = False):
+    """Megatron ``forward_step_func``: run one micro-batch, return (output, loss function).
+
+    With ``masked_only_logits`` the output layer and cross-entropy run only where the loss weight is
+    nonzero (``output_head.forward_at_loss_positions``), after the context-parallel split.
+    """
     batch = next(data_iterator) if data_iterator is not None else None
     if not isinstance(batch, PreparedBatch):  # a middle pipeline stage: input comes from the previous stage
         output = model(None, None, batch)  # batch: this micro-batch's attention mask or None
@@ -162,6 +167,9 @@ def forward_step(objective, data_iterator, model):
             "count_mask": batch.count_mask, "position_ids": position_ids})
         position_ids = parts.pop("position_ids")
         batch = batch.split(parts)
+    if masked_only_logits:
+        output, batch = forward_at_loss_positions(model, batch, position_ids)  # [1, n] CE on last stage
+        return output, partial(_loss_func, objective, batch)
     output = model(batch.inputs, position_ids, batch.attention_mask, labels=batch.labels)  # [b, s] CE (last stage)
     return output, partial(_loss_func, objective, batch)
 
@@ -202,7 +210,7 @@ def run_microbatches(
             iters.append(None)
     data_iterator = iters[0] if len(model) == 1 else iters
     losses = get_forward_backward_func()(
-        forward_step_func=partial(forward_step, objective),
+        forward_step_func=partial(forward_step, objective, masked_only_logits=cfg.model.masked_only_logits),
         data_iterator=data_iterator,
         model=model if len(model) > 1 else model[0],
         num_microbatches=num_microbatches,

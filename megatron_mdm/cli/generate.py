@@ -1,7 +1,12 @@
 """``mdm-generate``: sample completions from a Hugging Face MDM directory with the diffusion sampler.
 
-A bad input (a missing ``--model`` directory, a model that ships code without ``--trust-remote-code``) is
-one line on stderr and exit status 2. With ``--json`` stdout holds only the JSON lines.
+Fast decoding: ``--cache prefix|dual`` (Fast-dLLM's block KV caches) and ``--threshold`` / ``--factor``
+(parallel unmasking) cut the forwards; ``--json`` reports each sample's forward count. A progress bar
+(unmasked tokens) goes to stderr when it is a terminal.
+
+A bad input (a missing ``--model`` directory, a model that ships code without ``--trust-remote-code``,
+inconsistent decoding flags) is one line on stderr and exit status 2. With ``--json`` stdout holds only
+the JSON lines.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import sys
 
 import torch
 
-from megatron_mdm.sampling import REMASKING
+from megatron_mdm.decoding import CACHE_MODES, REMASKING
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +38,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--remasking", choices=REMASKING, default="low_confidence")
     p.add_argument("--cfg-scale", type=float, default=0.0, help="unsupervised CFG scale w (0 = off)")
     p.add_argument("--no-eos-stop", action="store_true", help="do not stop rows at EOS")
+    p.add_argument("--cache", choices=CACHE_MODES, default="none",
+                   help="KV cache of block decoding: prefix (prompt and finished blocks) or dual (also the "
+                        "masked suffix); recorded at each block start (needs --block-length for a gain)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="parallel unmasking: fill every position whose confidence exceeds this (at least one "
+                        "per step); --steps is then unused")
+    p.add_argument("--factor", type=float, default=None,
+                   help="parallel unmasking by Fast-dLLM's factor rule (instead of --threshold)")
+    p.add_argument("--refresh-interval", type=int, default=None,
+                   help="with --cache, also re-record the cache every this many forwards of a block")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
@@ -41,8 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from megatron_mdm.decoding.loop import check_settings
     from megatron_mdm.evaluation.loading import EvalInputError, load_logits_fn
-    from megatron_mdm.sampling import generate
+
+    try:  # inconsistent decoding flags: before the model loads
+        check_settings(args.gen_length, args.steps, args.block_length, args.temperature, args.remasking, args.cache,
+                       args.threshold, args.factor, args.refresh_interval)
+    except ValueError as e:
+        print(f"mdm-generate: error: {e}", file=sys.stderr)
+        return 2
 
     try:
         logits_fn, tok, mask_id, vocab_size = load_logits_fn(
@@ -52,16 +75,29 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     prompts = args.prompt or [""]
     eos_id = None if args.no_eos_stop else getattr(tok, "eos_id", None)
-    out = generate(
+    try:
+        out = _generate(args, logits_fn, tok, prompts, mask_id, vocab_size, eos_id)
+    except ValueError as e:  # e.g. --cache on a model without KV cache support
+        print(f"mdm-generate: error: {e}", file=sys.stderr)
+        return 2
+    for prompt, ids, n in zip(prompts, out.completions(), out.forwards_per_row):
+        text = tok.decode(ids)
+        print(json.dumps({"prompt": prompt, "completion": text, "ids": ids, "forwards": n}) if args.json
+              else prompt + text)
+    return 0
+
+
+def _generate(args, logits_fn, tok, prompts, mask_id, vocab_size, eos_id):
+    from megatron_mdm.decoding import generate
+
+    return generate(
         logits_fn, [tok.encode(p) for p in prompts], args.gen_length, args.steps, mask_id,
         block_length=args.block_length, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         remasking=args.remasking, cfg_scale=args.cfg_scale, eos_id=eos_id,
         generator=torch.Generator().manual_seed(args.seed), vocab_size=vocab_size, device=args.device,
+        cache=args.cache, threshold=args.threshold, factor=args.factor, refresh_interval=args.refresh_interval,
+        progress=not args.no_progress,
     )
-    for prompt, ids in zip(prompts, out.completions()):
-        text = tok.decode(ids)
-        print(json.dumps({"prompt": prompt, "completion": text, "ids": ids}) if args.json else prompt + text)
-    return 0
 
 
 if __name__ == "__main__":

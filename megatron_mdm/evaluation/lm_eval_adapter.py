@@ -4,7 +4,8 @@
   default for most tasks) or the chain rule (``method=chain``, ``order=left_to_right|greedy``);
   ``is_greedy`` comes from the chain rule (always False for mc).
 * ``loglikelihood_rolling``: the ELBO lower bound on log p(text), windows of ``max_length`` tokens.
-* ``generate_until``: ``sampling.generate``, cut at the first stop string.
+* ``generate_until``: ``decoding.generate``, cut at the first stop string; fast decoding with
+  ``cache=prefix|dual``, ``threshold=`` or ``factor=`` (and ``refresh_interval=``).
 
 Construct with ``--model mdm --model_args pretrained=HF_DIR,method=mc,num_samples=128`` (importing this
 module registers the name), or pass :meth:`MDMLM.from_logits_fn` to ``lm_eval.simple_evaluate``.
@@ -22,10 +23,10 @@ import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
+from megatron_mdm.decoding import generate
 from megatron_mdm.evaluation.multiple_choice import conditional_loglik, encode_pair
 from megatron_mdm.guidance import LogitsFn
 from megatron_mdm.likelihood import mc_elbo
-from megatron_mdm.sampling import generate
 
 
 def _as_bool(v: bool | str) -> bool:
@@ -54,6 +55,10 @@ class MDMLM(LM):
         temperature: float = 0.0,
         remasking: str = "low_confidence",
         device: str = "cpu",
+        cache: str = "none",
+        threshold: float | None = None,
+        factor: float | None = None,
+        refresh_interval: int | None = None,
         trust_remote_code: bool | str = False,
         allow_download: bool | str = False,
         **_: Any,
@@ -68,6 +73,10 @@ class MDMLM(LM):
         self.steps, self.gen_length = int(steps), int(gen_length)
         self.block_length = int(block_length) if block_length not in (None, "", "None") else None
         self.temperature, self.remasking = float(temperature), remasking
+        self.cache = cache
+        self.threshold = _optional(threshold, float)
+        self.factor = _optional(factor, float)
+        self.refresh_interval = _optional(refresh_interval, int)
         self._device = device
         if pretrained is not None:
             from megatron_mdm.evaluation.loading import load_logits_fn
@@ -133,7 +142,8 @@ class MDMLM(LM):
                 self.logits_fn, [self.tokenizer.encode(context)], gen_length, steps, self.mask_id,
                 block_length=block, temperature=float(kwargs.get("temperature", self.temperature)),
                 remasking=self.remasking, cfg_scale=self.cfg_scale, eos_id=getattr(self.tokenizer, "eos_id", None),
-                generator=g, vocab_size=self.vocab_size,
+                generator=g, vocab_size=self.vocab_size, cache=self.cache, threshold=self.threshold,
+                factor=self.factor, refresh_interval=self.refresh_interval,
             )
             text = self.tokenizer.decode(res.completions()[0])
             for stop in until:
@@ -141,3 +151,8 @@ class MDMLM(LM):
                     text = text[: text.index(stop)]
             out.append(text)
         return out
+
+
+def _optional(value: Any, kind: type) -> Any:
+    """A model_args value (lm-eval passes strings) as ``kind``, or None for None/''/'None'."""
+    return None if value in (None, "", "None") else kind(value)

@@ -214,8 +214,6 @@ def load_logits_fn(
     vocab_size = max(int(tokenizer.vocab_size), int(mask_id) + 1)
     vocab_size = min(vocab_size, int(getattr(model.config, "vocab_size", vocab_size)))
 
-    def logits_fn(input_ids: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return model(input_ids=input_ids.to(device)).logits.float()
+    from megatron_mdm.decoding.backends import HFForward  # KV cache and selected logits for our export
 
-    return logits_fn, tokenizer, int(mask_id), vocab_size
+    return HFForward(model, device), tokenizer, int(mask_id), vocab_size

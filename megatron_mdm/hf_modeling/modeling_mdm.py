@@ -6,12 +6,27 @@ SwiGLU), so the numerics are those of ``LlamaModel``; the differences are:
 
 * every attention module has ``is_causal = False`` and the mask is built bidirectionally (padding
   only), so each position attends to the whole sequence, as the Megatron MDM was trained;
-* no KV cache (a diffusion sampler re-reads the whole sequence at every step);
-* ``MDMForMaskedLM`` returns logits ``[batch, seq, vocab]`` for every position;
+* ``MDMForMaskedLM`` returns logits ``[batch, seq, vocab]`` for every position, or only for the
+  positions in ``logits_to_keep`` (the last n, a slice, an index tensor, or a bool mask [b, s] giving
+  ``[n, vocab]``): a diffusion sampler needs the current block, a likelihood the masked positions;
 * options of adapted models: q/k/v biases (``qkv_bias``, from Qwen2) and the shifted prediction
-  (``shift_logits``: the logits are re-aligned so that entry i predicts token i).
+  (``shift_logits``: the outputs are re-aligned so that entry i predicts token i: entry i is the head
+  applied to the hidden state of position i - 1, entry 0 to its own).
+
+**Per-layer K/V (``past_key_values``).** Block decoding (Fast-dLLM's prefix and dual caches) runs a
+window of the sequence, ``input_ids`` = positions ``[start, start + q)`` with ``position_ids`` to match,
+whose queries attend to the window's own keys/values and to cached ones of the other positions. The
+model takes any object with transformers' ``Cache.update(key, value, layer_idx, ...)`` method: each
+attention layer hands it the window's K/V ``[b, kv_heads, q, head_dim]`` (after RoPE) and attends to
+the K/V it returns, in any order of positions (attention is bidirectional: no mask is needed). The
+object is updated in place (as transformers' caches are; it is not repeated in the output, whose
+cache field is named differently across transformers versions). A ``transformers.DynamicCache``
+works as a plain prefix cache (it appends); megatron-mdm's ``decoding.KVCache`` keeps prefix and suffix.
+With ``shift_logits``, entry 0 of a window that does not start the sequence has no previous position in
+the window: ask for windows one position wider on the left.
 """
 
+import inspect
 
 import torch
 from torch import nn
@@ -34,6 +49,28 @@ def _bidirectional_mask(config, inputs_embeds: torch.Tensor, attention_mask: tor
         neg = torch.finfo(inputs_embeds.dtype).min
         return torch.zeros(keep.shape, dtype=inputs_embeds.dtype, device=keep.device).masked_fill(~keep, neg)
     return create_bidirectional_mask(config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask)
+
+
+def _cache_kwarg(layer: nn.Module) -> str:
+    """The name under which this transformers version's decoder layer takes a KV cache."""
+    params = inspect.signature(layer.forward).parameters
+    for name in ("cache", "past_key_values", "past_key_value"):
+        if name in params:
+            return name
+    raise TypeError("this transformers version's Llama layers take no KV cache argument")
+
+
+def _keep_positions(x: torch.Tensor, keep):
+    """Select positions of x [b, s, ...]: None/0 all, int n the last n, a slice, indices, or a bool [b, s]."""
+    if keep is None or (isinstance(keep, int) and keep == 0):
+        return x
+    if isinstance(keep, int):
+        return x[:, -keep:]
+    if isinstance(keep, slice):
+        return x[:, keep]
+    if keep.dtype == torch.bool:
+        return x[keep.to(x.device)]  # [n, ...]
+    return x[:, keep.to(x.device)]
 
 
 class MDMPreTrainedModel(LlamaPreTrainedModel):
@@ -60,21 +97,35 @@ class MDMModel(MDMPreTrainedModel, LlamaModel):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        past_key_values=None,
         **kwargs,
     ) -> BaseModelOutput:
-        """input_ids [b, s] (or inputs_embeds [b, s, h]) -> last_hidden_state [b, s, h]."""
+        """input_ids [b, q] (or inputs_embeds [b, q, h]) -> last_hidden_state [b, q, h].
+
+        ``past_key_values`` (or ``cache``): an object with ``update(key, value, layer_idx, ...)`` (see
+        the module docstring); default positions then start at its ``get_seq_length()``.
+        """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
+        cache = kwargs.pop("cache", None) if past_key_values is None else past_key_values
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         if position_ids is None:
-            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0)
-        mask = _bidirectional_mask(self.config, inputs_embeds, attention_mask)
+            start = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+            position_ids = torch.arange(start, start + inputs_embeds.shape[1], device=inputs_embeds.device)[None]
+        if cache is not None and attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("a padding attention_mask cannot be combined with past_key_values")
+        mask = None if cache is not None else _bidirectional_mask(self.config, inputs_embeds, attention_mask)
         hidden = inputs_embeds
         position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)
+        extra = {}
+        if cache is not None:
+            if not hasattr(self, "_cache_kw"):
+                self._cache_kw = _cache_kwarg(self.layers[0])
+            extra[self._cache_kw] = cache
         for layer in self.layers[: self.config.num_hidden_layers]:
             hidden = layer(hidden, attention_mask=mask, position_ids=position_ids,
-                           position_embeddings=position_embeddings, is_causal=False)
+                           position_embeddings=position_embeddings, is_causal=False, **extra)
         return BaseModelOutput(last_hidden_state=self.norm(hidden))
 
 
@@ -103,15 +154,26 @@ class MDMForMaskedLM(MDMPreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
+        past_key_values=None,
+        logits_to_keep=None,
         **kwargs,
     ) -> MaskedLMOutput:
-        """input_ids [b, s] -> logits [b, s, vocab]; with ``labels`` (-100 = ignore) also the mean CE."""
+        """input_ids [b, q] -> logits [b, q, vocab]; with ``labels`` (-100 = ignore) also the mean CE.
+
+        Args:
+            past_key_values: per-layer K/V of the other positions, updated in place (module docstring).
+            logits_to_keep: positions that get logits: None/0 all, an int n the last n, a slice, an
+                index tensor, or a bool mask [b, q] (logits ``[n, vocab]``); ``labels`` are selected alike.
+        """
+        cache = kwargs.pop("cache", None) if past_key_values is None else past_key_values
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            inputs_embeds=inputs_embeds).last_hidden_state
-        logits = self.lm_head(hidden)
+                            inputs_embeds=inputs_embeds, past_key_values=cache).last_hidden_state
         if getattr(self.config, "shift_logits", False):  # output i predicts i + 1: entry i gets output i - 1
-            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+            hidden = torch.cat([hidden[:, :1], hidden[:, :-1]], dim=1)
+        logits = self.lm_head(_keep_positions(hidden, logits_to_keep))
         loss = None
         if labels is not None:
-            loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+            labels = _keep_positions(labels, logits_to_keep)
+            loss = nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                               ignore_index=-100)
         return MaskedLMOutput(loss=loss, logits=logits)

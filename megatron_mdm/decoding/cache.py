@@ -1,0 +1,100 @@
+r"""The KV cache of semi-autoregressive block decoding (Fast-dLLM's prefix and dual caches).
+
+A masked diffusion model attends bidirectionally, so no position's keys/values are final while any
+token can still change. Block decoding makes them *nearly* final (Wu et al. 2025, "Fast-dLLM"): the
+prompt and the finished blocks change no more, and their K/V move little while the current block is
+decoded. The cache is therefore recorded by a full forward at the start of each block (and every
+``refresh_interval`` forwards, if asked), then serves the steps of that block:
+
+* ``prefix``: K/V of ``[0, lo)`` (prompt + finished blocks) are cached; each step recomputes the
+  current block *and* the masked suffix ``[lo, L)``, whose queries attend to the cached prefix and to
+  their own fresh K/V.
+* ``dual``: the K/V of the suffix ``[hi, L)`` are cached too; each step recomputes only the block
+  ``[lo, hi)``: its queries attend to cached prefix K/V + its own fresh K/V + cached suffix K/V.
+
+A cache refreshed at every step is exactly the uncached computation.
+
+**One mechanism for every backend.** :class:`KVCache` implements the ``update(key, value,
+layer_idx, ...)`` method of transformers' ``Cache`` protocol: an attention layer hands it the keys and
+values it just computed (after RoPE) and attends to what it returns. The exported Hugging Face model
+(``hf_modeling/modeling_mdm.py``) passes it to transformers' attention layers, which call ``update``
+themselves; the Megatron path calls it from a forward pre-hook on each layer's core attention
+(``inference.MegatronForward``). The two layouts differ only in where the sequence dimension is
+(``seq_dim``: 2 for HF ``[b, heads, s, d]``, 0 for Megatron ``[s, b, heads, d]``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+MODES = ("none", "prefix", "dual")
+
+
+class KVCache:
+    """Per-layer K/V of the positions outside the decoded window.
+
+    Call :meth:`record` before a full forward of the whole sequence (it keeps what the next window
+    steps need), then :meth:`window` before each forward of the window.
+
+    Args:
+        seq_dim: the sequence dimension of the K/V tensors the model hands to :meth:`update`.
+    """
+
+    def __init__(self, seq_dim: int):
+        self.seq_dim = seq_dim
+        self.prefix: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.suffix: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._mode: str | None = None
+        self._lo = 0  # window start recorded
+        self._hi: int | None = None  # window end recorded (dual); None: no suffix is kept
+        self._seq_len = 0
+
+    def record(self, lo: int, hi: int | None) -> None:
+        """The next forward is the whole sequence: keep K/V of ``[0, lo)`` and, if ``hi``, ``[hi, L)``."""
+        self._mode, self._lo, self._hi = "record", lo, hi
+        self.prefix.clear()
+        self.suffix.clear()
+
+    def window(self, lo: int, hi: int) -> None:
+        """The next forward is positions ``[lo, hi)``; the rest comes from the recorded K/V."""
+        if self._mode is None:
+            raise RuntimeError("KVCache.window before any record(): the first forward must be a full one")
+        if lo != self._lo:
+            raise RuntimeError(f"KVCache: window starts at {lo}, but the cache was recorded for {self._lo}")
+        if self._hi is not None and hi != self._hi:
+            raise RuntimeError(f"KVCache: window ends at {hi}, but the suffix was recorded from {self._hi}")
+        if self._hi is None and hi != self._seq_len:
+            raise RuntimeError("KVCache: a prefix cache serves windows that run to the end of the sequence")
+        self._mode = "window"
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Cached positions before the window (transformers' ``Cache`` protocol)."""
+        return self._lo
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """Take one layer's fresh K/V; return the K/V its queries attend to (transformers' protocol).
+
+        Args:
+            key, value: K/V of the positions in this forward (after RoPE), ``seq_dim`` = sequence.
+            layer_idx: 0-based layer index.
+
+        Returns:
+            (key, value) over the whole sequence: cached prefix, fresh window, cached suffix.
+        """
+        d = self.seq_dim
+        if self._mode == "record":
+            self._seq_len = key.shape[d]
+            lo, hi = self._lo, self._hi
+            self.prefix[layer_idx] = (key.narrow(d, 0, lo), value.narrow(d, 0, lo))
+            if hi is not None:
+                self.suffix[layer_idx] = (key.narrow(d, hi, key.shape[d] - hi), value.narrow(d, hi, key.shape[d] - hi))
+            return key, value
+        if self._mode == "window":
+            pk, pv = self.prefix[layer_idx]
+            keys, values = [pk, key], [pv, value]
+            if layer_idx in self.suffix:
+                sk, sv = self.suffix[layer_idx]
+                keys.append(sk)
+                values.append(sv)
+            return torch.cat(keys, dim=d), torch.cat(values, dim=d)
+        raise RuntimeError("KVCache.update outside record()/window()")

@@ -1,0 +1,343 @@
+r"""The one decoding loop: reverse-diffusion sampling for masked diffusion language models.
+
+Start from ``prompt + [MASK] * gen_length`` and unmask. The generated span is split into
+semi-autoregressive blocks of ``block_length`` tokens, decoded left to right (LLaDA, Sec. 2.4). In every
+step of a block:
+
+1. one forward gives logits for the block (two rows per sequence, batched, under unsupervised CFG;
+   see ``decoding.logits``); ids >= vocab_size and the mask token are excluded; the output head runs
+   on the block's positions only when the model supports it (a :class:`~.logits.ModelForward`);
+2. candidates and scores for the masked positions of the block, and the number to unmask, come from
+   ``decoding.unmasking`` (schedule with ``steps / num_blocks`` steps per block, or the
+   ``threshold`` / ``factor`` rules of confidence-aware parallel decoding);
+3. with a KV cache (``cache="prefix"|"dual"``, ``decoding.cache``) the first forward of each block
+   (and every ``refresh_interval`` forwards) is a full one that records the cache; the other steps run
+   only the block (dual) or the block and the masked suffix (prefix) against it.
+
+Stop at EOS: once a row's generated span holds ``eos_id`` at position j and every position before j is
+unmasked, positions after j are set to ``eos_id`` and the row is done; the loop stops when all rows are.
+
+Prompts may differ in length (given as a list of lists): rows are grouped by prompt length and each
+group is decoded as one batch, so no padding token is ever seen by the bidirectional model, and a row's
+tokens sit at ``[p_i, p_i + gen_length)``. At temperature 0 with ``low_confidence``/``margin``/``entropy``
+the output is a deterministic function of the logits (ties broken by position, stable sort). With
+``cache="none"`` and the schedule rule this is exactly the LLaDA sampler.
+
+The number of forwards is counted per batch (``num_forward``; a CFG forward counts once) and per row
+(``forwards_per_row``: the forwards in which the row had a token to unmask).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from megatron_mdm.decoding.cache import MODES
+from megatron_mdm.decoding.logits import LogitsFn, ModelForward, model_logits
+from megatron_mdm.decoding.unmasking import (
+    PROBABILITY_SCORES,
+    REMASKING,
+    confidence,
+    count_factor,
+    count_threshold,
+    filter_top_k_top_p,
+    num_transfer_tokens,
+    rank_candidates,
+    sample_candidates,
+)
+
+
+@dataclass
+class GenerationOutput:
+    """Result of :func:`generate`.
+
+    Attributes:
+        tokens: [b, max_p + gen_length] int64; row i is ``prompt_i + generated_i`` followed by
+            ``pad_id`` where prompt_i is shorter than the longest prompt.
+        prompt_lengths: p_i per row.
+        gen_length: number of generated positions per row.
+        num_forward: model forward calls made (a CFG forward counts once; it is one batch).
+        forwards_per_row: per row, the forwards in which it had a token to unmask.
+    """
+
+    tokens: torch.Tensor
+    prompt_lengths: list[int]
+    gen_length: int
+    num_forward: int = 0
+    eos_id: int | None = field(default=None, repr=False)
+    forwards_per_row: list[int] = field(default_factory=list)
+
+    def completions(self, strip_eos: bool = True) -> list[list[int]]:
+        """Generated ids of each row, cut before the first EOS when ``strip_eos``."""
+        out = []
+        for row, p in zip(self.tokens.tolist(), self.prompt_lengths):
+            gen = row[p : p + self.gen_length]
+            if strip_eos and self.eos_id is not None and self.eos_id in gen:
+                gen = gen[: gen.index(self.eos_id)]
+            out.append(gen)
+        return out
+
+
+@dataclass
+class _Settings:
+    gen_length: int
+    steps_per_block: int
+    block_length: int
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    remasking: str
+    cfg_scale: float
+    mask_id: int
+    eos_id: int | None
+    vocab_size: int | None
+    cache: str
+    threshold: float | None
+    factor: float | None
+    refresh_interval: int | None
+
+
+def _apply_eos(x: torch.Tensor, p: int, gen_length: int, mask_id: int, eos_id: int, done: torch.Tensor) -> None:
+    """Mark rows whose span holds EOS with everything before it unmasked; fill their tail with EOS."""
+    span = x[:, p : p + gen_length]  # [g, n] view
+    is_eos = span == eos_id
+    has_eos = is_eos.any(dim=1)
+    first = torch.where(has_eos, is_eos.float().argmax(dim=1), torch.full_like(has_eos, gen_length, dtype=torch.long))
+    pos = torch.arange(gen_length, device=x.device)[None, :]
+    masked_before = ((span == mask_id) & (pos < first[:, None])).any(dim=1)
+    finish = has_eos & ~masked_before & ~done
+    if bool(finish.any()):
+        tail = finish[:, None] & (pos > first[:, None])
+        span.masked_fill_(tail, eos_id)
+        done |= finish
+
+
+class _BlockForward:
+    """The forwards of one group: full, or a window against the group's KV cache."""
+
+    def __init__(self, model: LogitsFn, s: _Settings, prompt_mask: torch.Tensor):
+        self.model, self.s, self.prompt_mask = model, s, prompt_mask
+        self.cache = None
+        if s.cache != "none":
+            if not isinstance(model, ModelForward) or not model.supports_cache:
+                raise ValueError(f"cache={s.cache!r}: this model has no KV cache support (use cache='none', "
+                                 "or a model from decoding.backends / inference.MegatronForward)")
+            self.cache = model.new_cache()
+
+    def logits(self, x: torch.Tensor, lo: int, hi: int, refresh: bool) -> torch.Tensor:
+        """Guided, clipped logits [g, hi - lo, V] of the block ``[lo, hi)`` of x [g, L]."""
+        s, L = self.s, x.shape[1]
+        # a shifted model (--shift-logits) gets entry i from position i - 1: windows start one earlier
+        ws = max(lo - 1, 0) if getattr(self.model, "shift", False) else lo
+        if self.cache is None or refresh:
+            if self.cache is not None:
+                self.cache.record(ws, hi if s.cache == "dual" else None)
+            start, ids, sel = 0, x, slice(lo, hi)
+        elif s.cache == "prefix":
+            self.cache.window(ws, L)
+            start, ids, sel = ws, x[:, ws:], slice(lo - ws, hi - ws)
+        else:  # dual
+            self.cache.window(ws, hi)
+            start, ids, sel = ws, x[:, ws:hi], (slice(lo - ws, hi - ws) if ws < lo else None)
+        pm = self.prompt_mask[:, start : start + ids.shape[1]]
+        return model_logits(self.model, ids, s.mask_id, s.vocab_size, s.cfg_scale, pm, select=sel, start=start,
+                            cache=self.cache)
+
+
+def _num_to_unmask(s: _Settings, score: torch.Tensor, candidate: torch.Tensor, planned: torch.Tensor | None):
+    if s.threshold is not None:
+        return count_threshold(score, candidate, s.threshold)
+    if s.factor is not None:
+        return count_factor(score, candidate, s.factor)
+    return planned
+
+
+@torch.no_grad()
+def _decode_group(model: LogitsFn, prompt: torch.Tensor, s: _Settings, generator, progress) -> tuple:
+    """Decode rows that share one prompt length. prompt: [g, p]. Returns (x [g, p + n], forwards, per_row)."""
+    g, p = prompt.shape
+    x = torch.full((g, p + s.gen_length), s.mask_id, dtype=torch.long, device=prompt.device)
+    x[:, :p] = prompt
+    prompt_mask = torch.zeros_like(x, dtype=torch.bool)
+    prompt_mask[:, :p] = True
+    done = torch.zeros(g, dtype=torch.bool, device=x.device)
+    per_row = torch.zeros(g, dtype=torch.long)
+    fwd = _BlockForward(model, s, prompt_mask)
+    forwards = 0
+    adaptive = s.threshold is not None or s.factor is not None
+    for blk in range(s.gen_length // s.block_length):
+        lo, hi = p + blk * s.block_length, p + (blk + 1) * s.block_length
+        plan = None if adaptive else num_transfer_tokens((x[:, lo:hi] == s.mask_id).sum(dim=1), s.steps_per_block)
+        step, block_forwards = 0, 0
+        while True:
+            if bool(done.all()):
+                return x, forwards, per_row
+            masked = x[:, lo:hi] == s.mask_id  # [g, B]
+            if adaptive:
+                if not bool(masked.any()):
+                    break
+                planned = None
+                wants = masked.any(dim=1) & ~done  # [g]
+            else:
+                if step == s.steps_per_block:
+                    break
+                planned = plan[:, step].masked_fill(done, 0)  # [g]
+                step += 1
+                if int(planned.max()) == 0:
+                    continue
+                wants = planned > 0
+            refresh = block_forwards == 0 or (s.refresh_interval is not None and block_forwards % s.refresh_interval == 0)
+            logits = fwd.logits(x, lo, hi, refresh)  # [g, B, V]
+            forwards += 1
+            block_forwards += 1
+            per_row += wants.cpu().long()
+            candidate = masked & ~done[:, None]  # [g, B]
+            rows, cols = candidate.nonzero(as_tuple=True)
+            lg = logits[rows, cols]  # [n, V]
+            x0 = sample_candidates(filter_top_k_top_p(lg, s.top_k, s.top_p), s.temperature, generator)  # [n]
+            score = torch.full(masked.shape, float("-inf"), dtype=torch.float64, device=x.device)
+            score[rows, cols] = confidence(lg, x0, s.remasking, generator)
+            n = _num_to_unmask(s, score, candidate, planned)  # [g]
+            transfer = candidate & (rank_candidates(score) < n[:, None])  # [g, B]
+            block = x[:, lo:hi]
+            proposal = block.clone()
+            proposal[rows, cols] = x0
+            x[:, lo:hi] = torch.where(transfer, proposal, block)
+            if progress is not None:
+                progress.update(int(transfer.sum()))
+            if s.eos_id is not None:
+                _apply_eos(x, p, s.gen_length, s.mask_id, s.eos_id, done)
+    return x, forwards, per_row
+
+
+def _as_rows(prompt_ids: torch.Tensor | Sequence[Sequence[int]]) -> list[list[int]]:
+    if isinstance(prompt_ids, torch.Tensor):
+        if prompt_ids.dim() != 2:
+            raise ValueError(f"prompt_ids: expected a [b, p] tensor, got shape {tuple(prompt_ids.shape)}")
+        return prompt_ids.tolist()
+    return [list(map(int, r)) for r in prompt_ids]
+
+
+def check_settings(
+    gen_length: int, steps: int, block_length: int | None = None, temperature: float = 0.0,
+    remasking: str = "low_confidence", cache: str = "none", threshold: float | None = None,
+    factor: float | None = None, refresh_interval: int | None = None,
+) -> None:
+    """Raise ValueError, naming the setting, when decoding settings are inconsistent (see :func:`generate`)."""
+    block_length = gen_length if block_length is None else block_length
+    if remasking not in REMASKING:
+        raise ValueError(f"remasking: unknown strategy {remasking!r}; expected one of {REMASKING}")
+    if gen_length <= 0 or steps <= 0:
+        raise ValueError(f"gen_length ({gen_length}) and steps ({steps}) must be positive")
+    if block_length <= 0 or gen_length % block_length:
+        raise ValueError(f"block_length ({block_length}) must divide gen_length ({gen_length})")
+    num_blocks = gen_length // block_length
+    if steps % num_blocks:
+        raise ValueError(f"steps ({steps}) must be a multiple of the number of blocks ({num_blocks})")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if cache not in MODES:
+        raise ValueError(f"cache: expected one of {MODES}, got {cache!r}")
+    if threshold is not None and factor is not None:
+        raise ValueError("threshold and factor are two unmasking rules: give one of them")
+    if (threshold is not None or factor is not None) and remasking not in PROBABILITY_SCORES:
+        raise ValueError(f"threshold/factor need a confidence in [0, 1]: remasking must be one of "
+                         f"{PROBABILITY_SCORES}, not {remasking!r}")
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+    if factor is not None and factor <= 0:
+        raise ValueError(f"factor must be > 0, got {factor}")
+    if refresh_interval is not None and refresh_interval < 1:
+        raise ValueError(f"refresh_interval must be >= 1, got {refresh_interval}")
+
+
+@torch.no_grad()
+def generate(
+    logits_fn: LogitsFn,
+    prompt_ids: torch.Tensor | Sequence[Sequence[int]],
+    gen_length: int,
+    steps: int,
+    mask_id: int,
+    block_length: int | None = None,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    remasking: str = "low_confidence",
+    cfg_scale: float = 0.0,
+    eos_id: int | None = None,
+    generator: torch.Generator | None = None,
+    vocab_size: int | None = None,
+    pad_id: int | None = None,
+    device: str | torch.device | None = None,
+    cache: str = "none",
+    threshold: float | None = None,
+    factor: float | None = None,
+    refresh_interval: int | None = None,
+    progress: bool = False,
+) -> GenerationOutput:
+    """Sample completions by iterative unmasking (see the module docstring for the algorithm).
+
+    Args:
+        logits_fn: bidirectional model, input_ids [b, s] -> logits [b, s, V_padded]; a
+            :class:`~megatron_mdm.decoding.logits.ModelForward` for the KV cache and block-only logits.
+        prompt_ids: [b, p] tensor or a list of b prompts (lists of ids, possibly of different lengths).
+        gen_length: number of positions to generate per row.
+        steps: total iterations of the schedule rule; a multiple of the number of blocks (unused by
+            the threshold and factor rules, which take as many steps as a block needs).
+        mask_id: id of the mask token.
+        block_length: semi-autoregressive block size dividing ``gen_length``; None = one block.
+        temperature: 0 = greedy argmax (exactly reproducible); > 0 samples softmax(l / T).
+        top_k: keep only the k most likely ids when sampling.
+        top_p: nucleus sampling mass.
+        remasking: ``low_confidence`` | ``random`` | ``margin`` | ``entropy``.
+        cfg_scale: unsupervised CFG scale w (``uncond + (w + 1) (cond - uncond)``); 0 = no CFG.
+        eos_id: stop a row at EOS (see module docstring); None never stops early.
+        generator: the only source of randomness (Gumbel noise, random remasking).
+        vocab_size: real vocabulary size; logits at ids >= vocab_size are ignored.
+        pad_id: fills ``tokens`` after rows with shorter prompts; default ``eos_id``, else ``mask_id``.
+        device: where input ids are placed; default CPU.
+        cache: ``none`` | ``prefix`` | ``dual`` (see ``decoding.cache``).
+        threshold: unmask every candidate whose confidence exceeds it (at least one per step).
+        factor: Fast-dLLM's factor-based parallel unmasking rule.
+        refresh_interval: with a cache, also re-record it every this many forwards of a block
+            (1 = every step, the uncached computation); None = at the start of each block only.
+        progress: show a tqdm bar of unmasked tokens (on stderr, only when it is a terminal).
+
+    Returns:
+        :class:`GenerationOutput` with ``tokens`` [b, max_p + gen_length] and the forward counts.
+    """
+    check_settings(gen_length, steps, block_length, temperature, remasking, cache, threshold, factor, refresh_interval)
+    block_length = gen_length if block_length is None else block_length
+    s = _Settings(gen_length, steps // (gen_length // block_length), block_length, temperature, top_k, top_p,
+                  remasking, cfg_scale, mask_id, eos_id, vocab_size, cache, threshold, factor, refresh_interval)
+    rows = _as_rows(prompt_ids)
+    for r in rows:
+        if mask_id in r:
+            raise ValueError("a prompt contains the mask token id")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    pad = pad_id if pad_id is not None else (eos_id if eos_id is not None else mask_id)
+    lengths = [len(r) for r in rows]
+    max_p = max(lengths) if lengths else 0
+    out = torch.full((len(rows), max_p + gen_length), pad, dtype=torch.long)
+    per_row = [0] * len(rows)
+    forwards = 0
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(rows) * gen_length, unit="tok", desc="decoding", disable=None, leave=False)
+    try:
+        for p in sorted(set(lengths)):
+            idx = [i for i, n in enumerate(lengths) if n == p]
+            prompt = torch.tensor([rows[i] for i in idx], dtype=torch.long, device=device).view(len(idx), p)
+            x, n, counts = _decode_group(logits_fn, prompt, s, generator, bar)
+            out[idx, : p + gen_length] = x.cpu()
+            forwards += n
+            for i, c in zip(idx, counts.tolist()):
+                per_row[i] = c
+    finally:
+        if bar is not None:
+            bar.close()
+    return GenerationOutput(out, lengths, gen_length, forwards, eos_id, per_row)
