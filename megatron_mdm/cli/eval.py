@@ -33,6 +33,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--device", default="cpu")
     p.add_argument("--output", default=None, help="write the JSON report here")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,12 +135,13 @@ def _run(args: argparse.Namespace) -> None:
         r = corpus_elbo(
             logits_fn, tok.encode, texts, mask_id, args.seq_length, args.num_samples,
             args.t_sampling, generator=g, vocab_size=vocab_size, batch_size=args.batch_size,
+            progress=not args.no_progress,
         )
         _report({**r, "data": args.data, "model": args.model}, [r], list(r), args.output)
     else:
         r = score_multiple_choice(
             logits_fn, tok.encode, examples, mask_id, args.method, args.normalization, args.num_samples, g,
-            vocab_size, args.cfg_scale, args.batch_size, args.order,
+            vocab_size, args.cfg_scale, args.batch_size, args.order, progress=not args.no_progress,
         )
         row = {"data": args.data, "method": args.method, "normalization": args.normalization, **r.to_dict()}
         _report({**row, "per_example": r.per_example}, [row], list(row), args.output)

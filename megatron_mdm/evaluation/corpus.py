@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from megatron_mdm.guidance import LogitsFn
 from megatron_mdm.likelihood import mc_elbo
@@ -63,27 +65,28 @@ def corpus_elbo(
     generator: torch.Generator | None = None,
     vocab_size: int | None = None,
     batch_size: int | None = None,
+    progress: bool = True,
 ) -> dict[str, Any]:
-    """Token-weighted ELBO bound over a corpus.
+    """Token-weighted ELBO bound over a corpus (a tqdm bar on stderr over blocks unless ``progress`` is False).
 
     Returns:
         dict with ``nll_per_token`` (nats), ``stderr``, ``perplexity_bound`` = exp(nll_per_token),
         ``num_tokens``, ``num_blocks``, ``num_samples``.
     """
     total, var, n_tokens, n_blocks = 0.0, 0.0, 0, 0
-    for text in texts:
-        ids = encode(text)
-        for start in range(0, len(ids), seq_length):
-            block = torch.tensor([ids[start : start + seq_length]], dtype=torch.long)  # [1, s]
-            r = mc_elbo(
-                logits_fn, block, mask_id, num_samples, eps=eps, t_sampling=t_sampling, generator=generator,
-                vocab_size=vocab_size, batch_size=batch_size,
-            )
-            s = block.shape[1]
-            total += float(r.nll_per_token[0]) * s
-            var += (float(r.stderr[0]) * s) ** 2
-            n_tokens += s
-            n_blocks += 1
+    blocks = [ids[start : start + seq_length] for ids in map(encode, texts)
+              for start in range(0, len(ids), seq_length)]
+    for ids in tqdm(blocks, desc="elbo", unit="block", disable=not progress, file=sys.stderr):
+        block = torch.tensor([ids], dtype=torch.long)  # [1, s]
+        r = mc_elbo(
+            logits_fn, block, mask_id, num_samples, eps=eps, t_sampling=t_sampling, generator=generator,
+            vocab_size=vocab_size, batch_size=batch_size,
+        )
+        s = block.shape[1]
+        total += float(r.nll_per_token[0]) * s
+        var += (float(r.stderr[0]) * s) ** 2
+        n_tokens += s
+        n_blocks += 1
     if n_tokens == 0:
         raise ValueError("no tokens to evaluate")
     nll = total / n_tokens

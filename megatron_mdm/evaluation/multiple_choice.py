@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from megatron_mdm.guidance import LogitsFn
 from megatron_mdm.likelihood import chain_rule_loglik, mc_conditional_loglik
@@ -97,6 +99,7 @@ def score_multiple_choice(
     cfg_scale: float = 0.0,
     batch_size: int | None = None,
     order: str = "left_to_right",
+    progress: bool = True,
 ) -> MultipleChoiceResult:
     """Accuracy of argmax-likelihood choice selection.
 
@@ -113,6 +116,7 @@ def score_multiple_choice(
         cfg_scale: unsupervised CFG scale w.
         batch_size: rows per forward.
         order: chain-rule order (``left_to_right`` or ``greedy``).
+        progress: a tqdm bar on stderr over examples.
 
     Returns:
         :class:`MultipleChoiceResult`.
@@ -120,7 +124,8 @@ def score_multiple_choice(
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"normalization: expected one of {NORMALIZATIONS}, got {normalization!r}")
     records = []
-    for context, choices, gold in examples:
+    bar = tqdm(examples, desc="mc", unit="example", disable=not progress, file=sys.stderr)
+    for context, choices, gold in bar:
         scores = []
         for choice in choices:
             ctx, cont = encode_pair(encode, context, choice)
