@@ -79,7 +79,7 @@ def build_data(cfg: Config, train_loader=None, valid_loader=None):
             train_loader = build_pretrain_loader(
                 parse_data_path(d.data_path), d.seq_length, cfg.optim.global_batch_size, mbs, dp_rank, dp_size,
                 num_workers=d.num_workers, seed=cfg.logging.seed, shuffle=d.data_shuffle, tokenizer_hash=tok.hash,
-                verify=d.verify_data, override=d.override_data_state)
+                verify=d.verify_data, override=d.override_data_state, vocab_size=tok.vocab_size)
     if valid_loader is None and cfg.logging.eval_interval:
         if d.valid_data_path:
             valid = parse_data_path(d.valid_data_path, "valid_data_path")
@@ -88,7 +88,8 @@ def build_data(cfg: Config, train_loader=None, valid_loader=None):
         else:
             valid = None
         if valid:
-            valid_loader = build_valid_loader(valid, d.seq_length, mbs, dp_rank, dp_size, tok.hash, d.verify_data)
+            valid_loader = build_valid_loader(valid, d.seq_length, mbs, dp_rank, dp_size, tok.hash, d.verify_data,
+                                              tok.vocab_size)
         else:
             log.warning("--eval-interval is set but no validation data was found: validation is off")
     return tok, train_loader, valid_loader

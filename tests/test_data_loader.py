@@ -207,6 +207,14 @@ def test_errors_before_training(data, tmp_path):
         build_pretrain_loader([(1.0, str(data / "A"))], 64, G, 4, 0, 1, 0, 7)
     with pytest.raises(DataError, match="tokenizer"):
         _loader([(1.0, str(data / "A"))], tokenizer_hash="0" * 64)
+    _loader([(1.0, str(data / "A"))], tokenizer_hash=tok.hash, vocab_size=tok.vocab_size)
+    edited = tmp_path / "vocab"
+    shutil.copytree(data / "A", edited)
+    m = json.loads((edited / "manifest.json").read_text())
+    m["vocab_size"] = 60000  # still uint16: only the model's vocabulary tells
+    (edited / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(DataError, match=f"{edited / 'manifest.json'}: vocab_size 60000, but the model's tokenizer"):
+        build_valid_loader([(1.0, str(edited))], S, 2, 0, 1, tok.hash, vocab_size=tok.vocab_size)
     bad = tmp_path / "A"
     shutil.copytree(data / "A", bad)
     m = json.loads((bad / "manifest.json").read_text())

@@ -274,7 +274,7 @@ def _order_difference(old: dict, now: dict) -> str | None:
 def build_pretrain_loader(data_path: list[tuple[float, str]], seq_length: int, global_batch: int, micro_batch: int,
                           dp_rank: int, dp_size: int, num_workers: int, seed: int, shuffle: str = "global",
                           tokenizer_hash: str | None = None, verify: str = "sha256",
-                          override: bool = False) -> PretrainLoader:
+                          override: bool = False, vocab_size: int | None = None) -> PretrainLoader:
     """The training loader of one data-parallel rank, after checking every manifest, shard and index.
 
     Args:
@@ -287,12 +287,13 @@ def build_pretrain_loader(data_path: list[tuple[float, str]], seq_length: int, g
         tokenizer_hash: checked against every manifest (None: not checked).
         verify: shard check at start, ``"sha256"``, ``"size"`` or ``"none"``.
         override: resume even when the saved order differs.
+        vocab_size: the model tokenizer's vocabulary size, checked against every manifest (None: not checked).
 
     Returns:
         A :class:`PretrainLoader`; its iterators yield ``{"tokens": LongTensor[micro_batch, seq_length],
         "sample_ids": LongTensor[micro_batch]}`` forever.
     """
-    sources = check_manifests(data_path, seq_length, tokenizer_hash, verify)
+    sources = check_manifests(data_path, seq_length, tokenizer_hash, verify, vocab_size)
     return PretrainLoader(sources, seq_length, global_batch, micro_batch, dp_rank, dp_size, num_workers, seed,
                           shuffle, override)
 
@@ -339,12 +340,14 @@ class ValidLoader:
 
 
 def build_valid_loader(data_path: list[tuple[float, str]], seq_length: int, micro_batch: int, dp_rank: int,
-                       dp_size: int, tokenizer_hash: str | None = None, verify: str = "sha256") -> ValidLoader:
+                       dp_size: int, tokenizer_hash: str | None = None, verify: str = "sha256",
+                       vocab_size: int | None = None) -> ValidLoader:
     """The validation loader of one data-parallel rank, checked like training data (``verify``).
 
     ``data_path`` is validation data (``resolve_valid_path`` finds the split of a prepared directory).
     """
-    return ValidLoader(check_manifests(data_path, seq_length, tokenizer_hash, verify), micro_batch, dp_rank, dp_size)
+    sources = check_manifests(data_path, seq_length, tokenizer_hash, verify, vocab_size)
+    return ValidLoader(sources, micro_batch, dp_rank, dp_size)
 
 
 def verify_dataset(directory: str) -> dict:

@@ -97,7 +97,7 @@ def _index_length(p: Path) -> int:
 
 
 def check_manifests(data_path: list[tuple[float, str]], seq_length: int, tokenizer_hash: str | None = None,
-                    verify: str = "sha256") -> list[Source]:
+                    verify: str = "sha256", vocab_size: int | None = None) -> list[Source]:
     """Read every manifest and check shards and indexes before training starts.
 
     Args:
@@ -105,6 +105,8 @@ def check_manifests(data_path: list[tuple[float, str]], seq_length: int, tokeniz
         seq_length: the run's sequence length; must equal each manifest's.
         tokenizer_hash: the model tokenizer's ``MDMTokenizer.hash``; None skips the check.
         verify: ``"sha256"`` (size and checksum of every shard and index), ``"size"`` or ``"none"``.
+        vocab_size: the model tokenizer's vocabulary size; None skips the check (samples are always checked
+            against the manifest's ``vocab_size``, which must then equal it).
 
     Raises:
         DataError: a missing or edited manifest, a missing shard, a size or checksum mismatch, an index
@@ -126,6 +128,9 @@ def check_manifests(data_path: list[tuple[float, str]], seq_length: int, tokeniz
             raise DataError(f"{where}: tokenized with tokenizer {m['tokenizer_hash'][:12]}..., but the model's "
                             f"tokenizer is {tokenizer_hash[:12]}...; prepare the data with the model's tokenizer")
         listing = "\n".join(f"{s['samples']} {s['sha256']}" for s in m["shards"] if s["samples"])
+        if vocab_size is not None and m["vocab_size"] != vocab_size:
+            raise DataError(f"{where}: vocab_size {m['vocab_size']}, but the model's tokenizer has {vocab_size} "
+                            "(edited manifest?)")
         src = Source(str(d), float(weight), [], [], m["dtype"], int(m["mask_id"]), int(m["vocab_size"]),
                      int(m["seq_length"]), hashlib.sha256(listing.encode()).hexdigest())
         legacy = []
