@@ -10,10 +10,10 @@ Layout of a run directory (``--save``), the same names as Megatron-LM where one 
 
 A checkpoint holds: ``model`` (or ``model0``, ``model1``, ... for virtual pipeline stages) as
 Megatron sharded tensors with layout-independent global keys (so a checkpoint loads on another
-TP/PP layout), the ``optimizer`` (fully reshardable), the LR scheduler, per-rank RNG states,
-per-data-parallel-rank loader positions, and the common ``meta`` (iteration, consumed samples,
-layout, config). A crash during a save leaves the previous checkpoint in force, because the marker
-moves only after every rank has finished writing.
+TP/PP layout), the ``optimizer`` (fully reshardable), the LR scheduler, per-rank RNG states, and the
+common ``meta`` (iteration, consumed samples, layout, config, and ``data_state``: the loader's global
+state, the same on every rank, so it resumes on any layout). A crash during a save leaves the previous
+checkpoint in force, because the marker moves only after every rank has finished writing.
 """
 
 from __future__ import annotations
@@ -118,22 +118,15 @@ def _layout() -> dict:
     }
 
 
-def _per_rank_objects(rng: Any, data_state: Any) -> dict:
-    """Objects kept per rank (RNG: per TP/PP rank of every DP x CP rank) and per DP rank (loader)."""
-    tp, pp, dp = (ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
-                  ps.get_data_parallel_rank())
-    tps, pps, dps = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
-                     ps.get_data_parallel_world_size())
-    cp = ps.get_context_parallel_rank()
+def _per_rank_objects(rng: Any) -> dict:
+    """Objects kept per rank (RNG: per TP/PP rank of every DP x CP rank). The loader's state is global
+    (a function of the seed and the consumed samples) and lives in the common ``meta``."""
+    tp, pp = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
+    tps, pps = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
     # the RNG grid's last axis is the DP x CP rank (equal to the DP rank at CP=1, as before)
     dpcp, dpcps = (ps.get_data_parallel_rank(with_context_parallel=True),
                    ps.get_data_parallel_world_size(with_context_parallel=True))
-    out = {"rng_state": ShardedObject("rng_state", rng, (pps, tps, dpcps), (pp, tp, dpcp), replica_id=0)}
-    if data_state is not None:
-        # identical on every TP/PP/CP rank of one replica: only the first of them writes it
-        out["data_state"] = ShardedObject("data_state", data_state, (dps,), (dp,),
-                                          replica_id=tp + tps * (pp + pps * cp))
-    return out
+    return {"rng_state": ShardedObject("rng_state", rng, (pps, tps, dpcps), (pp, tp, dpcp), replica_id=0)}
 
 
 def _save_kwargs() -> dict:
@@ -144,7 +137,7 @@ def _sharding_metadata() -> dict:
     return {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
-def build_state_dict(model_chunks, optimizer=None, scheduler=None, rng=None, data_state=None,
+def build_state_dict(model_chunks, optimizer=None, scheduler=None, rng=None,
                      meta: Optional[dict] = None, is_loading: bool = False) -> dict:
     """The sharded state dict of a checkpoint (what is saved, or the template of what is loaded)."""
     n = len(model_chunks)
@@ -158,8 +151,8 @@ def build_state_dict(model_chunks, optimizer=None, scheduler=None, rng=None, dat
                                                        metadata=_sharding_metadata())
     if scheduler is not None:
         sd["opt_param_scheduler"] = scheduler.state_dict()
-    if rng is not None or data_state is not None:
-        sd.update(_per_rank_objects(rng, data_state))
+    if rng is not None:
+        sd.update(_per_rank_objects(rng))
     if meta is not None:
         sd["meta"] = meta
     return sd
@@ -193,7 +186,7 @@ def save_checkpoint(
         model_chunks: this rank's model chunks (DDP-wrapped or not).
         optimizer, scheduler: Megatron optimizer and ``OptimizerParamScheduler``.
         meta: JSON-like common state (iteration, consumed_samples, config, ...).
-        data_state: this DP rank's loader ``state_dict()``.
+        data_state: the loader's global state (with ``consumed_samples``), stored once in ``meta``.
         tokenizer_dir: copied into the checkpoint so that it is self-contained.
         config_yaml: the resolved config, written as ``config.yaml`` beside the shards.
         keep_last: delete older checkpoints beyond the last K (0 keeps all).
@@ -209,7 +202,9 @@ def save_checkpoint(
     torch.distributed.barrier()
     meta = dict(meta, iteration=iteration, layout=_layout(),
                 megatron_core_version=compat.mcore_version())
-    sd = build_state_dict(model_chunks, optimizer, scheduler, _rng_state(), data_state, meta)
+    if data_state is not None:
+        meta["data_state"] = data_state
+    sd = build_state_dict(model_chunks, optimizer, scheduler, _rng_state(), meta)
 
     def finalize() -> None:
         torch.distributed.barrier()
@@ -271,23 +266,19 @@ def load_checkpoint(
     """Load model (and unless ``finetune``, optimizer, scheduler, RNG and loader position).
 
     Works across TP/PP layouts (the sharded tensors are resharded on load). The RNG states are
-    restored only on the same layout; the loader position only with the same data-parallel size.
+    restored only on the same layout; the loader state (global, in ``meta``) on any layout.
 
     Returns:
-        ``meta`` of the checkpoint plus ``data_state`` (this DP rank's loader state, or None).
+        ``meta`` of the checkpoint, with ``data_state`` (the loader's global state; None with ``finetune``
+        or for a checkpoint saved before the global data order, whose per-DP-rank state is not read).
     """
     path = resolve_checkpoint(root, iteration)
     meta = load_meta(path)
     same_layout = meta.get("layout") == _layout()
-    same_dp = meta.get("layout", {}).get("dp") == ps.get_data_parallel_world_size()
     want_state = not finetune
     template = build_state_dict(model_chunks, optimizer if want_state else None, is_loading=True)
-    if want_state:
-        per_rank = _per_rank_objects(None, {} if same_dp else None)
-        if same_layout:
-            template["rng_state"] = per_rank["rng_state"]
-        if same_dp and "data_state" in per_rank:
-            template["data_state"] = per_rank["data_state"]
+    if want_state and same_layout:
+        template["rng_state"] = _per_rank_objects(None)["rng_state"]
     _check_shapes(path, template)
     try:
         loaded = dist_checkpointing.load(template, str(path))
@@ -312,7 +303,7 @@ def load_checkpoint(
             log.warning("checkpoint layout %s differs from this run's %s: RNG states not restored",
                         meta.get("layout"), _layout())
     out = dict(meta)
-    out["data_state"] = loaded.get("data_state") if want_state else None
+    out["data_state"] = meta.get("data_state") if want_state else None
     out["path"] = str(path)
     log.info("loaded checkpoint %s (iteration %s)", path, meta.get("iteration"))
     return out

@@ -16,6 +16,7 @@ import ast
 import dataclasses
 import inspect
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,9 +147,18 @@ class DataConfig:
     seq_length: int = 128
     """Sequence length in tokens."""
     num_workers: int = 1
-    """DataLoader worker processes per rank."""
-    shuffle_buffer: int = 256
-    """Samples held in the in-memory shuffle buffer of the loader."""
+    """DataLoader worker processes per rank (0: read in the training process); they only prefetch, the
+    data order does not depend on them."""
+    data_shuffle: Literal["global", "none"] = "global"
+    """Training data order: a seeded permutation of all samples of each epoch of each source (as
+    Megatron's GPTDataset), or none (manifest order)."""
+    verify_data: Literal["sha256", "size", "none"] = "sha256"
+    """Check of training and validation shards at start: size and sha256, size only, or none."""
+    override_data_state: bool = False
+    """Resume even when the checkpoint's data order cannot be continued exactly (another --seed,
+    --seq-length, --data-path or --data-shuffle): continue at its consumed samples in this run's order."""
+    shuffle_buffer: Optional[int] = None
+    """Removed (an error when set): the loader shuffles each epoch globally (--data-shuffle)."""
     sft_data: Optional[str] = None
     """Prompt/completion jsonl files for supervised finetuning (glob); prompt tokens are never masked."""
     sft_train_on_prompt: bool = False
@@ -624,6 +634,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _check(m.num_attention_heads % groups == 0, "num_query_groups",
            f"--num-attention-heads {m.num_attention_heads} is not divisible by {groups}")
     _validate_architecture(cfg)
+    _validate_data(cfg.data)
     tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
     _check(m.num_attention_heads % tp == 0, "tensor_model_parallel_size",
            f"--num-attention-heads {m.num_attention_heads} is not divisible by TP={tp}")
@@ -713,6 +724,14 @@ def _validate_architecture(cfg: Config) -> None:
         _check(m.fp8_format is None, "attention_anneal_iters", "needs an arbitrary attention mask (no FP8)")
 
 
+def _validate_data(d: DataConfig) -> None:
+    _check(d.shuffle_buffer is None, "shuffle_buffer",
+           "was removed: the loader now shuffles all samples of each epoch (--data-shuffle global, the default); "
+           "drop the option")
+    parse_data_path(d.data_path)
+    parse_data_path(d.valid_data_path, "valid_data_path")
+
+
 def virtual_pipeline_size(parallel: ParallelConfig, num_layers: int) -> Optional[int]:
     """Model chunks per pipeline rank (interleaved schedule), or None without interleaving."""
     if parallel.num_layers_per_virtual_pipeline_stage is None:
@@ -730,28 +749,36 @@ def num_train_iters(cfg: Config) -> int:
     raise ConfigError("--train-iters: give --train-iters or --train-tokens")
 
 
-def parse_data_path(items: list) -> list[tuple[float, str]]:
-    """Megatron's blend convention: ``[dir]``, ``[w1, dir1, w2, dir2, ...]``; weights normalised."""
+def parse_data_path(items: list, name: str = "data_path") -> list[tuple[float, str]]:
+    """Megatron's blend convention: ``[dir]``, ``[w1, dir1, w2, dir2, ...]`` or ``[dir1, dir2, ...]``
+    (equal weights); weights normalised. ``name`` is the option reported in errors."""
+    flag = "--" + name.replace("_", "-")
     items = [str(x) for x in items]
     if not items:
         return []
     if len(items) == 1:
         return [(1.0, items[0])]
-    if len(items) % 2 == 0:
+
+    def number(x: str) -> Optional[float]:
         try:
-            weights = [float(w) for w in items[0::2]]
+            return float(x)
         except ValueError:
-            weights = None
-        if weights is not None:
-            if any(w < 0 for w in weights) or sum(weights) <= 0:
-                raise ConfigError("--data-path: blend weights must be non-negative with a positive sum")
-            total = sum(weights)
-            return [(w / total, d) for w, d in zip(weights, items[1::2])]
-    try:
-        float(items[0])
-        looks_weighted = True
-    except ValueError:
-        looks_weighted = False
-    if looks_weighted:
-        raise ConfigError(f"--data-path: expected weight/path pairs, got {items}")
+            return None
+
+    numbers = [number(x) for x in items]
+    if len(items) % 2 == 0 and all(w is not None for w in numbers[0::2]):
+        weights = numbers[0::2]
+        for w, raw in zip(weights, items[0::2]):
+            if not math.isfinite(w) or w < 0:
+                raise ConfigError(f"{flag}: blend weight {raw!r} must be a finite number >= 0")
+        if sum(weights) <= 0:
+            raise ConfigError(f"{flag}: blend weights {items[0::2]} must have a positive sum")
+        total = sum(weights)
+        return [(w / total, d) for w, d in zip(weights, items[1::2])]
+    if any(w is not None for w in numbers) or any(re.match(r"[+-]?\.?\d", x) and not Path(x).exists()
+                                                  for x in items[0::2]):
+        odd = next((x for x in items[0::2] if number(x) is None), None)
+        what = f"{odd!r} is not a weight" if odd is not None else "a weight without a path"
+        raise ConfigError(f"{flag}: {what}: expected weight/path pairs such as '0.7 dirA 0.3 dirB' (or only "
+                          f"paths, for equal weights), got {items}")
     return [(1.0 / len(items), d) for d in items]

@@ -3,6 +3,10 @@
 Kept apart from ``training`` so that the loop only sees iterables with ``state_dict`` /
 ``load_state_dict``. Every tensor- and pipeline-parallel rank of one data-parallel replica builds
 the same loader (same DP rank) and so reads identical batches, without a broadcast.
+
+The loader contract: ``state_dict()`` describes the data order and is the same on every rank; the
+trainer adds ``consumed_samples`` and stores it once in the checkpoint; ``load_state_dict(state)``
+starts reading at ``state["consumed_samples"]`` (or refuses a state whose order differs).
 """
 
 from __future__ import annotations
@@ -66,25 +70,26 @@ def build_data(cfg: Config, train_loader=None, valid_loader=None):
             if not files:
                 raise ConfigError(f"--sft-data: no file matches {d.sft_data}")
             train_loader = build_sft_loader(files, tok, d.seq_length, mbs, dp_rank, dp_size,
-                                            seed=cfg.logging.seed)
+                                            seed=cfg.logging.seed, override=d.override_data_state)
             if d.sft_train_on_prompt:
                 train_loader = WholeSequence(train_loader)
         else:
             if not d.data_path:
                 raise ConfigError("--data-path: no training data given")
             train_loader = build_pretrain_loader(
-                parse_data_path(d.data_path), d.seq_length, mbs, dp_rank, dp_size,
-                num_workers=d.num_workers, seed=cfg.logging.seed, shuffle_buffer=d.shuffle_buffer,
-                tokenizer_hash=tok.hash)
+                parse_data_path(d.data_path), d.seq_length, cfg.optim.global_batch_size, mbs, dp_rank, dp_size,
+                num_workers=d.num_workers, seed=cfg.logging.seed, shuffle=d.data_shuffle, tokenizer_hash=tok.hash,
+                verify=d.verify_data, override=d.override_data_state, vocab_size=tok.vocab_size)
     if valid_loader is None and cfg.logging.eval_interval:
         if d.valid_data_path:
-            valid = parse_data_path(d.valid_data_path)
+            valid = parse_data_path(d.valid_data_path, "valid_data_path")
         elif d.data_path:
             valid = resolve_valid_path([p for _, p in parse_data_path(d.data_path)])
         else:
             valid = None
         if valid:
-            valid_loader = build_valid_loader(valid, d.seq_length, mbs, dp_rank, dp_size)
+            valid_loader = build_valid_loader(valid, d.seq_length, mbs, dp_rank, dp_size, tok.hash, d.verify_data,
+                                              tok.vocab_size)
         else:
             log.warning("--eval-interval is set but no validation data was found: validation is off")
     return tok, train_loader, valid_loader

@@ -11,9 +11,10 @@ Normalisation: per-token loss (``calculate_per_token_loss``): each micro-batch r
 loss *sum* and its token count; Megatron divides the gradients by the token count of the whole global
 batch, so the step minimises sum(weighted CE) / (global batch x sequence length), the paper's loss.
 
-Determinism: the masks of a micro-batch come from a generator seeded by (seed, iteration,
-micro-batch, data-parallel rank); with the loader position in the checkpoint a resumed run repeats
-an uninterrupted one exactly (bit-exact on CPU).
+Determinism: the masks of a micro-batch come from a generator seeded by (seed, iteration, global
+micro-batch index); the data of a step is a function of (seed, consumed samples) (``data/order.py``),
+so a resumed run repeats an uninterrupted one exactly (bit-exact on CPU on the same layout) and reads
+the same samples on any other layout.
 """
 
 from __future__ import annotations
@@ -325,13 +326,15 @@ class Trainer:
             consumed_samples=int(meta.get("consumed_samples", 0)),
             skipped_steps=int(meta.get("skipped_steps", 0)),
         )
+        # the data position is the consumed samples: the order is a function of (seed, consumed samples),
+        # so it continues on any layout; the loader refuses a state whose order differs (seed, data, ...)
         data_state = meta.get("data_state")
-        if data_state:
-            self.train_loader.load_state_dict(data_state)
-        else:
-            log.warning("the data-parallel size changed (%s -> %d): the loader cannot resume exactly; "
-                        "data order restarts from a new seeded permutation",
-                        meta.get("layout", {}).get("dp"), self.dp_size)
+        if data_state is None:
+            log.warning("%s holds no global data-loader state (saved before the global data order): the data "
+                        "continues at consumed sample %d in this version's order, not exactly as saved",
+                        meta["path"], self.state.consumed_samples)
+            data_state = {}
+        self.train_loader.load_state_dict(dict(data_state, consumed_samples=self.state.consumed_samples))
 
     def save(self) -> None:
         ck = self.cfg.checkpoint
@@ -348,7 +351,8 @@ class Trainer:
             self.async_queue.maybe_finalize_async_calls(blocking=True)
         checkpointing.save_checkpoint(
             ck.save, self.state.iteration, self.model, self.optimizer, self.scheduler, meta,
-            data_state=self.train_loader.state_dict(), tokenizer_dir=self.tokenizer_dir,
+            data_state=dict(self.train_loader.state_dict(), consumed_samples=self.state.consumed_samples),
+            tokenizer_dir=self.tokenizer_dir,
             config_yaml=self.cfg.to_yaml(), keep_last=ck.keep_last, async_queue=self.async_queue,
         )
 

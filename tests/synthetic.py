@@ -23,7 +23,8 @@ class SyntheticLoader:
             yield {"tokens": self.pool[idx].clone()}
 
     def state_dict(self):
-        return {"pos": self.pos}
+        return {"kind": "synthetic"}
 
     def load_state_dict(self, state):
-        self.pos = int(state["pos"])
+        """The trainer's contract: ``consumed_samples`` (global) fixes this rank's position."""
+        self.pos = int(state["consumed_samples"]) // self.dp_size if "consumed_samples" in state else int(state.get("pos", 0))

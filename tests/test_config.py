@@ -120,7 +120,7 @@ def test_no_numeric_field_accepts_minus_one_or_nan(name):
     ("--global-batch-size", "0", "must be >= 1"),
     ("--seq-length", "1", "must be >= 2"),
     ("--num-workers", "-1", "must be >= 0"),
-    ("--shuffle-buffer", "0", "must be >= 1"),
+    ("--shuffle-buffer", "256", "was removed"),
     ("--lr", "0", "must be > 0"),
     ("--lr", "nan", "finite"),
     ("--min-lr", "0.1", "larger than --lr"),

@@ -156,9 +156,59 @@ def test_resume_keeps_finished_and_redoes_corrupt_or_missing(tok_dir, corpus, tm
     raw[600] ^= 0xFF
     victim.write_bytes(bytes(raw))
     gone.unlink()
+    (out / m["shards"][1]["index"]["path"]).write_bytes(b"garbage")
     m2 = prepare([str(d)], tok_dir, str(out), S, shard_tokens=S * 10)
     assert _read(out) == first and m2["shards"] == m["shards"]
     assert "missing or corrupt" in caplog.text
+
+
+def test_index_sidecars_locate_every_member(tok_dir, corpus, tmp_path):
+    d, _ = corpus
+    m = prepare([str(d)], tok_dir, str(tmp_path / "o"), S, shard_tokens=S * 7, doc_boundaries=True)
+    for s in m["shards"]:
+        idx = np.load(tmp_path / "o" / s["index"]["path"], allow_pickle=False)
+        with tarfile.open(tmp_path / "o" / s["path"]) as tar:
+            want = [(mem.offset_data, mem.size) for mem in tar if mem.name.endswith(".tokens.zst")]
+        assert idx.dtype == np.uint64 and idx.tolist() == [list(x) for x in want] and len(want) == s["samples"]
+
+
+def test_empty_input_is_an_error_unless_allowed(tok_dir, tmp_path, caplog):
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "other_key.jsonl").write_text(json.dumps({"content": "some text"}) + "\n")
+    for name in ("empty.jsonl", "other_key.jsonl"):
+        with pytest.raises(InputError, match=f"the input holds no document.*{name}.*--allow-empty"):
+            prepare([str(tmp_path / name)], tok_dir, str(tmp_path / "o"), S)
+        assert not (tmp_path / "o" / "manifest.json").exists()
+    m = prepare([str(tmp_path / "empty.jsonl")], tok_dir, str(tmp_path / "o"), S, allow_empty=True)
+    assert m["num_samples"] == 0 and "writing an empty dataset" in caplog.text
+
+
+def test_output_inside_an_input_directory_is_refused(tok_dir, corpus, tmp_path):
+    d, _ = corpus
+    src = tmp_path / "raw"
+    shutil.copytree(d, src)
+    for output in (src / "shards", src):
+        with pytest.raises(InputError, match=f"--output {output} is inside the --input {src}"):
+            prepare([str(src)], tok_dir, str(output), S)
+        assert not (output / ".parts").exists()
+    prepare([str(src / "a.jsonl")], tok_dir, str(tmp_path / "out"), S)
+    with pytest.raises(InputError, match="is inside the --input"):  # a glob that reaches into the output
+        prepare([str(tmp_path / "**" / "*.json*")], tok_dir, str(tmp_path / "out"), S)
+
+
+def test_leftover_temporary_files_are_removed(tok_dir, corpus, tmp_path):
+    d, _ = corpus
+    out = tmp_path / "o"
+    prepare([str(d / "a.jsonl"), str(d / "b.jsonl.zst")], tok_dir, str(out), S, shard_tokens=S * 10, val_fraction=0.2)
+    leftovers = [out / ".00000-00003.tar.tmp4242", out / ".00001-00000.idx.npy.tmp4242",
+                 out / ".tail-00000.tar.tmp77", out / ".manifest.json.tmp9", out / "valid" / ".00000-00000.tar.tmp5",
+                 out / ".parts" / ".00001.json.tmp12"]
+    for p in leftovers:  # what a killed run leaves (writer.py, format.write_json_atomic)
+        p.write_bytes(b"x" * 100)
+    keep = out / ".notes.tmp1"  # not ours
+    keep.write_text("mine")
+    prepare([str(d / "a.jsonl"), str(d / "b.jsonl.zst")], tok_dir, str(out), S, shard_tokens=S * 10, val_fraction=0.2)
+    assert [p for p in leftovers if p.exists()] == [] and keep.exists()
 
 
 def _bad_inputs(d: Path):

@@ -51,14 +51,18 @@ def test_loader_split_and_resume(tok, sft_file):
     it = iter(loader)
     for _ in range(3):
         next(it)
-    state = loader.state_dict()
+    state = dict(loader.state_dict(), consumed_samples=3 * 4)  # the trainer adds its consumed samples
     rest = [next(it) for _ in range(15)]  # crosses epochs
-    fresh = build_sft_loader([sft_file], tok, S, 4, 0, 1, seed=3)
+    fresh = build_sft_loader([sft_file], tok, S, 2, 0, 1, seed=3)  # another micro-batch size: same samples
     fresh.load_state_dict(state)
     it2 = iter(fresh)
     for a in rest:
-        b = next(it2)
-        assert torch.equal(a["tokens"], b["tokens"]) and torch.equal(a["loss_mask"], b["loss_mask"])
+        x, y = next(it2), next(it2)
+        for k in ("tokens", "loss_mask"):
+            assert torch.equal(a[k], torch.cat([x[k], y[k]]))
+    with pytest.raises(DataError, match="dp_size was 1 when saved and is 2 now.*--override-data-state"):
+        build_sft_loader([sft_file], tok, S, 4, 0, 2, seed=3).load_state_dict(state)
+    build_sft_loader([sft_file], tok, S, 4, 0, 2, seed=3, override=True).load_state_dict(state)
     assert rest[0]["tokens"].shape == (4, S) and rest[0]["loss_mask"].dtype == torch.float32
 
 

@@ -79,8 +79,8 @@ def train_roberta(tok_dir: Path, shards: Path, out: Path, steps: int, seq: int, 
     model = RobertaForMaskedLM(cfg).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * max(0.1, 1 - s / steps))
-    loader = iter(build_pretrain_loader([(1.0, str(shards))], seq, 32, 0, 1, num_workers=0, seed=seed,
-                                        shuffle_buffer=256, tokenizer_hash=tok.hash))
+    loader = iter(build_pretrain_loader([(1.0, str(shards))], seq, 32, 32, 0, 1, num_workers=0, seed=seed,
+                                        tokenizer_hash=tok.hash))
     g = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
     for step in range(steps):

@@ -1,4 +1,4 @@
-"""``mdm-data prepare|inspect|verify``: argument parsing around ``megatron_mdm.data``."""
+"""``mdm-data prepare|inspect|verify|index``: argument parsing around ``megatron_mdm.data``."""
 
 from __future__ import annotations
 
@@ -24,28 +24,30 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--strict", action="store_true", help="fail on the first bad input record")
     q.add_argument("--doc-boundaries", action="store_true", help="also store document start offsets")
     q.add_argument("--zstd-level", type=int, default=3, help="zstd level of the token members")
+    q.add_argument("--allow-empty", action="store_true", help="write an empty dataset (with a warning) instead of "
+                   "failing when the input holds no document")
     i = sub.add_parser("inspect", help="counts and a decoded sample")
     i.add_argument("path", help="dataset directory")
     i.add_argument("--tokenizer", default=None, help="decode the sample with this tokenizer")
     i.add_argument("--sample", type=int, default=0, help="index of the sample to show")
     v = sub.add_parser("verify", help="checksums and decodability of every shard")
     v.add_argument("path", help="dataset directory")
+    x = sub.add_parser("index", help="write the index sidecars of a dataset prepared by an older version")
+    x.add_argument("path", help="dataset directory (its validation split too)")
     return p
 
 
 def _inspect(path: str, tokenizer: str | None, sample: int) -> None:
     from megatron_mdm.data import format as fmt
-    from megatron_mdm.data.loader import build_valid_loader
+    from megatron_mdm.data.shards import SampleReader, check_manifests
 
     m = fmt.read_manifest(path)
     keys = ("split", "seq_length", "dtype", "vocab_size", "tokenizer_hash", "num_samples", "num_tokens",
             "num_documents", "num_text_tokens", "padding_tokens", "valid")
     print(json.dumps({k: m.get(k) for k in keys} | {"shards": len(m["shards"]),
                                                     "bad_input": m["report"]["counts"]}, indent=1))
-    it = iter(build_valid_loader([(1.0, path)], m["seq_length"], 1, 0, 1, verify="none"))
-    for _ in range(sample % m["num_samples"]):
-        next(it)
-    ids = next(it)["tokens"][0].tolist()
+    (src,) = check_manifests([(1.0, path)], m["seq_length"], verify="none")
+    ids = SampleReader(src).read(sample % m["num_samples"]).tolist()
     print(f"sample {sample}: {ids[:64]}{' ...' if len(ids) > 64 else ''}")
     if tokenizer:
         from megatron_mdm.tokenization import MDMTokenizer
@@ -64,9 +66,15 @@ def main(argv: list[str] | None = None) -> int:
             from megatron_mdm.data.prepare import prepare
 
             prepare(args.input, args.tokenizer, args.output, args.seq_length, args.text_key, args.shard_tokens,
-                    args.workers, args.val_fraction, args.strict, args.doc_boundaries, args.zstd_level)
+                    args.workers, args.val_fraction, args.strict, args.doc_boundaries, args.zstd_level,
+                    allow_empty=args.allow_empty)
         elif args.cmd == "inspect":
             _inspect(args.path, args.tokenizer, args.sample)
+        elif args.cmd == "index":
+            from megatron_mdm.data.shards import index_dataset
+
+            for d, n in index_dataset(args.path).items():
+                print(f"{d}: {n} index sidecars written")
         else:
             from megatron_mdm.data.loader import verify_dataset
 

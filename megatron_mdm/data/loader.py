@@ -1,43 +1,48 @@
-"""The resumable, blended, data-parallel pretraining loader over prepared shards.
+"""The pretraining and validation loaders: a map-style view of the global data order.
 
-Order (all ranks agree on it without communication):
+The order is ``megatron_mdm.data.order``: stream position ``p`` -> (source, sample) through the blend, the
+per-epoch permutation and the data-parallel split, a function of (seed, consumed samples) alone. Reading is
+``megatron_mdm.data.shards`` (random access through each shard's member index).
 
-- Each source (dataset directory) has a global sample stream per epoch: its shards in a permutation
-  seeded by ``(seed, source, epoch)``, each shard's samples in order.
-- Stream position ``g`` belongs to slot ``g % R`` with ``R = dp_size * W`` (``W = max(1, num_workers)``)
-  and slot ``dp_rank * W + worker_id``: ranks and workers never overlap and together cover each epoch.
-- A slot's samples are cut into blocks of ``shuffle_buffer`` samples; each block is read into memory and
-  permuted with a generator seeded by ``(seed, source, epoch, slot, block)`` (the in-memory shuffle).
-- Blending draws the source of each sample with a seeded weighted choice; its state is a draw counter.
-- Each worker yields whole micro-batches; epochs continue forever.
+A data-parallel rank's loader yields, from its start position (the trainer's ``consumed_samples``), the
+micro-batches of its contiguous part of each global batch, in order. Item ``m`` of the map-style
+:class:`MicroBatches` is the rank's ``m``-th micro-batch; DataLoader workers only prefetch items (the
+sampler hands them out in order and the DataLoader returns them in order), so the number of workers
+changes nothing. Tensor- and pipeline-parallel ranks of one replica build the same loader and read
+identically, without a broadcast.
 
-The state of a worker is ``{draws, sources: [[epoch, block, offset], ...]}``: a block is re-read on resume,
-so a resumed loader yields exactly the batches the uninterrupted one would. torchdata's
-``StatefulDataLoader`` keeps one such state per worker. A changed ``dp_size`` or ``num_workers`` changes the
-slots, so ``load_state_dict`` refuses it with :class:`DataError`.
-
-Tensor- and pipeline-parallel ranks of one data-parallel replica call the loader with the same
-``dp_rank`` and arguments and therefore *read identically*: no broadcast is needed.
+State: :meth:`PretrainLoader.state_dict` describes the order (``seed``, ``seq_length``, the sources by
+fingerprint, their weights, the shuffle mode), identical on every rank; the trainer adds
+``consumed_samples`` and stores the dict once in the checkpoint. :meth:`PretrainLoader.load_state_dict`
+resumes at ``consumed_samples`` on any layout and refuses a state whose order differs (naming the option)
+unless it was built with ``override=True`` (``--override-data-state``).
 """
 
 from __future__ import annotations
 
-import tarfile
-from collections import OrderedDict
+import atexit
+import logging
+import signal
+import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass
+from itertools import count
 from pathlib import Path
 
 import numpy as np
 import torch
-import zstandard
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from megatron_mdm.data import format as fmt
 from megatron_mdm.data.format import DataError
+from megatron_mdm.data.order import Blend, Permutation, micro_batch_positions
+from megatron_mdm.data.shards import SampleReader, Source, check_manifests, scan_shard_index
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "DataError",
+    "DataOrder",
+    "MicroBatches",
     "PretrainLoader",
     "Source",
     "ValidLoader",
@@ -48,69 +53,249 @@ __all__ = [
     "verify_dataset",
 ]
 
-STATE_VERSION = 1
+STATE_VERSION = 2
+SHUFFLE_MODES = ("global", "none")
+_CHUNK_POSITIONS = 2048  # the order is computed for this many positions at once (numpy overhead)
 
 
-@dataclass
-class Source:
-    """One checked dataset directory: absolute shard paths and samples per shard."""
-
-    directory: str
-    weight: float
-    shards: list[str]
-    counts: list[int]
-    dtype: str
-    mask_id: int
-
-    @property
-    def num_samples(self) -> int:
-        return sum(self.counts)
-
-
-def check_manifests(data_path: list[tuple[float, str]], seq_length: int, tokenizer_hash: str | None = None,
-                    verify: str = "sha256") -> list[Source]:
-    """Read every manifest and check shards before training starts.
+class DataOrder:
+    """Stream positions -> (source, sample number within the source), for checked sources.
 
     Args:
-        data_path: ``[(weight, directory), ...]`` (``config.parse_data_path``).
-        seq_length: the run's sequence length; must equal each manifest's.
-        tokenizer_hash: the model tokenizer's ``MDMTokenizer.hash``; None skips the check.
-        verify: ``"sha256"`` (size and checksum of every shard), ``"size"`` (sizes only) or ``"none"``.
-
-    Raises:
-        DataError: a missing manifest or shard, a size or checksum mismatch, another sequence length or
-            tokenizer, or an empty dataset; the message names the file.
+        counts: samples per source.
+        weights: blend weights (normalised or not).
+        seed: seeds the per-epoch permutations.
+        shuffle: ``"global"`` (a permutation of each source's epoch) or ``"none"`` (manifest order).
     """
-    if not data_path:
-        raise DataError("no data: --data-path is empty")
-    if verify not in ("sha256", "size", "none"):
-        raise DataError(f"verify must be 'sha256', 'size' or 'none', got {verify!r}")
-    out = []
-    for weight, d in data_path:
-        m = fmt.read_manifest(d)
-        where = Path(d) / fmt.MANIFEST
-        if m["seq_length"] != seq_length:
-            raise DataError(f"{where}: sequences of {m['seq_length']} tokens, but --seq-length is {seq_length}; "
-                            "prepare the data again with the run's sequence length")
-        if tokenizer_hash is not None and m["tokenizer_hash"] != tokenizer_hash:
-            raise DataError(f"{where}: tokenized with tokenizer {m['tokenizer_hash'][:12]}..., but the model's "
-                            f"tokenizer is {tokenizer_hash[:12]}...; prepare the data with the model's tokenizer")
-        shards, counts = [], []
-        for s in m["shards"]:
-            p = Path(d) / s["path"]
-            if not p.is_file():
-                raise DataError(f"{p}: shard listed in {where} is missing")
-            if verify != "none" and p.stat().st_size != s["bytes"]:
-                raise DataError(f"{p}: {p.stat().st_size} bytes, manifest says {s['bytes']} (corrupt or partial)")
-            if verify == "sha256" and fmt.sha256_file(p) != s["sha256"]:
-                raise DataError(f"{p}: sha256 mismatch with {where} (corrupt shard)")
-            if s["samples"] > 0:
-                shards.append(str(p.resolve()))
-                counts.append(int(s["samples"]))
-        if not counts:
-            raise DataError(f"{where}: the dataset has no samples")
-        out.append(Source(str(d), float(weight), shards, counts, m["dtype"], int(m["mask_id"])))
-    return out
+
+    def __init__(self, counts: list[int], weights: list[float], seed: int, shuffle: str = "global") -> None:
+        if shuffle not in SHUFFLE_MODES:
+            raise DataError(f"--data-shuffle must be one of {SHUFFLE_MODES}, got {shuffle!r}")
+        if seed < 0:
+            raise DataError(f"--seed must be >= 0 for the data order, got {seed}")
+        self.counts = [int(n) for n in counts]
+        self.blend = Blend(weights)
+        self.seed, self.shuffle = int(seed), shuffle
+        self.offsets = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)  # global sample ids
+        self._perms: dict[tuple[int, int], Permutation] = {}
+
+    def _perm(self, src: int, epoch: int) -> Permutation:
+        key = (src, epoch)
+        if key not in self._perms:
+            if len(self._perms) > 64:
+                self._perms.clear()
+            self._perms[key] = Permutation(self.counts[src], (self.seed, src, epoch))
+        return self._perms[key]
+
+    def samples(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(source, sample)`` int64 arrays shaped like ``positions``."""
+        shape = np.shape(positions)
+        src, k = self.blend.assign(np.asarray(positions).reshape(-1))
+        sample = np.empty_like(k)
+        for d in np.unique(src):
+            sel = src == d
+            epoch, j = np.divmod(k[sel], self.counts[d])
+            if self.shuffle == "global":
+                for e in np.unique(epoch):
+                    at = epoch == e
+                    j[at] = self._perm(int(d), int(e))(j[at])
+            sample[sel] = j
+        return src.reshape(shape), sample.reshape(shape)
+
+
+class MicroBatches(Dataset):
+    """Map-style: item ``m`` is the ``m``-th micro-batch a data-parallel rank reads from ``start``.
+
+    Items are ``{"tokens": LongTensor[micro_batch, seq_length], "sample_ids": LongTensor[micro_batch]}``
+    (``sample_ids``: the source's offset in the concatenation of all sources + the sample number), or
+    ``{"error": message}`` when a sample is bad (so that a worker's DataError reaches the trainer as one line).
+    """
+
+    def __init__(self, sources: list[Source], order: DataOrder, start: int, global_batch: int, micro_batch: int,
+                 dp_rank: int, dp_size: int) -> None:
+        micro_batch_positions(start, 0, global_batch, micro_batch, dp_rank, dp_size)  # checks divisibility
+        self.sources, self.order, self.start = sources, order, int(start)
+        self.G, self.mbs, self.dp_rank, self.dp_size = global_batch, micro_batch, dp_rank, dp_size
+        self.per_rank = global_batch // dp_size
+        self.readers = [SampleReader(s) for s in sources]
+        self.chunk = max(1, _CHUNK_POSITIONS // micro_batch)
+        self._cached: tuple[int, np.ndarray, np.ndarray] | None = None
+
+    def positions(self, m: int) -> np.ndarray:
+        return micro_batch_positions(self.start, m, self.G, self.mbs, self.dp_rank, self.dp_size)
+
+    def ids(self, m: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(source [micro_batch], sample [micro_batch])`` of item ``m``."""
+        c, i = divmod(m, self.chunk)
+        if self._cached is None or self._cached[0] != c:
+            step, mb = np.divmod(np.arange(c * self.chunk, (c + 1) * self.chunk), self.per_rank // self.mbs)
+            first = self.start + step * self.G + self.dp_rank * self.per_rank + mb * self.mbs  # as positions()
+            self._cached = (c, *self.order.samples(first[:, None] + np.arange(self.mbs)))
+        return self._cached[1][i], self._cached[2][i]
+
+    def __len__(self) -> int:  # the stream is endless; DataLoader only needs the sampler's indices
+        raise TypeError("MicroBatches is infinite")
+
+    def __getitem__(self, m: int) -> dict:
+        src, sample = self.ids(m)
+        try:
+            rows = [self.readers[int(s)].read(int(j)) for s, j in zip(src, sample)]
+        except DataError as e:
+            return {"error": str(e)}
+        return {"tokens": torch.from_numpy(np.stack(rows).astype(np.int64)),
+                "sample_ids": torch.from_numpy(self.order.offsets[src] + sample)}
+
+
+class _Forever(Sampler):
+    def __iter__(self) -> Iterator[int]:
+        return count()
+
+
+def ignore_stop_signals(_worker_id: int = 0) -> None:
+    """DataLoader ``worker_init_fn``: a scheduler's SIGTERM/SIGUSR1 to the whole process group must not
+    kill the workers (the trainer, which also gets it, saves a checkpoint and exits; workers end with it)."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+class _Batches:
+    """Iterator over micro-batches that turns an ``{"error": ...}`` item into a DataError (one line, also
+    from a worker). Live iterators with workers are shut down at interpreter exit, before multiprocessing's
+    own exit handler: it would SIGTERM the workers, which ignore it, and wait for them forever."""
+
+    live: weakref.WeakSet = weakref.WeakSet()
+
+    def __init__(self, items: Iterator[dict], loader: DataLoader | None = None) -> None:
+        self._items = items
+        if loader is not None:
+            _Batches.live.add(self)
+
+    def __iter__(self) -> _Batches:
+        return self
+
+    def __next__(self) -> dict:
+        b = next(self._items)
+        if "error" in b:
+            raise DataError(b["error"])
+        return b
+
+    def close(self) -> None:
+        shutdown = getattr(self._items, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
+
+@atexit.register
+def _shutdown_live_workers() -> None:
+    for it in list(_Batches.live):
+        it.close()
+
+
+class PretrainLoader:
+    """Training micro-batches of one data-parallel rank, from the position set by ``load_state_dict``.
+
+    Args:
+        sources: checked sources (``check_manifests``).
+        seq_length, global_batch, micro_batch: the run's shapes; ``global_batch`` sets the rank's part of
+            each step.
+        dp_rank, dp_size: this replica's data-parallel rank and the data-parallel size.
+        num_workers: DataLoader worker processes that prefetch (0: read in this process).
+        seed: seeds the permutations.
+        shuffle: ``"global"`` or ``"none"``.
+        override: accept a saved state whose order differs (``--override-data-state``).
+    """
+
+    def __init__(self, sources: list[Source], seq_length: int, global_batch: int, micro_batch: int, dp_rank: int,
+                 dp_size: int, num_workers: int, seed: int, shuffle: str = "global", override: bool = False) -> None:
+        if not 0 <= dp_rank < dp_size:
+            raise DataError(f"dp_rank {dp_rank} is outside [0, dp_size={dp_size})")
+        if num_workers < 0:
+            raise DataError(f"--num-workers must be >= 0, got {num_workers}")
+        self.sources, self.seq_length = sources, seq_length
+        self.order = DataOrder([s.num_samples for s in sources], [s.weight for s in sources], seed, shuffle)
+        self.G, self.mbs, self.dp_rank, self.dp_size = global_batch, micro_batch, dp_rank, dp_size
+        self.num_workers, self.override = num_workers, override
+        self.consumed_samples = 0
+        micro_batch_positions(0, 0, global_batch, micro_batch, dp_rank, dp_size)
+
+    def dataset(self) -> MicroBatches:
+        return MicroBatches(self.sources, self.order, self.consumed_samples, self.G, self.mbs, self.dp_rank,
+                            self.dp_size)
+
+    def __iter__(self) -> Iterator[dict]:
+        ds = self.dataset()
+        if self.num_workers == 0:
+            return _Batches(ds[m] for m in count())
+        dl = DataLoader(ds, batch_size=None, sampler=_Forever(), num_workers=self.num_workers,
+                        worker_init_fn=ignore_stop_signals, persistent_workers=False)
+        return _Batches(iter(dl), dl)
+
+    def state_dict(self) -> dict:
+        """The order's description (without the position: the trainer adds ``consumed_samples``)."""
+        return {"version": STATE_VERSION, "seed": self.order.seed, "seq_length": self.seq_length,
+                "sources": [{"path": s.directory, "samples": s.num_samples, "fingerprint": s.fingerprint}
+                            for s in self.sources],
+                "weights": [float(s.weight) for s in self.sources], "shuffle": self.order.shuffle}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Start at ``state["consumed_samples"]``; DataError when the saved order differs (unless override).
+
+        A state holding only ``consumed_samples`` (a checkpoint from before the global order) is a position.
+        """
+        if "consumed_samples" not in state:
+            raise DataError("loader state has no consumed_samples (the trainer adds it when saving)")
+        c = int(state["consumed_samples"])
+        problem = _order_difference(state, self.state_dict())
+        if problem:
+            if not self.override:
+                raise DataError(f"cannot resume the data order exactly: {problem}; pass --override-data-state to "
+                                f"continue from consumed sample {c} with this run's order")
+            log.warning("--override-data-state: %s; continuing from consumed sample %d with this run's order",
+                        problem, c)
+        self.consumed_samples = c
+
+
+def _order_difference(old: dict, now: dict) -> str | None:
+    """The first difference between a saved state and this run's that changes the order, or None."""
+    for key, flag in (("seed", "--seed"), ("seq_length", "--seq-length"), ("shuffle", "--data-shuffle")):
+        if key in old and old[key] != now[key]:
+            return f"{flag} was {old[key]} when saved and is {now[key]} now"
+    if "sources" in old:
+        before = [(s.get("samples"), s.get("fingerprint")) for s in old["sources"]]
+        after = [(s["samples"], s["fingerprint"]) for s in now["sources"]]
+        if before != after:
+            return (f"--data-path read {[s.get('path') for s in old['sources']]} when saved and reads other data "
+                    f"now ({[s['path'] for s in now['sources']]}: other shards, sample counts or order)")
+        if "weights" in old and not np.allclose(old["weights"], now["weights"], rtol=0, atol=1e-9):
+            return f"--data-path weights were {old['weights']} when saved and are {now['weights']} now"
+    return None
+
+
+def build_pretrain_loader(data_path: list[tuple[float, str]], seq_length: int, global_batch: int, micro_batch: int,
+                          dp_rank: int, dp_size: int, num_workers: int, seed: int, shuffle: str = "global",
+                          tokenizer_hash: str | None = None, verify: str = "sha256",
+                          override: bool = False, vocab_size: int | None = None) -> PretrainLoader:
+    """The training loader of one data-parallel rank, after checking every manifest, shard and index.
+
+    Args:
+        data_path: ``[(weight, directory), ...]`` from ``config.parse_data_path``.
+        seq_length, global_batch, micro_batch: batch shapes (``global_batch`` divisible by dp x micro).
+        dp_rank, dp_size: this replica's data-parallel rank and the data-parallel size.
+        num_workers: DataLoader worker processes (0: read in this process).
+        seed: seeds the permutations.
+        shuffle: ``"global"`` (default) or ``"none"``.
+        tokenizer_hash: checked against every manifest (None: not checked).
+        verify: shard check at start, ``"sha256"``, ``"size"`` or ``"none"``.
+        override: resume even when the saved order differs.
+        vocab_size: the model tokenizer's vocabulary size, checked against every manifest (None: not checked).
+
+    Returns:
+        A :class:`PretrainLoader`; its iterators yield ``{"tokens": LongTensor[micro_batch, seq_length],
+        "sample_ids": LongTensor[micro_batch]}`` forever.
+    """
+    sources = check_manifests(data_path, seq_length, tokenizer_hash, verify, vocab_size)
+    return PretrainLoader(sources, seq_length, global_batch, micro_batch, dp_rank, dp_size, num_workers, seed,
+                          shuffle, override)
 
 
 def resolve_valid_path(data_path_dirs: list) -> list[tuple[float, str]]:
@@ -138,254 +323,35 @@ def resolve_valid_path(data_path_dirs: list) -> list[tuple[float, str]]:
     return [(w / total, d) for w, d in out]
 
 
-class _ShardReader:
-    """Random access to the token members of shards, with a small cache of member offsets."""
-
-    def __init__(self, cache: int = 8) -> None:
-        self._index: OrderedDict[str, list[tuple[int, int]]] = OrderedDict()
-        self._cache = cache
-        self._dctx = zstandard.ZstdDecompressor()
-
-    def index(self, path: str) -> list[tuple[int, int]]:
-        if path not in self._index:
-            try:
-                with tarfile.open(path, "r:") as tar:
-                    idx = [(m.offset_data, m.size) for m in tar if m.name.endswith("." + fmt.TOKENS_EXT)]
-            except (OSError, tarfile.TarError) as e:
-                raise DataError(f"{path}: unreadable shard: {e}") from None
-            self._index[path] = idx
-            while len(self._index) > self._cache:
-                self._index.popitem(last=False)
-        self._index.move_to_end(path)
-        return self._index[path]
-
-    def read(self, path: str, locals_: list[int], dtype: np.dtype) -> list[np.ndarray]:
-        idx = self.index(path)
-        out = []
-        with open(path, "rb") as f:
-            for i in locals_:
-                if i >= len(idx):
-                    raise DataError(f"{path}: has {len(idx)} samples, manifest says more (sample {i})")
-                off, size = idx[i]
-                f.seek(off)
-                try:
-                    out.append(np.frombuffer(self._dctx.decompress(f.read(size)), dtype=dtype))
-                except zstandard.ZstdError as e:
-                    raise DataError(f"{path}: sample {i} does not decompress: {e}") from None
-        return out
-
-
-class _SourceStream:
-    """The samples of one source that belong to one slot, block-shuffled, epoch after epoch."""
-
-    def __init__(self, src: Source, src_idx: int, slot: int, nslots: int, seed: int, block: int,
-                 shuffle: bool, seq_length: int, reader: _ShardReader) -> None:
-        self.src, self.i, self.slot, self.R = src, src_idx, slot, nslots
-        self.seed, self.B, self.shuffle, self.S, self.reader = seed, max(1, block), shuffle, seq_length, reader
-        self.dtype = fmt.dtype_from_name(src.dtype)
-        self.n_owned = len(range(slot, src.num_samples, nslots))
-        if self.n_owned == 0:
-            raise DataError(f"{src.directory}: {src.num_samples} samples, fewer than dp_size * num_workers = "
-                            f"{nslots}; use fewer workers or more data")
-        self.epoch = self.block = self.offset = 0
-        self._buf: list[tuple[np.ndarray, str, int]] | None = None
-
-    def get_state(self) -> list[int]:
-        return [self.epoch, self.block, self.offset]
-
-    def set_state(self, st: list[int]) -> None:
-        self.epoch, self.block, self.offset = (int(x) for x in st)
-        self._buf = None
-
-    def _load_block(self) -> None:
-        counts = np.asarray(self.src.counts)
-        order = (np.random.default_rng([self.seed, self.i, self.epoch]).permutation(len(counts))
-                 if self.shuffle else np.arange(len(counts)))
-        cum = np.concatenate([[0], np.cumsum(counts[order])])
-        k = np.arange(self.block * self.B, min((self.block + 1) * self.B, self.n_owned))
-        g = k * self.R + self.slot
-        pos = np.searchsorted(cum, g, side="right") - 1
-        local = g - cum[pos]
-        buf: list = [None] * len(g)
-        for p in np.unique(pos):
-            sel = np.nonzero(pos == p)[0]
-            path = self.src.shards[order[p]]
-            for j, arr in zip(sel, self.reader.read(path, [int(x) for x in local[sel]], self.dtype)):
-                buf[j] = (arr, path, int(local[j]))
-        if self.shuffle:
-            perm = np.random.default_rng([self.seed, self.i, self.epoch, self.slot, self.block]).permutation(len(buf))
-            buf = [buf[j] for j in perm]
-        self._buf = buf
-
-    def next(self) -> np.ndarray:
-        if self._buf is None:
-            self._load_block()
-        arr, path, local = self._buf[self.offset]  # type: ignore[index]
-        if len(arr) != self.S:
-            raise DataError(f"{path}: sample {local} has {len(arr)} tokens, expected {self.S}")
-        if (arr == self.src.mask_id).any():
-            raise DataError(f"{path}: sample {local} contains the mask id {self.src.mask_id}")
-        self.offset += 1
-        if self.offset >= len(self._buf):  # type: ignore[arg-type]
-            self.offset, self.block, self._buf = 0, self.block + 1, None
-            if self.block * self.B >= self.n_owned:
-                self.epoch, self.block = self.epoch + 1, 0
-        return arr
-
-
-class TokenShardDataset(IterableDataset):
-    """Infinite stream of ``{"tokens": LongTensor[micro_batch_size, seq_length]}`` for one dp rank.
-
-    Implements ``state_dict``/``load_state_dict`` (per worker), which ``StatefulDataLoader`` snapshots.
-    """
-
-    _DRAW_CHUNK = 1024
-
-    def __init__(self, sources: list[Source], seq_length: int, micro_batch_size: int, dp_rank: int, dp_size: int,
-                 num_workers: int, seed: int, shuffle_buffer: int, shuffle: bool = True) -> None:
-        super().__init__()
-        if not 0 <= dp_rank < dp_size:
-            raise DataError(f"dp_rank {dp_rank} is outside [0, dp_size={dp_size})")
-        self.sources, self.S, self.mbs = sources, seq_length, micro_batch_size
-        self.dp_rank, self.dp_size, self.W = dp_rank, dp_size, max(1, num_workers)
-        self.seed, self.block, self.shuffle = seed, shuffle_buffer, shuffle
-        w = np.asarray([s.weight for s in sources], dtype=np.float64)
-        self.p = w / w.sum()
-        self._state: dict = {"draws": 0, "sources": [[0, 0, 0] for _ in sources]}
-        for s in range(self.W):  # fail here, in the main process, when a slot would be empty
-            for src in sources:
-                if len(range(dp_rank * self.W + s, src.num_samples, dp_size * self.W)) == 0:
-                    raise DataError(f"{src.directory}: {src.num_samples} samples, fewer than dp_size * num_workers"
-                                    f" = {dp_size * self.W}; use fewer workers or more data")
-
-    def state_dict(self) -> dict:
-        return {"draws": int(self._state["draws"]), "sources": [list(x) for x in self._state["sources"]]}
-
-    def load_state_dict(self, state: dict) -> None:
-        if len(state["sources"]) != len(self.sources):
-            raise DataError(f"loader state has {len(state['sources'])} data sources, this run has {len(self.sources)}")
-        self._state = {"draws": int(state["draws"]), "sources": [list(x) for x in state["sources"]]}
-
-    def _choices(self, draws: int) -> Iterator[int]:
-        while True:
-            chunk, start = divmod(draws, self._DRAW_CHUNK)
-            rng = np.random.default_rng([self.seed, 0xB1E4D, self.dp_rank, self._wid, chunk])
-            picks = rng.choice(len(self.sources), size=self._DRAW_CHUNK, p=self.p)
-            for c in picks[start:]:
-                yield int(c)
-            draws = (chunk + 1) * self._DRAW_CHUNK
-
-    def __iter__(self) -> Iterator[dict]:
-        info = get_worker_info()
-        self._wid = info.id if info is not None else 0
-        slot, nslots = self.dp_rank * self.W + self._wid, self.dp_size * self.W
-        reader = _ShardReader()
-        streams = [_SourceStream(src, i, slot, nslots, self.seed, self.block, self.shuffle, self.S, reader)
-                   for i, src in enumerate(self.sources)]
-        for st, x in zip(streams, self._state["sources"]):
-            st.set_state(x)
-        draws = self._state["draws"]
-        choices = self._choices(draws) if len(streams) > 1 else iter(lambda: 0, 1)
-        while True:
-            rows = []
-            for _ in range(self.mbs):
-                rows.append(streams[next(choices)].next())
-                draws += 1
-            self._state = {"draws": draws, "sources": [s.get_state() for s in streams]}
-            yield {"tokens": torch.from_numpy(np.stack(rows).astype(np.int64))}
-
-
-class PretrainLoader:
-    """Iterable over training batches with ``state_dict``/``load_state_dict`` for checkpoints."""
-
-    def __init__(self, dataset: TokenShardDataset, num_workers: int) -> None:
-        from torchdata.stateful_dataloader import StatefulDataLoader
-
-        self.dataset = dataset
-        self.num_workers = num_workers
-        self._dl = StatefulDataLoader(dataset, batch_size=None, num_workers=num_workers,
-                                      multiprocessing_context=None,
-                                      persistent_workers=False)
-
-    def _meta(self) -> dict:
-        d = self.dataset
-        return {"version": STATE_VERSION, "dp_size": d.dp_size, "dp_rank": d.dp_rank, "num_workers": self.num_workers,
-                "seq_length": d.S, "micro_batch_size": d.mbs, "seed": d.seed, "shuffle_buffer": d.block,
-                "sources": [s.directory for s in d.sources]}
-
-    def __iter__(self) -> Iterator[dict]:
-        return iter(self._dl)
-
-    def state_dict(self) -> dict:
-        """Small dict of ints/strs/lists (``torch.load(weights_only=True)``-safe)."""
-        return {"meta": self._meta(), "loader": self._dl.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Resume; raises DataError when the data-parallel layout or the data differ."""
-        meta, now = state.get("meta", {}), self._meta()
-        for k in ("version", "dp_size", "dp_rank", "num_workers", "seq_length", "micro_batch_size", "seed",
-                  "shuffle_buffer"):
-            if meta.get(k) != now[k]:
-                raise DataError(f"cannot resume the data loader: {k} was {meta.get(k)} when saved and is {now[k]} "
-                                f"now; exact resume needs the same dp_size, num_workers, micro_batch_size, seed and "
-                                f"shuffle_buffer")
-        if len(meta.get("sources", [])) != len(now["sources"]):
-            raise DataError(f"cannot resume the data loader: it read {len(meta.get('sources', []))} data sources, "
-                            f"this run has {len(now['sources'])}")
-        self._dl.load_state_dict(state["loader"])
-
-
-def build_pretrain_loader(data_path: list[tuple[float, str]], seq_length: int, micro_batch_size: int, dp_rank: int,
-                          dp_size: int, num_workers: int, seed: int, shuffle_buffer: int,
-                          tokenizer_hash: str | None = None, verify: str = "sha256") -> PretrainLoader:
-    """The training loader of one data-parallel rank (every TP/PP rank of the replica reads identically).
-
-    Args:
-        data_path: ``[(weight, directory), ...]`` from ``config.parse_data_path``.
-        seq_length, micro_batch_size: batch shape ``[micro_batch_size, seq_length]``.
-        dp_rank, dp_size: this replica's data-parallel rank and the data-parallel size.
-        num_workers: DataLoader worker processes (0: read in this process).
-        seed: seeds shard order, the shuffle buffer and blending.
-        shuffle_buffer: samples per in-memory shuffle block.
-        tokenizer_hash: checked against every manifest (None: not checked).
-        verify: shard check at start, ``"sha256"``, ``"size"`` or ``"none"``.
-
-    Returns:
-        An iterable whose iterators yield ``{"tokens": LongTensor[micro_batch_size, seq_length]}`` forever.
-    """
-    sources = check_manifests(data_path, seq_length, tokenizer_hash, verify)
-    ds = TokenShardDataset(sources, seq_length, micro_batch_size, dp_rank, dp_size, num_workers, seed,
-                           shuffle_buffer, shuffle=True)
-    return PretrainLoader(ds, num_workers)
-
-
 class ValidLoader:
-    """Deterministic validation batches: every ``iter()`` starts from the beginning; cycles forever."""
+    """Deterministic validation micro-batches: manifest order, every ``iter()`` starts at the beginning.
 
-    def __init__(self, dataset: TokenShardDataset) -> None:
-        self.dataset = dataset
+    Data-parallel rank ``r`` reads micro-batch ``r`` of each group of ``dp_size`` (the same global split as
+    training, with one micro-batch per rank per step), cycling over the data forever.
+    """
+
+    def __init__(self, sources: list[Source], micro_batch: int, dp_rank: int, dp_size: int) -> None:
+        self.sources, self.mbs, self.dp_rank, self.dp_size = sources, micro_batch, dp_rank, dp_size
+        order = DataOrder([s.num_samples for s in sources], [s.weight for s in sources], 0, "none")
+        self.dataset = MicroBatches(sources, order, 0, micro_batch * dp_size, micro_batch, dp_rank, dp_size)
 
     def __iter__(self) -> Iterator[dict]:
-        self.dataset.load_state_dict({"draws": 0, "sources": [[0, 0, 0] for _ in self.dataset.sources]})
-        return iter(self.dataset)
+        return _Batches(self.dataset[m] for m in count())
 
 
-def build_valid_loader(data_path: list[tuple[float, str]], seq_length: int, micro_batch_size: int, dp_rank: int,
-                       dp_size: int, tokenizer_hash: str | None = None, verify: str = "size") -> ValidLoader:
-    """The validation loader of one data-parallel rank: manifest order, no shuffle, in this process.
+def build_valid_loader(data_path: list[tuple[float, str]], seq_length: int, micro_batch: int, dp_rank: int,
+                       dp_size: int, tokenizer_hash: str | None = None, verify: str = "sha256",
+                       vocab_size: int | None = None) -> ValidLoader:
+    """The validation loader of one data-parallel rank, checked like training data (``verify``).
 
     ``data_path`` is validation data (``resolve_valid_path`` finds the split of a prepared directory).
-    Blends use a fixed seed, so the batches are the same on every call.
     """
-    sources = check_manifests(data_path, seq_length, tokenizer_hash, verify)
-    ds = TokenShardDataset(sources, seq_length, micro_batch_size, dp_rank, dp_size, 0, 0, 1, shuffle=False)
-    return ValidLoader(ds)
-
-
+    sources = check_manifests(data_path, seq_length, tokenizer_hash, verify, vocab_size)
+    return ValidLoader(sources, micro_batch, dp_rank, dp_size)
 
 
 def verify_dataset(directory: str) -> dict:
-    """Check a prepared dataset fully: checksums, and every sample decodes to valid ids.
+    """Check a prepared dataset fully: checksums, indexes against the shards, every sample's ids.
 
     Returns:
         ``{directory: samples}`` for the dataset and its validation split. Raises DataError on a problem.
@@ -396,22 +362,13 @@ def verify_dataset(directory: str) -> dict:
         dirs.append(str(Path(directory) / fmt.read_manifest(directory)["valid"]))
     for d in dirs:
         m = fmt.read_manifest(d)
-        check_manifests([(1.0, d)], m["seq_length"], None, "sha256")
-        dtype = fmt.dtype_from_name(m["dtype"])
-        dctx = zstandard.ZstdDecompressor()
-        for s in m["shards"]:
-            p = Path(d) / s["path"]
-            n = 0
-            with tarfile.open(p, "r:") as tar:
-                for mem in tar:
-                    if not mem.name.endswith("." + fmt.TOKENS_EXT):
-                        continue
-                    arr = np.frombuffer(dctx.decompress(tar.extractfile(mem).read()), dtype=dtype)
-                    if len(arr) != m["seq_length"] or int(arr.max()) >= m["vocab_size"] or (arr == m["mask_id"]).any():
-                        raise DataError(f"{p}: {mem.name}: {len(arr)} tokens, max id {int(arr.max())} "
-                                        f"(expected {m['seq_length']} tokens, ids < {m['vocab_size']}, no mask id)")
-                    n += 1
-            if n != s["samples"]:
-                raise DataError(f"{p}: {n} samples, manifest says {s['samples']}")
+        (src,) = check_manifests([(1.0, d)], m["seq_length"], None, "sha256")
+        for shard, ip in zip(src.shards, src.index_paths):
+            if ip is not None and not np.array_equal(np.load(ip, allow_pickle=False), scan_shard_index(shard)):
+                raise DataError(f"{ip}: index sidecar does not match the members of {shard}")
+        reader = SampleReader(src)
+        for j in range(src.num_samples):
+            reader.read(j)
+        reader.close()
         out[d] = m["num_samples"]
     return out

@@ -8,9 +8,12 @@ record ``.parts/{file:05d}.json`` (shards with sha256, the leftover tokens) is w
 the leftovers of all files, in file order, into ``tail-*.tar`` (the last sequence padded with EOS) and
 writes ``manifest.json``. The sequences are therefore the same for any number of ranks and workers.
 
-A re-run keeps every file whose record, parameters and shards (size and sha256) check out and redoes the
-others. ``val_fraction`` sends whole documents (chosen by a hash of file name and line) to a separate
-dataset in ``OUTPUT/valid/``.
+A re-run keeps every file whose record, parameters, shards and index sidecars (size and sha256) check out
+and redoes the others; temporary files left by a killed run (``.NAME.tmpPID``) are removed. ``val_fraction``
+sends whole documents (chosen by a hash of file name and line) to a separate dataset in ``OUTPUT/valid/``.
+
+Refused at start: an ``--output`` inside an ``--input`` directory (it would read its own manifest and
+shards as input). Refused at the end: an input without a single document (unless ``allow_empty``).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ log = logging.getLogger(__name__)
 
 PARTS_DIR = ".parts"
 _SHARD_RE = re.compile(r"^(\d{5}|tail)-\d{5}\.tar$")
+_TMP_RE = re.compile(r"^\.((\d{5}|tail)-\d{5}\.tar|(\d{5}|tail)-\d{5}\.idx\.npy|manifest\.json|\d{5}\.json)\.tmp\d+$")
 
 # ---- tokenization in worker processes -------------------------------------------------------------
 
@@ -131,11 +135,25 @@ def _part_path(output: Path, i: int) -> Path:
 
 def _check_shards(directory: Path, records: list[dict]) -> bool:
     for r in records:
-        p = directory / r["path"]
-        if not p.is_file() or p.stat().st_size != r["bytes"] or fmt.sha256_file(p) != r["sha256"]:
-            log.warning("prepare: shard %s is missing or corrupt; its input file is redone", p)
+        if "index" not in r:  # written before index sidecars existed
             return False
+        for f in (r, r["index"]):
+            p = directory / f["path"]
+            if not p.is_file() or p.stat().st_size != f["bytes"] or fmt.sha256_file(p) != f["sha256"]:
+                log.warning("prepare: shard %s is missing or corrupt; its input file is redone", p)
+                return False
     return True
+
+
+def _remove(paths) -> None:
+    for p in paths:
+        p.unlink(missing_ok=True)
+
+
+def _remove_leftovers(directory: Path, prefix: str = "") -> None:
+    """Temporary files of a killed run (``.NAME.tmpPID``), of one input file (``prefix``) or all."""
+    if directory.is_dir():
+        _remove(p for p in directory.glob(f".{prefix}*.tmp*") if _TMP_RE.match(p.name))
 
 
 def _file_done(output: Path, i: int, path: str, params: dict) -> bool:
@@ -168,8 +186,9 @@ def _batches(path, text_key, report, progress, batch_docs):
 def _process_file(i: int, path: str, output: Path, params: dict, tok, pool, progress: _Progress,
                   strict: bool, batch_docs: int) -> dict:
     for d in (output, output / fmt.VALID_DIR):  # drop shards of an earlier, unfinished attempt
-        for old in d.glob(f"{i:05d}-*.tar"):
-            old.unlink()
+        _remove(d.glob(f"{i:05d}-*.tar"))
+        _remove(d.glob(f"{i:05d}-*{fmt.INDEX_SUFFIX}"))
+        _remove_leftovers(d, f"{i:05d}-")
     report = InputReport(strict=strict)
     dtype = fmt.token_dtype(tok.vocab_size)
     spp = max(1, params["shard_tokens"] // params["seq_length"])
@@ -215,8 +234,9 @@ def _process_file(i: int, path: str, output: Path, params: dict, tok, pool, prog
 def _merge_split(directory: Path, recs: list[dict], split: str, params: dict, tok, files: list[str],
                  report: dict, valid: str | None) -> dict:
     dtype = fmt.token_dtype(tok.vocab_size)
-    for old in directory.glob("tail-*.tar"):
-        old.unlink()
+    _remove(directory.glob("tail-*.tar"))
+    _remove(directory.glob(f"tail-*{fmt.INDEX_SUFFIX}"))
+    _remove_leftovers(directory)  # every rank has finished: no temporary file is being written
     tails = [(np.asarray(r[split]["tail"], np.int64), np.asarray(r[split]["tail_starts"], np.int64)) for r in recs]
     seqs, pad = pack_tails(tails, params["seq_length"], tok.eos_id)
     spp = max(1, params["shard_tokens"] // params["seq_length"])
@@ -227,7 +247,7 @@ def _merge_split(directory: Path, recs: list[dict], split: str, params: dict, to
     keep = {s["path"] for s in shards}
     for p in directory.glob("*.tar"):  # shards of inputs no longer in the input list
         if _SHARD_RE.match(p.name) and p.name not in keep:
-            p.unlink()
+            _remove([p, p.with_name(fmt.index_name(p.name))])
     n = sum(s["samples"] for s in shards)
     manifest = {
         "format": fmt.FORMAT_NAME, "version": fmt.FORMAT_VERSION, "split": split,
@@ -245,7 +265,8 @@ def _merge_split(directory: Path, recs: list[dict], split: str, params: dict, to
     return manifest
 
 
-def _merge(output: Path, files: list[str], params: dict, tok) -> dict:
+def _merge(output: Path, files: list[str], params: dict, tok, allow_empty: bool) -> dict:
+    _remove_leftovers(output / PARTS_DIR)
     recs = []
     for i, f in enumerate(files):
         pp = _part_path(output, i)
@@ -256,6 +277,14 @@ def _merge(output: Path, files: list[str], params: dict, tok) -> dict:
     for r in recs:
         report.merge(r["report"])
     rep = report.to_dict()
+    documents = sum(r[split]["documents"] for r in recs for split in ("train", "valid"))
+    if documents == 0:
+        bad = {k: v for k, v in rep["counts"].items() if v}
+        msg = (f"the input holds no document ({len(files)} file(s): {', '.join(files[:3])}"
+               f"{', ...' if len(files) > 3 else ''}; bad input: {bad or 'none'}; text key {params['text_key']!r})")
+        if not allow_empty:
+            raise InputError(f"{msg}: nothing to train on; check --input and --text-key, or pass --allow-empty")
+        log.warning("prepare: %s; writing an empty dataset (--allow-empty)", msg)
     valid = None
     if params["val_fraction"] > 0:
         _merge_split(output / fmt.VALID_DIR, recs, "valid", params, tok, files, rep, None)
@@ -266,9 +295,20 @@ def _merge(output: Path, files: list[str], params: dict, tok) -> dict:
 # ---- entry point ----------------------------------------------------------------------------------
 
 
+def _check_output_outside_inputs(inputs: list[str], output: str) -> None:
+    """An output directory inside an input directory (or holding an input file) would be read as input."""
+    out = Path(output).resolve()
+    for pat in inputs:
+        p = Path(pat).resolve()
+        if p == out or out in p.parents or (p.is_dir() and (out == p or p in out.parents)):
+            raise InputError(f"--output {output} is inside the --input {pat}: prepare would read its own manifest "
+                             "and shards as input; write the output outside the input directories")
+
+
 def prepare(inputs: list[str], tokenizer: str, output: str, seq_length: int, text_key: str = "text",
             shard_tokens: int = 1 << 26, workers: int = 1, val_fraction: float = 0.0, strict: bool = False,
-            doc_boundaries: bool = False, zstd_level: int = fmt.ZSTD_LEVEL, batch_docs: int = 256) -> dict:
+            doc_boundaries: bool = False, zstd_level: int = fmt.ZSTD_LEVEL, batch_docs: int = 256,
+            allow_empty: bool = False) -> dict:
     """Tokenize, pack and shard ``inputs`` into ``output``; resumable; MPI-aware.
 
     Args:
@@ -284,9 +324,13 @@ def prepare(inputs: list[str], tokenizer: str, output: str, seq_length: int, tex
         doc_boundaries: also store document start offsets per sequence.
         zstd_level: zstd compression level of the members.
         batch_docs: documents per tokenization task.
+        allow_empty: write an empty dataset (with a warning) when the input holds no document.
 
     Returns:
         The training manifest (on every rank).
+
+    Raises:
+        InputError: unreadable or empty input, ``output`` inside an input directory, bad input in strict mode.
     """
     from megatron_mdm.tokenization import MDMTokenizer
 
@@ -294,7 +338,9 @@ def prepare(inputs: list[str], tokenizer: str, output: str, seq_length: int, tex
         raise ValueError(f"--seq-length must be positive, got {seq_length}")
     if not 0 <= val_fraction < 1:
         raise ValueError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    _check_output_outside_inputs(inputs, output)
     files = expand_inputs(inputs)
+    _check_output_outside_inputs(files, output)
     tok = MDMTokenizer.load(tokenizer)
     comm = _mpi_comm()
     rank, world = (comm.Get_rank(), comm.Get_size()) if comm is not None else (0, 1)
@@ -331,9 +377,16 @@ def prepare(inputs: list[str], tokenizer: str, output: str, seq_length: int, tex
             raise InputError("; ".join(errors))
     elif error:
         raise InputError(error)
-    manifest = _merge(out, files, params, tok) if rank == 0 else None
+    manifest = None
+    if rank == 0:
+        try:
+            manifest = _merge(out, files, params, tok, allow_empty)
+        except InputError as e:
+            error = str(e)
     if comm is not None:
-        manifest = comm.bcast(manifest, root=0)
+        manifest, error = comm.bcast((manifest, error), root=0)
+    if manifest is None:
+        raise InputError(error)
     if rank == 0:
         log.info("prepare: %d sequences of %d tokens (%d documents) in %d shards; bad input: %s",
                  manifest["num_samples"], seq_length, manifest["num_documents"], len(manifest["shards"]),

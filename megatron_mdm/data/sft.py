@@ -6,13 +6,16 @@ EOS and the EOS padding. A sample longer than ``seq_length`` is an error naming 
 raise ``--seq-length``; silently truncating a completion would teach the model to stop mid-answer).
 
 The loader keeps every sample in memory (SFT sets are small). Each epoch is a permutation seeded by
-``(seed, epoch)``, split over data-parallel ranks by stride and cut to the same length on every rank;
-the state is ``{epoch, pos}``.
+``(seed, epoch)``, split over data-parallel ranks by stride and cut to the same length on every rank.
+The state is global (``{seed, dp_size, num_samples}``; the trainer adds ``consumed_samples``): each rank
+has read ``consumed_samples / dp_size`` samples, which fixes its epoch and position. Resuming with another
+``dp_size``, seed or data is refused unless ``override`` (``--override-data-state``).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +23,8 @@ import numpy as np
 import torch
 
 from megatron_mdm.data.format import DataError
+
+log = logging.getLogger(__name__)
 
 
 def encode_prompt_completion(tokenizer, prompt: str, completion: str, seq_length: int
@@ -72,13 +77,14 @@ class SFTLoader:
     """Infinite iterable of ``{"tokens": LongTensor[b, s], "loss_mask": FloatTensor[b, s]}`` for one dp rank."""
 
     def __init__(self, tokens: torch.Tensor, loss_mask: torch.Tensor, micro_batch_size: int, dp_rank: int,
-                 dp_size: int, seed: int, shuffle: bool) -> None:
+                 dp_size: int, seed: int, shuffle: bool, override: bool = False) -> None:
         n = tokens.shape[0]
         self.per_rank = n // dp_size
         if self.per_rank < 1:
             raise DataError(f"{n} SFT samples are fewer than dp_size {dp_size}")
         self.tokens, self.loss_mask = tokens, loss_mask  # [n, s]
         self.mbs, self.dp_rank, self.dp_size, self.seed, self.shuffle = micro_batch_size, dp_rank, dp_size, seed, shuffle
+        self.override = override
         self._state = {"epoch": 0, "pos": 0}
 
     def _order(self, epoch: int) -> np.ndarray:
@@ -101,18 +107,25 @@ class SFTLoader:
             yield {"tokens": self.tokens[idx], "loss_mask": self.loss_mask[idx]}
 
     def state_dict(self) -> dict:
-        return {"epoch": int(self._state["epoch"]), "pos": int(self._state["pos"]), "dp_size": self.dp_size,
-                "micro_batch_size": self.mbs, "seed": self.seed, "num_samples": int(self.tokens.shape[0])}
+        """The order's description (the trainer adds ``consumed_samples``)."""
+        return {"kind": "sft", "dp_size": self.dp_size, "seed": self.seed, "num_samples": int(self.tokens.shape[0])}
 
     def load_state_dict(self, state: dict) -> None:
-        for k, now in (("dp_size", self.dp_size), ("seed", self.seed), ("num_samples", int(self.tokens.shape[0]))):
-            if state.get(k) != now:
-                raise DataError(f"cannot resume the SFT loader: {k} was {state.get(k)} when saved, is {now} now")
-        self._state = {"epoch": int(state["epoch"]), "pos": int(state["pos"])}
+        """Start after ``state["consumed_samples"]``; DataError when the order differs (unless override)."""
+        if "consumed_samples" not in state:
+            raise DataError("SFT loader state has no consumed_samples (the trainer adds it when saving)")
+        for k, now in self.state_dict().items():
+            if k in state and state[k] != now:
+                msg = (f"cannot resume the SFT data order exactly: {k} was {state[k]} when saved and is {now} now")
+                if not self.override:
+                    raise DataError(msg + "; pass --override-data-state to continue in this run's order")
+                log.warning("--override-data-state: %s", msg)
+        epoch, pos = divmod(int(state["consumed_samples"]) // self.dp_size, self.per_rank)
+        self._state = {"epoch": epoch, "pos": pos}
 
 
 def build_sft_loader(files: list[str], tokenizer, seq_length: int, micro_batch_size: int, dp_rank: int,
-                     dp_size: int, seed: int, shuffle: bool = True) -> SFTLoader:
+                     dp_size: int, seed: int, shuffle: bool = True, override: bool = False) -> SFTLoader:
     """Load, encode and check every prompt/completion pair; errors name file and line.
 
     Args:
@@ -122,6 +135,7 @@ def build_sft_loader(files: list[str], tokenizer, seq_length: int, micro_batch_s
         dp_rank, dp_size: data-parallel rank and size.
         seed: seeds the per-epoch order.
         shuffle: permute each epoch (False: file order).
+        override: resume even when the saved order differs (``--override-data-state``).
     """
     toks, masks = [], []
     for path in files:
@@ -134,4 +148,5 @@ def build_sft_loader(files: list[str], tokenizer, seq_length: int, micro_batch_s
             masks.append(m)
     if not toks:
         raise DataError(f"no SFT samples in {files}")
-    return SFTLoader(torch.stack(toks), torch.stack(masks), micro_batch_size, dp_rank, dp_size, seed, shuffle)
+    return SFTLoader(torch.stack(toks), torch.stack(masks), micro_batch_size, dp_rank, dp_size, seed, shuffle,
+                     override)

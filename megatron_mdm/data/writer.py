@@ -3,8 +3,9 @@
 :class:`Packer` appends EOS after each document and cuts the stream into ``seq_length`` sequences
 (documents may span sequences); it refuses a document containing the mask id. :class:`ShardWriter`
 writes webdataset tar shards of ``samples_per_shard`` sequences (members per ``format``) to a temporary
-name and renames each one when complete, so a shard is visible only when whole. Tar headers carry no
-time or owner, so the same sequences give byte-identical shards.
+name and renames each one when complete, so a shard is visible only when whole; then it writes the shard's
+index sidecar (``shards.write_shard_index``) the same way. Tar headers carry no time or owner, so the same
+sequences give byte-identical shards.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 import zstandard
 
 from megatron_mdm.data import format as fmt
+from megatron_mdm.data.shards import write_shard_index
 
 
 class Packer:
@@ -154,11 +156,11 @@ class ShardWriter:
         final = self.directory / name
         os.replace(self._tmp, final)  # type: ignore[arg-type]
         self.records.append({"path": name, "samples": self._count, "bytes": final.stat().st_size,
-                             "sha256": fmt.sha256_file(final)})
+                             "sha256": fmt.sha256_file(final), "index": write_shard_index(final)})
         self._tar, self._tmp, self._count = None, None, 0
         self._part += 1
 
     def close(self) -> list[dict]:
-        """Finish the open shard; returns the shard records ``{path, samples, bytes, sha256}``."""
+        """Finish the open shard; returns the shard records ``{path, samples, bytes, sha256, index}``."""
         self._finish()
         return self.records

@@ -1,0 +1,103 @@
+"""The trainer's data position on the real loader: saved once (global) in the checkpoint, resumed on another
+data-parallel size with exactly the samples (and losses) of the uninterrupted run; a checkpoint without the
+global state (saved before it existed) resumes at its consumed samples with a warning."""
+
+import json
+import logging
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from dist import run_distributed
+
+REPO = Path(__file__).resolve().parents[1]
+CORPUS = REPO / "examples" / "data" / "tinyshakespeare.txt.zst"
+
+pytestmark = [pytest.mark.dist, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from megatron_mdm.data.prepare import prepare
+    from megatron_mdm.tokenization import train_bpe_tokenizer
+
+    d = tmp_path_factory.mktemp("resume")
+    rng = random.Random(0)
+    words = ["the", "of", "and", "to", "in", "a", "is", "that", "for", "it", "king", "queen", "sword", "rose"]
+    (d / "docs.jsonl").write_text("".join(json.dumps({"text": " ".join(rng.choice(words) for _ in range(30))}) + "\n"
+                                          for _ in range(200)))
+    train_bpe_tokenizer([str(CORPUS)], 400, d / "tok", max_docs=300)
+    prepare([str(d / "docs.jsonl")], str(d / "tok"), str(d / "shards"), 16, shard_tokens=16 * 40)
+    return d
+
+
+class _Recorder:
+    """The loader, recording the sample ids of every micro-batch it hands out."""
+
+    def __init__(self, loader):
+        self.loader, self.ids = loader, []
+
+    def __iter__(self):
+        for batch in self.loader:
+            self.ids.append(batch["sample_ids"].tolist())
+            yield batch
+
+    def state_dict(self):
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state):
+        self.loader.load_state_dict(state)
+
+
+def resume_job(rank: int, world: int, data: str, overrides: dict) -> dict:
+    from jobs import tiny_cfg
+
+    from megatron_mdm import runtime
+    from megatron_mdm.data_setup import build_data
+    from megatron_mdm.training import Trainer
+
+    cfg = tiny_cfg(tokenizer=f"{data}/tok", data_path=[f"{data}/shards"], num_workers=1, **overrides)
+    runtime.init_distributed(cfg.parallel, cfg.model.num_layers)
+    tok, loader, _ = build_data(cfg)
+    rec = _Recorder(loader)
+    trainer = Trainer(cfg, tok.vocab_size, tok.mask_id, tok.pad_id, rec)
+    warnings = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda r: warnings.append(r.getMessage())
+    logging.getLogger("megatron_mdm").addHandler(handler)
+    trainer.load()
+    result = trainer.train()
+    mb = trainer.num_microbatches
+    return {"losses": result["losses"], "warnings": warnings,
+            "steps": [sum(rec.ids[i * mb:(i + 1) * mb], []) for i in range(len(rec.ids) // mb)]}
+
+
+def _global_steps(results):
+    """Per step, the global batch's sample ids: rank 0's part, then rank 1's."""
+    return [sum((r["steps"][i] for r in results), []) for i in range(len(results[0]["steps"]))]
+
+
+def test_resume_on_another_dp_size_reads_exactly_the_remaining_samples(data, tmp_path):
+    run = tmp_path / "run"
+    full = run_distributed(resume_job, 2, str(data), {"train_iters": 4, "save": str(run), "save_interval": 2})
+    meta = torch.load(run / "iter_0000002" / "common.pt", weights_only=False)["meta"]
+    assert meta["data_state"]["consumed_samples"] == 16 and meta["data_state"]["shuffle"] == "global"
+    steps = _global_steps(full)
+    assert len(steps) == 4 and all(len(s) == 8 for s in steps) and len({x for s in steps for x in s}) == 32
+    one = run_distributed(resume_job, 1, str(data), {"train_iters": 4, "load": str(run), "ckpt_iteration": 2})[0]
+    assert one["steps"] == steps[2:]  # DP2 -> DP1: the same samples, in the same order
+    for a, b in zip(one["losses"], full[0]["losses"][2:]):
+        assert abs(a - b) <= 1e-5 * abs(b), (one["losses"], full[0]["losses"])
+    assert not any("data" in w for w in one["warnings"])
+
+    # a checkpoint saved before the global order has no data_state in its meta
+    old = tmp_path / "old"
+    shutil.copytree(run, old)
+    common = torch.load(old / "iter_0000002" / "common.pt", weights_only=False)
+    del common["meta"]["data_state"]
+    torch.save(common, old / "iter_0000002" / "common.pt")
+    again = run_distributed(resume_job, 1, str(data), {"train_iters": 3, "load": str(old), "ckpt_iteration": 2})[0]
+    assert any("no global data-loader state" in w for w in again["warnings"])
+    assert again["steps"] == steps[2:3]  # its consumed samples are the position
