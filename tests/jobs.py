@@ -204,7 +204,7 @@ def crash_during_save_job(rank: int, world: int, overrides: dict) -> str:
     trainer.save = save_then_die
     try:
         trainer.train()
-    except OSError as e:
+    except checkpointing.CheckpointError as e:
         return str(e)
     return "no error"
 

@@ -1,10 +1,12 @@
 """``mdm-convert``: Megatron checkpoints <-> Hugging Face directories.
 
     mdm-convert to-hf   --load CKPT_DIR [--iteration N] --output HF_DIR [--shard-size 2GB]
+                        [--no-verify-checkpoint]
     mdm-convert from-hf --hf HF_DIR --output CKPT_DIR [--tensor-model-parallel-size T]
                         [--pipeline-model-parallel-size P] [--tokenizer DIR] [--objective mdm|arm]
 
-Errors are one line on stderr and exit status 2 (no traceback).
+``to-hf`` first checks every file of the checkpoint against its ``checksums.json`` (sizes only with
+``--no-verify-checkpoint``). Errors are one line on stderr and exit status 2 (no traceback).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ def _parser() -> argparse.ArgumentParser:
     to.add_argument("--iteration", type=int, default=None, help="iteration to convert (default: latest)")
     to.add_argument("--output", required=True, help="Hugging Face directory to write")
     to.add_argument("--shard-size", default="2GB", help="largest safetensors shard (default 2GB)")
+    to.add_argument("--no-verify-checkpoint", dest="verify_checkpoint", action="store_false",
+                    help="skip the checksums of the checkpoint's files (sizes are still checked)")
     fr = sub.add_parser("from-hf", help="Hugging Face Llama-architecture directory -> Megatron checkpoint")
     fr.add_argument("--hf", required=True, help="Hugging Face model directory")
     fr.add_argument("--output", required=True, help="run directory to write (iteration 0)")
@@ -36,13 +40,18 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from torch.distributed.checkpoint.api import CheckpointException
+
     from megatron_mdm.checkpointing import CheckpointError
+    from megatron_mdm.ckpt_integrity import failure_line, verification
     from megatron_mdm.config import ConfigError
     from megatron_mdm.hf_io import ConversionError, export_to_hf, import_from_hf
 
     try:
         if args.command == "to-hf":
-            out = export_to_hf(args.load, args.output, iteration=args.iteration, shard_size=args.shard_size)
+            with verification(args.verify_checkpoint, iteration_flag="--iteration"):
+                out = export_to_hf(args.load, args.output, iteration=args.iteration,
+                                   shard_size=args.shard_size)
             print(f"wrote {out}")
         else:
             out = import_from_hf(args.hf, args.output, tokenizer_dir=args.tokenizer,
@@ -51,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {out}")
     except (ConversionError, CheckpointError, ConfigError, FileNotFoundError) as e:
         print(f"mdm-convert: error: {e}", file=sys.stderr)
+        return 2
+    except CheckpointException as e:  # a BaseException: torch could not read the checkpoint
+        print(f"mdm-convert: error: {args.load}: the checkpoint could not be read ({failure_line(e)})",
+              file=sys.stderr)
         return 2
     return 0
 
