@@ -300,8 +300,12 @@ def save_error_reason(exc: BaseException) -> str:
         if e is None or any(e is s for s in seen):
             continue
         seen.append(e)
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return f"disk full ({os.strerror(e.errno)})"
+        code = e.errno if isinstance(e, OSError) else None
+        if code is None:  # pickled across processes (the shard writers): only the text is left
+            m = re.search(r"\[Errno (\d+)\]", str(e))
+            code = int(m.group(1)) if m else None
+        if code in (errno.ENOSPC, errno.EDQUOT):
+            return f"disk full ({os.strerror(code)})"
         failures = getattr(e, "failures", None)  # torch CheckpointException: {rank: (exc, trace)}
         if isinstance(failures, dict):
             stack.extend(v[0] if isinstance(v, tuple) else v for v in failures.values())

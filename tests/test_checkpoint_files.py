@@ -185,5 +185,7 @@ def test_save_error_reason_finds_disk_full_in_a_checkpoint_exception():
     except RuntimeError as e:
         exc = CheckpointException("write", {1: _wrap_exception(e)})
     assert ckpt_integrity.save_error_reason(exc) == "disk full (No space left on device)"
+    pickled = CheckpointException("write", {0: _wrap_exception(RuntimeError("Worker failure: [Errno 28] No sp"))})
+    assert ckpt_integrity.save_error_reason(pickled) == "disk full (No space left on device)"
     other = CheckpointException("write", {0: _wrap_exception(ValueError("bad\nsecond line"))})
     assert ckpt_integrity.save_error_reason(other) == "ValueError: bad"
