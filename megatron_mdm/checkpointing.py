@@ -205,13 +205,7 @@ def save_checkpoint(
 
     def finalize() -> None:
         torch.distributed.barrier()  # every rank has written its files
-        if rank == 0:
-            _write_extras(tmp, config_yaml, tokenizer_dir)
-        ckpt_integrity.write_checksums(tmp)
-        torch.distributed.barrier()
-        if rank == 0:
-            ckpt_files.commit(root, tmp, iteration, keep_last)
-        torch.distributed.barrier()
+        _commit_collective(root, tmp, iteration, keep_last, config_yaml, tokenizer_dir)
         log.info("saved checkpoint iteration %d to %s", iteration, ckpt_files.iteration_dir(root, iteration))
 
     def failed(e: BaseException) -> CheckpointError:
@@ -243,6 +237,32 @@ def save_checkpoint(
 
     request.finalize_fns[:] = [finalize_all]
     async_queue.schedule_async_request(request)
+
+
+def _commit_collective(root: Path, tmp: Path, iteration: int, keep_last: int, config_yaml: Optional[str],
+                       tokenizer_dir: Optional[str]) -> None:
+    """All ranks: hash the files each wrote; rank 0 adds config, tokenizer and the manifest, renames the
+    directory into place, moves the marker, prunes. An error on any rank is raised on every rank (no
+    rank is left waiting in a collective)."""
+    rank = torch.distributed.get_rank()
+    try:
+        if rank == 0:
+            _write_extras(tmp, config_yaml, tokenizer_dir)
+        own: Any = ckpt_integrity.hash_files(tmp, ckpt_integrity.rank_files(tmp, rank))
+    except OSError as e:
+        own = e
+    gathered: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, own)
+    status = [next((g for g in gathered if isinstance(g, BaseException)), None)]
+    if rank == 0 and status[0] is None:
+        try:
+            ckpt_integrity.write_manifest_from(tmp, gathered)
+            ckpt_files.commit(root, tmp, iteration, keep_last)
+        except OSError as e:
+            status = [e]
+    torch.distributed.broadcast_object_list(status, src=0)
+    if status[0] is not None:
+        raise status[0]
 
 
 def _write_extras(path: Path, config_yaml: Optional[str], tokenizer_dir: Optional[str]) -> None:

@@ -107,20 +107,13 @@ def write_manifest(ckpt_dir: Path, entries: dict[str, dict]) -> None:
     os.replace(tmp, ckpt_dir / MANIFEST)
 
 
-def write_checksums(ckpt_dir: Path) -> None:
-    """Collective (all ranks, after every file is written): hash in parallel, rank 0 writes the manifest."""
-    import torch
-
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    own = hash_files(ckpt_dir, rank_files(ckpt_dir, rank))
-    gathered: list = [None] * world
-    torch.distributed.all_gather_object(gathered, own)
-    if rank == 0:
-        entries: dict[str, dict] = {}
-        for part in gathered:
-            entries.update(part)
-        entries.update(hash_files(ckpt_dir, [n for n in all_files(ckpt_dir) if n not in entries]))
-        write_manifest(ckpt_dir, entries)
+def write_manifest_from(ckpt_dir: Path, per_rank: list[dict]) -> None:
+    """Rank 0: the manifest from the hashes each rank took of its own files, plus every other file."""
+    entries: dict[str, dict] = {}
+    for part in per_rank:
+        entries.update(part)
+    entries.update(hash_files(ckpt_dir, [n for n in all_files(ckpt_dir) if n not in entries]))
+    write_manifest(ckpt_dir, entries)
 
 
 def read_manifest(ckpt_dir: Path) -> Optional[dict]:
