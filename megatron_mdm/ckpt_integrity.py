@@ -5,7 +5,7 @@ Every checkpoint directory carries ``checksums.json``: the size and sha256 of ea
 copy). At save, each rank hashes the shard files it wrote itself (``__<rank>_*.distcp``, in threads)
 and rank 0 hashes the rest and writes the manifest before the directory is moved into place. At load
 the files are spread over the ranks by size; ``mdm-convert to-hf`` checks them in its one process.
-sha256 runs at ~300 MB/s per core on the 2-core development machine (see docs/BENCHMARKS.md),
+sha256 runs at ~600 MB/s per core on the 2-core development machine (see docs/BENCHMARKS.md),
 faster than blake2b there (SHA-NI); ``--no-verify-checkpoint`` skips the hashing (sizes are still
 checked), for speed with trusted storage.
 

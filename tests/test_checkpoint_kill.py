@@ -25,19 +25,26 @@ pytestmark = [pytest.mark.dist, pytest.mark.slow]
 BASE = {"train_iters": 8, "save_interval": 2, "keep_last": 2}
 
 
-def run_killed(fn, *args) -> None:
-    """Run ``fn(0, 1, *args)`` in one process that must die of SIGKILL."""
-    with tempfile.TemporaryDirectory() as out_dir:
-        ctx = mp.start_processes(_worker, args=(1, free_port(), fn, args, out_dir), nprocs=1, join=False,
-                                 start_method="spawn")
-        try:
-            while not ctx.join(timeout=600):
-                pass
-        except mp.ProcessExitedException as e:
-            assert e.signal_name == "SIGKILL", e
-            return
-        result = Path(out_dir, "0.pkl")
-        raise AssertionError(f"the run was not killed: {result.read_bytes()[-2000:] if result.exists() else ''}")
+def run_killed(fn, *args, attempts: int = 3) -> None:
+    """Run ``fn(0, 1, *args)`` in one process that must die of SIGKILL.
+
+    A run that could not start because another process took its rendezvous port between
+    ``free_port()`` and the bind (other test processes on the machine) is retried."""
+    for _ in range(attempts):
+        with tempfile.TemporaryDirectory() as out_dir:
+            ctx = mp.start_processes(_worker, args=(1, free_port(), fn, args, out_dir), nprocs=1, join=False,
+                                     start_method="spawn")
+            try:
+                while not ctx.join(timeout=600):
+                    pass
+            except mp.ProcessExitedException as e:
+                assert e.signal_name == "SIGKILL", e
+                return
+            result = Path(out_dir, "0.pkl")
+            text = result.read_bytes()[-2000:].decode(errors="replace") if result.exists() else ""
+            if "EADDRINUSE" not in text:
+                raise AssertionError(f"the run was not killed: {text}")
+    raise AssertionError(f"the run could not start: {text}")
 
 
 def _state(run: Path) -> tuple:
