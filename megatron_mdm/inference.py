@@ -6,7 +6,12 @@ logits keep Megatron's vocabulary padding; callers slice ``[..., :vocab_size]``.
 
 ``load_megatron_for_inference(load_dir)`` starts a world-size-1 gloo group when none exists, builds
 the model at TP1/PP1 from the checkpoint's config, loads the weights (from any saved TP/PP layout)
-and returns ``(logits_fn, cfg, tokenizer_or_None)``.
+and returns ``(logits_fn, cfg, tokenizer_or_None)``; a model trained with ``--shift-logits`` gets its
+logits re-aligned (``objective.aligned_logits_fn``), so entry i always predicts token i.
+
+Security: a Megatron checkpoint is read with torch's distributed-checkpoint reader, which unpickles its
+``.metadata`` file; unpickling runs code, so load checkpoints from trusted sources only (an exported
+safetensors directory is the safe form to share).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from pathlib import Path
 import torch
 
 from megatron_mdm.config import Config
+from megatron_mdm.objective import aligned_logits_fn
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -63,7 +69,7 @@ def load_megatron_for_inference(load_dir: str | os.PathLike, iteration: int | No
         (with the parallel layout set to 1) and its ``MDMTokenizer`` or None when it has none.
     """
     from megatron_mdm import checkpointing, runtime
-    from megatron_mdm.hf_io import ensure_single_process_world
+    from megatron_mdm.hf import ensure_single_process_world
     from megatron_mdm.model import build_model
 
     path = checkpointing.resolve_checkpoint(load_dir, iteration)
@@ -84,7 +90,8 @@ def load_megatron_for_inference(load_dir: str | os.PathLike, iteration: int | No
         from megatron_mdm.tokenization import MDMTokenizer
 
         tokenizer = MDMTokenizer.load(path / "tokenizer")
-    return megatron_logits_fn(chunks), local, tokenizer
+    # a shifted model (--shift-logits) predicts token i + 1 at output i: decoders get aligned logits
+    return aligned_logits_fn(megatron_logits_fn(chunks), cfg.objective.shift_logits), local, tokenizer
 
 
 def _checkpoint_vocab_rows(path: Path) -> int:

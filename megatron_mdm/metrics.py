@@ -81,29 +81,50 @@ class Throughput:
 
 
 class MetricsWriter:
-    """Writes one JSON object per logged step / evaluation to ``metrics.jsonl`` and TensorBoard."""
+    """Writes one JSON object per logged step / evaluation to ``metrics.jsonl`` and TensorBoard.
+
+    Nothing is opened before :meth:`start` (or the first :meth:`write`). ``start(iteration)`` is
+    called with the iteration the run starts from; records of steps that the run will redo are
+    taken out first, so a resumed run's curves have each iteration once: in ``metrics.jsonl`` the
+    records past the loaded iteration (all of them on a fresh start, whose iteration-0 validation
+    is redone too) move to ``metrics.dropped.jsonl`` beside it (never deleted; the file is rewritten
+    atomically), and TensorBoard gets ``purge_step`` so its reader discards the same steps.
+    """
 
     def __init__(self, save_dir: Optional[str], tensorboard_dir: Optional[str], enabled: bool):
         self.enabled = enabled
+        self._path = Path(save_dir) / "metrics.jsonl" if save_dir else None
+        self._tb_dir = tensorboard_dir or (str(Path(save_dir) / "tensorboard") if save_dir else None)
         self._file = None
         self._tb = None
-        if not enabled:
+        self._started = False
+
+    def start(self, iteration: Optional[int]) -> None:
+        """Open the sinks for a run starting at ``iteration`` (None: append, drop nothing)."""
+        if not self.enabled or self._started:
             return
-        if save_dir:
-            Path(save_dir).mkdir(parents=True, exist_ok=True)
-            self._file = open(Path(save_dir) / "metrics.jsonl", "a", encoding="utf-8")
-        tb_dir = tensorboard_dir or (str(Path(save_dir) / "tensorboard") if save_dir else None)
-        if tb_dir:
+        self._started = True
+        if self._path is not None:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            if iteration is not None:
+                moved = drop_redone_records(self._path, iteration)
+                if moved:
+                    log.info("%s: %d records of steps redone from iteration %d moved to %s", self._path,
+                             moved, iteration, self._path.with_name(DROPPED_NAME))
+            self._file = open(self._path, "a", encoding="utf-8")
+        if self._tb_dir:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(log_dir=tb_dir)
+                purge = None if iteration is None else (iteration + 1 if iteration > 0 else 0)
+                self._tb = SummaryWriter(log_dir=self._tb_dir, purge_step=purge)
             except ImportError:
                 log.warning("tensorboard is not installed: --tensorboard-dir ignored")
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
+        self.start(None)
         if self._file is not None:
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()
@@ -119,6 +140,47 @@ class MetricsWriter:
             self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+DROPPED_NAME = "metrics.dropped.jsonl"
+
+
+def drop_redone_records(path: Path, iteration: int) -> int:
+    """Move the records of ``path`` that a run starting at ``iteration`` redoes to metrics.dropped.jsonl.
+
+    Kept: records with ``record["iteration"] <= iteration`` when ``iteration`` > 0; a start from
+    iteration 0 keeps none (its iteration-0 validation is redone too). Lines that do not parse (a
+    line cut by a crash) move too. The dropped lines are appended and synced before ``path`` is
+    replaced by its kept lines, so a crash in between loses nothing.
+
+    Returns:
+        The number of lines moved.
+    """
+    if not path.is_file():
+        return 0
+    keep, drop = [], []
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        if not line.strip():
+            continue
+        try:
+            it = json.loads(line).get("iteration")
+        except (ValueError, AttributeError):
+            it = None
+        kept = isinstance(it, int) and iteration > 0 and it <= iteration
+        (keep if kept else drop).append(line if line.endswith("\n") else line + "\n")
+    if not drop:
+        return 0
+    with open(path.with_name(DROPPED_NAME), "a", encoding="utf-8") as f:
+        f.writelines(drop)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(keep)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return len(drop)
 
 
 def format_line(record: dict) -> str:

@@ -20,6 +20,20 @@ Options:
 ARM baseline: causal attention, next-token prediction: labels[i] = x[i + 1]; the last position has
 no target; loss is the mean cross-entropy over predicted positions.
 
+Adaptation from an autoregressive model (both off by default):
+  * ``shift_logits`` (Dream, Ye et al. 2025; DiffuLLaMA, Gong et al. 2025): the output at position i
+    predicts x_0[i + 1], as the AR head was trained to. The same masked set and 1/t weights, with the
+    weight of the output at i taken from position i + 1; position 0 is context (never masked):
+
+        L = 1/(B * (L - 1)) * sum_b sum_{i >= 1 masked} -log p_theta(x_0[b, i] | x_t[b])_{output i - 1} / t_b
+
+    Decoders re-align the outputs with ``shift_logits``: aligned[:, i] = raw[:, i - 1] (position 0 keeps
+    its own output, which is never used for a masked token: it is always part of the prompt).
+  * ``attention_anneal_iters = N`` (DiffuLLaMA): at step k the attention mask is causal plus each
+    non-causal pair (i, j > i) with probability r_k = min(1, k / N), one [S, S] draw per micro-batch shared
+    by all layers and heads (``annealed_attention_mask``): causal at k = 0, bidirectional from k = N.
+    DiffuLLaMA uses (k + 1) / N; k / N makes the first step exactly the AR model's attention.
+
 Every function here is pure: randomness comes only from the ``torch.Generator`` passed in. The
 per-token cross-entropy is computed by Megatron-core's vocabulary-parallel cross-entropy inside
 ``GPTModel.forward(labels=...)``, so tensor parallelism works; ``loss`` weights that tensor.
@@ -108,6 +122,7 @@ class PreparedBatch:
     num_tokens: torch.Tensor  # [] int64: the normaliser of this micro-batch (eligible positions)
     t: Optional[torch.Tensor] = None  # [B] masking rates (MDM only)
     count_mask: Optional[torch.Tensor] = None  # [B, S] bool: the positions num_tokens counts
+    attention_mask: Optional[torch.Tensor] = None  # [1, 1, S, S] bool, True = masked out (annealing)
 
     def split(self, keys_to_tensors) -> "PreparedBatch":
         """A copy with ``inputs/labels/weights/count_mask`` replaced (a context-parallel slice);
@@ -115,7 +130,8 @@ class PreparedBatch:
         d = dict(keys_to_tensors)
         count = d.get("count_mask")
         return PreparedBatch(d["inputs"], d["labels"], d["weights"],
-                             count.sum() if count is not None else self.num_tokens, self.t, count)
+                             count.sum() if count is not None else self.num_tokens, self.t, count,
+                             self.attention_mask)
 
 
 def _check_no_mask_token(tokens: torch.Tensor, mask_id: int) -> None:
@@ -165,6 +181,10 @@ class Objective:
         """
         raise NotImplementedError
 
+    def attention_mask(self, seq_len: int, iteration: int, generator: torch.Generator) -> Optional[torch.Tensor]:
+        """This step's attention mask ([1, 1, S, S] bool, True = masked out), or None for the spec's own."""
+        return None
+
     @staticmethod
     def loss(batch: PreparedBatch, per_token_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Weighted loss sum and normaliser: loss = loss_sum / num_tokens.
@@ -191,6 +211,8 @@ class MDMObjective(Objective):
             if loss_mask is None
             else (loss_mask.detach().cpu() != 0)
         )  # [B, S]
+        if self.cfg.shift_logits:
+            eligible[:, 0] = False  # no output predicts position 0: it is context
         keep = _random_length_keep(b, s, self.cfg.random_length_prob, generator)
         if keep is not None:
             tokens = torch.where(keep.to(tokens.device), tokens, torch.full_like(tokens, self.pad_id))
@@ -199,7 +221,68 @@ class MDMObjective(Objective):
         noisy, masked = forward_mask(tokens, t, self.mask_id, generator, eligible)
         weights = masked.float() / t.to(tokens.device)[:, None]  # [B, S]
         eligible = eligible.to(tokens.device)
-        return PreparedBatch(noisy, tokens, weights, eligible.sum(), t, eligible)
+        labels = tokens
+        if self.cfg.shift_logits:  # the output at i is scored on token i + 1 (weights[:, -1] = old [:, 0] = 0)
+            labels, weights, eligible = (torch.roll(x, shifts=-1, dims=1) for x in (tokens, weights, eligible))
+        return PreparedBatch(noisy, labels, weights, eligible.sum(), t, eligible)
+
+    def attention_mask(self, seq_len: int, iteration: int, generator: torch.Generator) -> Optional[torch.Tensor]:
+        """The annealed attention mask of step ``iteration`` (None when bidirectional); see the module doc."""
+        if self.cfg.attention_anneal_iters <= 0:
+            return None
+        return annealed_attention_mask(seq_len, anneal_ratio(iteration, self.cfg.attention_anneal_iters), generator)
+
+
+def anneal_ratio(iteration: int, anneal_iters: int) -> float:
+    """r_k = min(1, k / N): the probability that a non-causal pair attends at step k (0 when N = 0 is unused)."""
+    return 1.0 if anneal_iters <= 0 else min(1.0, iteration / anneal_iters)
+
+
+def annealed_attention_mask(seq_len: int, ratio: float, generator: Optional[torch.Generator]) -> Optional[torch.Tensor]:
+    """DiffuLLaMA's annealed mask: (i, j) attends when j <= i or u_ij < ratio, u ~ U[0, 1) per pair.
+
+    Args:
+        seq_len: S.
+        ratio: r in [0, 1]; 0 is causal, 1 bidirectional.
+        generator: source of u (CPU; every rank of a replica and every pipeline stage draws the same).
+    Returns:
+        [1, 1, S, S] bool, True where attention is masked out (Megatron's convention), or None when r >= 1.
+    """
+    if ratio >= 1.0:
+        return None
+    u = torch.rand(seq_len, seq_len, generator=generator)  # [S, S]
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool).tril()
+    return ~(causal | (u < ratio))[None, None]
+
+
+def anneal_generator(seed: int, iteration: int, microbatch: int) -> torch.Generator:
+    """The generator of one micro-batch's annealed mask: independent of the data draws of ``mask_generator``,
+    so that pipeline stages without data draw the same mask."""
+    return mask_generator(seed + 0x6A09E667, iteration, microbatch)
+
+
+def shift_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Re-align a shifted model's output to the positions it predicts: out[:, i] = logits[:, i - 1], i >= 1.
+
+    Position 0 keeps its own output (Dream's convention); it is never a masked position to predict.
+
+    Args:
+        logits: [b, s, V] raw outputs (output i predicts token i + 1).
+    Returns:
+        [b, s, V] logits where entry i predicts token i.
+    """
+    return torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+
+
+def aligned_logits_fn(logits_fn, shift: bool):
+    """``logits_fn`` (input_ids [b, s] -> logits [b, s, V]) with ``shift_logits`` applied when ``shift``.
+
+    The one place a shifted model's outputs are re-aligned for the decoders (sampling, likelihoods, lm-eval):
+    wrap the model's logits function where it is loaded, then every consumer sees position-aligned logits.
+    """
+    if not shift:
+        return logits_fn
+    return lambda input_ids: shift_logits(logits_fn(input_ids))
 
 
 class ARMObjective(Objective):

@@ -1,8 +1,9 @@
 """The tokenizer wrapper: mask, pad, bos and eos ids, a stable hash, BPE training, vocabulary padding.
 
 :class:`MDMTokenizer` wraps a Hugging Face ``PreTrainedTokenizerFast``. Masked diffusion needs a mask
-token; a loaded tokenizer that lacks one (e.g. a Llama-family tokenizer) gets ``<|mask|>`` appended
-(and ``<|pad|>``/``<|eos|>`` when missing), and the new vocabulary size is logged. ``encode`` never adds
+token: a tokenizer's own (``[MASK]`` of BERT, ``<mask>`` of RoBERTa/XLM-R) is reused; one that lacks it
+(e.g. a Llama-family tokenizer) gets ``<|mask|>`` appended with a warning (and ``<|pad|>``/``<|eos|>`` when
+missing; a BERT-style ``[SEP]`` serves as end of document), and the new vocabulary size is logged. ``encode`` never adds
 special tokens and treats special-token strings in the text as plain text, so raw data can never
 produce the mask id. ``hash`` fingerprints what decides the ids (vocabulary, merges, special tokens):
 the data manifests record it and the loader checks it against the model's tokenizer.
@@ -25,6 +26,8 @@ PAD_TOKEN = "<|pad|>"
 BOS_TOKEN = "<|bos|>"
 EOS_TOKEN = "<|eos|>"
 SPECIAL_TOKENS = [MASK_TOKEN, PAD_TOKEN, BOS_TOKEN, EOS_TOKEN]
+# tokenizer_config.json classes that are tokenizer.json and nothing else (transformers 4 and 5 names)
+_PLAIN_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")
 
 
 def padded_vocab_size(vocab_size: int, make_vocab_size_divisible_by: int, tensor_model_parallel_size: int) -> int:
@@ -68,7 +71,16 @@ class MDMTokenizer:
             hf = PreTrainedTokenizerFast(tokenizer_file=str(p))
         elif p.is_dir():
             if (p / "tokenizer_config.json").is_file():
-                hf = AutoTokenizer.from_pretrained(str(p), use_fast=True)
+                tok_cfg = json.loads((p / "tokenizer_config.json").read_text(encoding="utf-8"))
+                if tok_cfg.get("auto_map"):
+                    raise ValueError(f"{p}: the tokenizer asks for its own Python code (auto_map in "
+                                     "tokenizer_config.json); only tokenizer.json tokenizers are supported")
+                if tok_cfg.get("tokenizer_class") in _PLAIN_CLASSES and (p / "tokenizer.json").is_file():
+                    # the class itself: AutoTokenizer would read config.json first, and an exported MDM's
+                    # auto_map there makes transformers ask "run the custom code? [y/N]" on stdin
+                    hf = PreTrainedTokenizerFast.from_pretrained(str(p))
+                else:
+                    hf = AutoTokenizer.from_pretrained(str(p), use_fast=True, trust_remote_code=False)
             elif (p / "tokenizer.json").is_file():
                 hf = PreTrainedTokenizerFast(tokenizer_file=str(p / "tokenizer.json"))
             else:
@@ -92,6 +104,8 @@ class MDMTokenizer:
         if hf.eos_token is None:
             if EOS_TOKEN in vocab:
                 hf.eos_token = EOS_TOKEN
+            elif hf.sep_token is not None:  # BERT-style: [SEP] ends a segment
+                hf.eos_token = hf.sep_token
             else:
                 add["eos_token"] = EOS_TOKEN
         if hf.pad_token is None:
@@ -103,7 +117,10 @@ class MDMTokenizer:
             hf.bos_token = BOS_TOKEN
         if add:
             hf.add_special_tokens(add)
-            log.info("tokenizer: added %s; vocabulary size %d -> %d", sorted(add.values()), before, len(hf))
+            level = logging.WARNING if "mask_token" in add else logging.INFO
+            log.log(level, "tokenizer: added %s%s; vocabulary size %d -> %d", sorted(add.values()),
+                    f" (it had no mask token: id {hf.mask_token_id} is new)" if "mask_token" in add else "",
+                    before, len(hf))
 
     # ---- ids -------------------------------------------------------------------------------------
     @property

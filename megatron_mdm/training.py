@@ -43,7 +43,7 @@ from megatron_mdm import checkpointing, runtime
 from megatron_mdm.config import Config, ConfigError, num_train_iters
 from megatron_mdm.metrics import MetricsWriter, Throughput, format_line, memory_gib, peak_tflops
 from megatron_mdm.model import build_model, flops_per_sequence
-from megatron_mdm.objective import PreparedBatch, build_objective, mask_generator
+from megatron_mdm.objective import PreparedBatch, anneal_generator, build_objective, mask_generator
 
 log = logging.getLogger(__name__)
 
@@ -125,26 +125,44 @@ def prepared_batches(
         tokens = raw["tokens"].to(device, non_blocking=True)
         loss_mask = raw.get("loss_mask")
         gen = mask_generator(seed, iteration, first + mb)
-        yield objective.prepare(tokens, None if loss_mask is None else loss_mask.to(device), gen)
+        batch = objective.prepare(tokens, None if loss_mask is None else loss_mask.to(device), gen)
+        batch.attention_mask = _attention_mask(objective, tokens.shape[1], seed, iteration, first + mb, device)
+        yield batch
+
+
+def _attention_mask(objective, seq_len: int, seed: int, iteration: int, microbatch: int, device):
+    mask = objective.attention_mask(seq_len, iteration, anneal_generator(seed, iteration, microbatch))
+    return None if mask is None else mask.to(device)
+
+
+def stage_masks(objective, num_microbatches: int, seq_len: int, seed: int, iteration: int, dp_rank: int,
+                device: torch.device) -> Iterator[Optional[torch.Tensor]]:
+    """What a pipeline stage without data consumes per micro-batch: the attention mask (annealing) or None."""
+    first = dp_rank * num_microbatches
+    for mb in range(num_microbatches):
+        yield _attention_mask(objective, seq_len, seed, iteration, first + mb, device)
 
 
 def forward_step(objective, data_iterator, model):
     """Megatron ``forward_step_func``: run one micro-batch, return (output, loss function)."""
-    batch: Optional[PreparedBatch] = next(data_iterator) if data_iterator is not None else None
-    if batch is None:  # a middle pipeline stage: input comes from the previous stage
-        output = model(None, None, None)
+    batch = next(data_iterator) if data_iterator is not None else None
+    if not isinstance(batch, PreparedBatch):  # a middle pipeline stage: input comes from the previous stage
+        output = model(None, None, batch)  # batch: this micro-batch's attention mask or None
         return output, None
     b, s = batch.inputs.shape
     position_ids = torch.arange(s, device=batch.inputs.device).unsqueeze(0).expand(b, -1)
     if ps.get_context_parallel_world_size() > 1:
-        # each CP rank keeps 2 of 2*CP sequence chunks (load-balanced); the normaliser becomes the
-        # count of this rank's chunks, and finalize_model_grads sums counts over DP x CP
+        # each CP rank keeps 2 of 2*CP sequence chunks (TE's split, also used by SDPAttention's K/V
+        # all-gather and by RotaryEmbedding's positions); the normaliser becomes the count of this
+        # rank's chunks, and finalize_model_grads sums loss gradients and counts over DP x CP, so the
+        # step equals the CP=1 step. position_ids are sliced for completeness: GPTModel's RoPE derives
+        # positions from the CP rank itself.
         parts = get_batch_on_this_cp_rank({
             "inputs": batch.inputs, "labels": batch.labels, "weights": batch.weights,
             "count_mask": batch.count_mask, "position_ids": position_ids})
         position_ids = parts.pop("position_ids")
         batch = batch.split(parts)
-    output = model(batch.inputs, position_ids, None, labels=batch.labels)  # [b, s] CE on last stage
+    output = model(batch.inputs, position_ids, batch.attention_mask, labels=batch.labels)  # [b, s] CE (last stage)
     return output, partial(_loss_func, objective, batch)
 
 
@@ -177,6 +195,9 @@ def run_microbatches(
         if _stage_needs_data(model, i):
             iters.append(prepared_batches(objective, raw_iter, num_microbatches, seed, iteration,
                                           dp_rank, dev))
+        elif objective.cfg.attention_anneal_iters > 0:  # middle stages need the annealed mask too
+            iters.append(stage_masks(objective, num_microbatches, cfg.data.seq_length, seed, iteration,
+                                     dp_rank, dev))
         else:
             iters.append(None)
     data_iterator = iters[0] if len(model) == 1 else iters
@@ -245,8 +266,8 @@ class Trainer:
         self.num_microbatches = cfg.optim.global_batch_size // (cfg.optim.micro_batch_size * self.dp_size)
         self.train_iters = num_train_iters(cfg)
         self.objective = build_objective(cfg.objective, mask_id, pad_id)
-        self.eval_objective = build_objective(
-            dataclasses.replace(cfg.objective, random_length_prob=0.0), mask_id, pad_id)
+        self.eval_objective = build_objective(  # validation: full length, bidirectional (no annealing)
+            dataclasses.replace(cfg.objective, random_length_prob=0.0, attention_anneal_iters=0), mask_id, pad_id)
         self.vocab_size = vocab_size
         self.tokenizer_dir = tokenizer_dir
         self.train_loader = train_loader
@@ -400,6 +421,7 @@ class Trainer:
         self._train_iter = iter(self.train_loader)
         stop = _StopSignal()
         start_iter = self.state.iteration
+        self.writer.start(start_iter)  # drops the records of the steps this run redoes
         t_start = time.perf_counter()
         interval_losses: list[float] = []
         result: dict[str, Any] = {"losses": [], "val": []}
@@ -488,10 +510,12 @@ def pretrain(cfg: Config, train_loader=None, valid_loader=None) -> dict:
 
     Loaders may be given (tests); otherwise they are built from ``cfg.data``.
     """
+    world = (torch.distributed.get_world_size() if torch.distributed.is_initialized()
+             else runtime.detect_launch_env().world_size)
+    cfg.validate(world_size=world)  # before Megatron sees the layout: errors name our flags
+    num_train_iters(cfg)
     launch = runtime.init_distributed(cfg.parallel, cfg.model.num_layers)
     try:
-        cfg.validate(world_size=launch.world_size)
-        num_train_iters(cfg)
         from megatron_mdm.data_setup import build_data  # noqa: PLC0415 - imports the data stack
 
         tokenizer, train_loader, valid_loader = build_data(cfg, train_loader, valid_loader)

@@ -18,7 +18,7 @@ import sys
 
 
 def main(argv=None) -> int:
-    from megatron_mdm.config import ConfigError, add_arguments, from_args
+    from megatron_mdm.config import ConfigError, add_arguments, from_args, num_train_iters
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
@@ -31,27 +31,36 @@ def main(argv=None) -> int:
     for noisy in ("megatron", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
+        # every check that needs no torch / Megatron import first, so a bad flag fails in a fraction of a second
         cfg = from_args(args)
         cfg.validate()
+        num_train_iters(cfg)
+        from megatron_mdm.runtime import detect_launch_env  # torch, not yet Megatron
+
+        cfg.validate(world_size=detect_launch_env().world_size)
         from megatron_mdm.training import pretrain
 
         result = pretrain(cfg)
     except ConfigError as e:
-        print(f"pretrain_mdm.py: configuration error: {e}", file=sys.stderr)
+        if rank == 0:  # every rank reads the same flags: one message, not one per process
+            _error(f"configuration error: {e}")
         return 2
     except Exception as e:  # clear one-line errors for the known failure kinds
         from megatron_mdm.checkpointing import CheckpointError
         from megatron_mdm.training import TrainingError
 
-        known = (CheckpointError, TrainingError)
+        bad_input: tuple = (CheckpointError,)
         try:
             from megatron_mdm.data.loader import DataError
 
-            known = known + (DataError,)
+            bad_input = bad_input + (DataError,)
         except ImportError:
             pass
-        if isinstance(e, known):
-            print(f"pretrain_mdm.py: {type(e).__name__}: {e}", file=sys.stderr)
+        if isinstance(e, bad_input):  # the user can act on it: a path, a file, a flag
+            _error(f"{type(e).__name__}: {e}")
+            return 2
+        if isinstance(e, TrainingError):
+            _error(f"{type(e).__name__}: {e}")
             return 1
         raise
     if rank == 0:
@@ -60,6 +69,11 @@ def main(argv=None) -> int:
               f"skipped steps {result['skipped_steps']}"
               + (", stopped by signal (checkpoint saved)" if result.get("stopped_by_signal") else ""))
     return 0
+
+
+def _error(message: str) -> None:
+    """One line on stderr, however many lines the message has (the log keeps the details)."""
+    print("pretrain_mdm.py: " + " ".join(message.split("\n")), file=sys.stderr)
 
 
 if __name__ == "__main__":

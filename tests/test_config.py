@@ -1,6 +1,7 @@
 """The config schema: precedence, presets, flag spelling, and clear validation errors."""
 
 import argparse
+import functools
 import subprocess
 import sys
 from pathlib import Path
@@ -8,22 +9,30 @@ from pathlib import Path
 import pytest
 
 from megatron_mdm.config import (
+    FIELDS,
+    RANGES,
     Config,
     ConfigError,
     add_arguments,
     from_args,
     num_train_iters,
     parse_data_path,
+    set_field,
 )
 from megatron_mdm.presets import PRESETS
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _parse(argv):
+@functools.lru_cache(maxsize=1)
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser()
     add_arguments(p)
-    return from_args(p.parse_args(argv))
+    return p
+
+
+def _parse(argv):
+    return from_args(_parser().parse_args(argv))
 
 
 def test_precedence_defaults_preset_yaml_flags(tmp_path):
@@ -65,6 +74,116 @@ def test_round_trip_yaml(tmp_path):
 def test_inconsistent_options_fail_with_named_field(argv, world, match):
     with pytest.raises(ConfigError, match=match):
         _parse(argv).validate(world_size=world)
+
+
+def _numeric_fields() -> dict[str, type]:
+    """Every int / float / Optional[int | float] field of the schema, with its number type."""
+    import typing
+
+    from megatron_mdm.config import _resolved_type
+
+    out = {}
+    for name, (sec, f) in FIELDS.items():
+        tp = _resolved_type(sec, f)
+        if typing.get_origin(tp) is typing.Union:
+            tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        if tp in (int, float):
+            out[name] = tp
+    return out
+
+
+def test_every_numeric_field_has_a_range():
+    """A new int/float field must get its allowed range in config.RANGES (checked by validate)."""
+    missing = sorted(set(_numeric_fields()) - set(RANGES))
+    assert not missing, f"numeric config fields without a range in config.RANGES: {missing}"
+    assert set(RANGES) <= set(FIELDS)
+
+
+@pytest.mark.parametrize("name", sorted(_numeric_fields()))
+def test_no_numeric_field_accepts_minus_one_or_nan(name):
+    """No count, size, rate or seed of the schema is meaningful at -1 (floats: nor nan or inf)."""
+    flag = "--" + name.replace("_", "-")
+    bad = [-1] + ([float("nan"), float("inf")] if _numeric_fields()[name] is float else [])
+    for value in bad:
+        cfg = Config()
+        set_field(cfg, name, value)
+        with pytest.raises(ConfigError) as e:
+            cfg.validate()
+        assert str(e.value).startswith(flag + ":"), (value, str(e.value))
+
+
+@pytest.mark.parametrize("flag,value,match", [
+    ("--train-iters", "-5", "must be >= 1"),
+    ("--train-iters", "0", "must be >= 1"),
+    ("--train-tokens", "0", "must be >= 1"),
+    ("--micro-batch-size", "0", "must be >= 1"),
+    ("--global-batch-size", "0", "must be >= 1"),
+    ("--seq-length", "1", "must be >= 2"),
+    ("--num-workers", "-1", "must be >= 0"),
+    ("--shuffle-buffer", "0", "must be >= 1"),
+    ("--lr", "0", "must be > 0"),
+    ("--lr", "nan", "finite"),
+    ("--min-lr", "0.1", "larger than --lr"),
+    ("--adam-beta2", "1", r"in \[0, 1\)"),
+    ("--eps", "0", r"in \(0, 1\)"),
+    ("--random-length-prob", "1.5", r"in \[0, 1\]"),
+    ("--clip-grad", "nan", "finite"),
+    ("--save-interval", "0", "must be >= 1"),
+    ("--log-interval", "0", "must be >= 1"),
+    ("--eval-interval", "0", "must be >= 1"),
+    ("--seed", "-3", "must be in"),
+    ("--distributed-timeout-minutes", "0", "must be >= 1"),
+    ("--max-consecutive-nan-steps", "0", "must be >= 1"),
+    ("--keep-last", "-1", "must be >= 0"),
+    ("--ckpt-iteration", "-1", "must be >= 0"),
+    ("--tensor-model-parallel-size", "0", "must be >= 1"),
+])
+def test_out_of_range_flag_is_named(flag, value, match):
+    argv = [flag, value] + (["--save", "x"] if flag == "--save-interval" else [])
+    with pytest.raises(ConfigError, match=match) as e:
+        _parse(argv).validate()
+    assert str(e.value).startswith(flag + ":")
+
+
+@pytest.mark.parametrize("argv", [
+    ["--num-workers", "0"], ["--keep-last", "0"], ["--min-lr", "0"], ["--weight-decay", "0"],
+    ["--clip-grad", "0"], ["--adam-beta1", "0"], ["--lr-warmup-iters", "0"], ["--random-length-prob", "1"],
+    ["--eval-iters", "0"], ["--seed", "0"], ["--ckpt-iteration", "0"],
+])
+def test_boundary_values_are_allowed(argv):
+    _parse(argv).validate(world_size=1)
+
+
+def test_eval_iters_zero_with_eval_interval():
+    with pytest.raises(ConfigError, match="^--eval-iters: is 0 with --eval-interval 5"):
+        _parse(["--eval-iters", "0", "--eval-interval", "5"]).validate()
+    _parse(["--eval-iters", "0"]).validate()  # no validation asked: eval-iters unused
+
+
+@pytest.mark.parametrize("argv,world,match", [
+    (["--tensor-model-parallel-size", "4"], 2, "^--tensor-model-parallel-size: TP=4 is larger than the world size 2"),
+    (["--pipeline-model-parallel-size", "2"], 1, "^--pipeline-model-parallel-size: PP=2 is larger than the world"),
+    (["--context-parallel-size", "2"], 1, "^--context-parallel-size: CP=2 is larger than the world size 1"),
+    (["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"], 6,
+     r"^--tensor-model-parallel-size: world size 6 is not divisible by TP x PP x CP = 2 x 2 x 1 = 4"),
+    (["--pipeline-model-parallel-size", "2"], 3, "^--pipeline-model-parallel-size: world size 3 is not divisible"),
+])
+def test_parallel_layout_against_world_size(argv, world, match):
+    with pytest.raises(ConfigError, match=match):
+        _parse(argv).validate(world_size=world)
+
+
+@pytest.mark.slow
+def test_pretrain_checks_the_layout_before_megatron():
+    """``training.pretrain`` itself (not only the script) names our flag, before any process group."""
+    import torch
+
+    from megatron_mdm.training import pretrain
+
+    cfg = _parse(["--tensor-model-parallel-size", "2", "--train-iters", "1"])
+    with pytest.raises(ConfigError, match="^--tensor-model-parallel-size: TP=2 is larger than the world size 1"):
+        pretrain(cfg)
+    assert not torch.distributed.is_initialized()
 
 
 @pytest.mark.parametrize("argv,match", [

@@ -168,3 +168,123 @@ def test_lm_eval_adapter_rolling_and_generate(hf_dir):
     assert a == b and a[0] < 0
     gen = lm.generate_until([Instance("generate_until", {}, ("the cat", {"until": ["mat"], "max_gen_toks": 4}), 0)])
     assert isinstance(gen[0], str) and "mat" not in gen[0] and "[MASK]" not in gen[0]
+
+
+# ---- bad inputs: one line naming the flag or file, before the model loads --------------------------
+
+def _errors(capsys) -> list[str]:
+    return capsys.readouterr().err.strip().splitlines()
+
+
+def test_missing_model_directory_is_one_line(tmp_path, capsys):
+    from megatron_mdm.cli import eval as ev
+    from megatron_mdm.cli import generate as gen
+
+    missing = tmp_path / "no_such_model"
+    assert gen.main(["--model", str(missing), "--json"]) == 2
+    assert _errors(capsys) == [f"mdm-generate: error: --model {missing}: no such directory"]
+    assert ev.main(["elbo", "--model", str(missing), "--data", str(tmp_path / "x.txt")]) == 2
+    assert _errors(capsys) == [f"mdm-eval: error: --model {missing}: no such directory"]
+    (tmp_path / "file").write_text("x")
+    assert gen.main(["--model", str(tmp_path / "file")]) == 2
+    assert "is a file" in _errors(capsys)[0]
+
+
+def test_hub_id_is_looked_up_offline_unless_allowed(tmp_path, capsys, monkeypatch):
+    import huggingface_hub
+
+    from megatron_mdm.cli.generate import main
+    from megatron_mdm.evaluation.loading import looks_like_hub_id
+
+    assert looks_like_hub_id("gpt2") and looks_like_hub_id("org/name-1.5b")
+    assert not any(looks_like_hub_id(x) for x in ("./m", "/abs/m", "a/b/c", "~/m", "data.jsonl", "a/../b"))
+    real, calls = huggingface_hub.snapshot_download, []
+
+    def spy(**kw):  # an empty cache and an endpoint that refuses connections
+        calls.append(kw["local_files_only"])
+        return real(**kw, cache_dir=str(tmp_path / "cache"), endpoint="http://127.0.0.1:9", etag_timeout=1)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", spy)
+    assert main(["--model", "megatron-mdm-tests/no-such-model"]) == 2
+    err = _errors(capsys)
+    assert len(err) == 1 and "no hub model" in err[0] and "--allow-download" in err[0]
+    assert calls == [True]  # the cache only: no network without --allow-download
+    assert main(["--model", "megatron-mdm-tests/no-such-model", "--allow-download"]) == 2
+    err = _errors(capsys)
+    assert len(err) == 1 and "cannot download it from the Hugging Face hub" in err[0] and calls == [True, False]
+
+
+def test_bad_model_directory_is_one_line(tmp_path):
+    from megatron_mdm.evaluation.loading import EvalInputError, load_logits_fn
+
+    d = tmp_path / "m"
+    d.mkdir()
+    with pytest.raises(EvalInputError, match="no config.json"):
+        load_logits_fn(str(d))
+    (d / "config.json").write_text('{"model_type": "bert",\n "vocab_size": }')
+    with pytest.raises(EvalInputError, match=r"config.json:2: not valid JSON") as e:
+        load_logits_fn(str(d))
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("cmd,content,where", [
+    ("mc", '{"context": "a", "choices": ["b"], "gold": 0}\n{"context": "a", "choices": \n', ":2: not valid JSON"),
+    ("mc", '\n{"context": "a", "choices": ["b", "c"], "gold": 2}\n', ":2: gold must be the index"),
+    ("mc", '{"context": "a", "gold": 0}\n', ":1: expected an object with context, choices and gold"),
+    ("mc", '{"context": "a", "choices": "b", "gold": 0}\n', ":1: context must be a string and choices"),
+    ("elbo", '{"text": "the cat"}\n\n{"txt": "the dog"}\n', ":3: expected a JSON object with a string 'text'"),
+    ("elbo", '{"text": "a"}\n[1, 2\n', ":2: not valid JSON"),
+])
+def test_malformed_jsonl_names_file_and_line(tmp_path, capsys, cmd, content, where):
+    from megatron_mdm.cli.eval import main
+
+    data = tmp_path / "data.jsonl"
+    data.write_text(content)
+    model = tmp_path / "model"
+    model.mkdir()  # not a model: never opened, the data is checked first
+    assert main([cmd, "--model", str(model), "--data", str(data)]) == 2
+    err = _errors(capsys)
+    assert len(err) == 1 and err[0].startswith(f"mdm-eval: error: {data}{where}"), err
+    assert main([cmd, "--model", str(model), "--data", str(tmp_path / "none.jsonl")]) == 2
+    assert _errors(capsys) == [f"mdm-eval: error: --data {tmp_path / 'none.jsonl'}: no such file"]
+
+
+def test_gold_written_as_float_or_string_still_reads(tmp_path):
+    from megatron_mdm.evaluation.multiple_choice import load_jsonl_examples
+
+    data = tmp_path / "mc.jsonl"
+    data.write_text('{"context": "a", "choices": ["b", "c"], "gold": 1.0}\n{"context": "a", "choices": ["b"], '
+                    '"gold": "0"}\n')
+    assert load_jsonl_examples(str(data)) == [("a", ["b", "c"], 1), ("a", ["b"], 0)]
+
+
+@pytest.mark.slow
+def test_lm_eval_adapter_missing_model(tmp_path):
+    pytest.importorskip("lm_eval")
+    from megatron_mdm.evaluation.lm_eval_adapter import MDMLM
+    from megatron_mdm.evaluation.loading import EvalInputError
+
+    with pytest.raises(EvalInputError, match="no such directory"):
+        MDMLM.create_from_arg_string(f"pretrained={tmp_path / 'nope'},trust_remote_code=False")
+
+
+def test_tokenizer_beside_a_custom_code_config_loads_without_prompt(tmp_path, capsys):
+    """An exported MDM has auto_map in config.json; its tokenizer is tokenizer.json only: no prompt, same ids."""
+    from transformers import PreTrainedTokenizerFast
+
+    from megatron_mdm.tokenization import MDMTokenizer
+
+    d = make_hf_dir(tmp_path / "m", seed=1)
+    (d / "config.json").write_text(json.dumps({"model_type": "not_in_transformers",
+                                               "auto_map": {"AutoConfig": "configuration_x.XConfig"}}))
+    capsys.readouterr()
+    tok = MDMTokenizer.load(d)
+    out = capsys.readouterr()
+    assert "[y/N]" not in out.out + out.err
+    ref = PreTrainedTokenizerFast(tokenizer_file=str(d / "tokenizer.json"))
+    assert tok.encode("the cat sat on a mat") == ref.encode("the cat sat on a mat", add_special_tokens=False)
+    assert tok.mask_id == SPECIALS.index("[MASK]")
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    (d / "tokenizer_config.json").write_text(json.dumps(dict(cfg, auto_map={"AutoTokenizer": ["x.Tok", None]})))
+    with pytest.raises(ValueError, match="asks for its own Python code"):
+        MDMTokenizer.load(d)

@@ -23,7 +23,7 @@ CORPUS = REPO / "examples" / "data" / "tinyshakespeare.txt.zst"
 
 # config file -> (world size it is written for, expected values)
 RECIPES = {
-    "quickstart.yaml": (2, {"preset": "quickstart", "seq_length": 128, "objective": "mdm"}),
+    "quickstart.yaml": (2, {"preset": "quickstart", "seq_length": 64, "objective": "mdm"}),
     "smdm_1.1b.yaml": (8, {"preset": "smdm-1.1b", "num_layers": 22, "hidden_size": 2048,
                            "num_query_groups": 4, "ffn_hidden_size": 5632, "seq_length": 2048,
                            "global_batch_size": 256, "lr": 4e-4, "min_lr": 4e-5, "bf16": True,

@@ -217,6 +217,31 @@ def test_candidate_sets_and_direction_pairing():
     assert sub.prompts == rc.load_test_set(DATA, "d2p_prompts_test", max_test=7, seed=3).prompts
 
 
+# ---- learning curves -----------------------------------------------------------------------------------
+
+
+def test_checkpoint_iterations_lists_complete_checkpoints(tmp_path):
+    for it, complete in ((10, True), (5, True), (20, False)):
+        d = tmp_path / f"iter_{it:07d}"
+        d.mkdir()
+        if complete:
+            (d / "metadata.json").write_text("{}")
+    (tmp_path / "iter_notanumber").mkdir()
+    assert rc.checkpoint_iterations(tmp_path) == [5, 10]
+
+
+def test_learning_curve_picture(tmp_path):
+    pytest.importorskip("matplotlib")
+    for m in ("mdm", "arm"):
+        (tmp_path / m).mkdir()
+        (tmp_path / m / "metrics.jsonl").write_text("".join(
+            json.dumps({"iteration": i, "loss": 3.0 / i}) + "\n" for i in (10, 20, 30)))
+    rows = [{"model": m, "direction": d, "iteration": i, "top1": 10.0 * i / 10, "mean_rank": 15 - i / 10}
+            for m in ("mdm", "arm") for d in ("same", "reverse") for i in (10, 20, 30)]
+    png = rc.plot_learning_curves(rows, tmp_path, ["mdm", "arm"], tmp_path / "curves.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 # ---- end to end ---------------------------------------------------------------------------------------
 
 
@@ -225,7 +250,8 @@ def test_candidate_sets_and_direction_pairing():
 def test_smoke_run_writes_table(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, str(RUN), "--data-dir", str(DATA), "--output", str(tmp_path / "out"), "--preset", "tiny",
-           "--steps", "5", "--max-test", "4", "--mc-samples", "2", "--vocab-size", "600", "--global-batch-size", "8"]
+           "--steps", "5", "--max-test", "4", "--mc-samples", "2", "--vocab-size", "600", "--global-batch-size", "8",
+           "--curve-interval", "5", "--curve-max-test", "2"]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -233,3 +259,7 @@ def test_smoke_run_writes_table(tmp_path):
         (m, n) for m in ("mdm", "arm") for n in rc.TEST_FILES}
     md = (tmp_path / "out" / "results.md").read_text()
     assert md.count("| MDM |") == 4 and md.count("| ARM |") == 4
+    curves = json.loads((tmp_path / "out" / "curves.json").read_text())
+    assert {(x["model"], x["test_file"], x["iteration"]) for x in curves} == {
+        (m, n, 5) for m in ("mdm", "arm") for n in rc.CURVE_FILES}
+    assert all(x["n"] == 2 and x["num_candidates"] == 30 for x in curves)

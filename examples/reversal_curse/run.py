@@ -422,6 +422,8 @@ def training_command(args, objective: str, data_dir: Path, tok_dir: Path, save: 
            "--lr-warmup-iters", str(min(args.warmup, max(args.steps - 1, 0))), "--lr-decay-style", "cosine",
            "--log-interval", str(max(1, min(50, args.steps // 10))), "--seed", str(args.seed),
            "--save", str(save), "--transformer-impl", "local"]
+    if getattr(args, "curve_interval", None):  # every checkpoint kept: the learning curves score each
+        cmd += ["--save-interval", str(args.curve_interval), "--keep-last", "0"]
     if not args.prompt_out_of_loss:
         cmd += ["--sft-train-on-prompt"]
     if args.load:
@@ -457,6 +459,74 @@ def _last_loss(log_path: Path) -> float | None:
         return None
 
 
+# ---- learning curves ----------------------------------------------------------------------------------
+
+# The two name files: 30 name candidates each, the cheapest to score; one per direction.
+CURVE_FILES = ("d2p_prompts_test", "p2d_reverse_prompts_test")
+
+
+def checkpoint_iterations(run_dir: Path) -> list[int]:
+    """Iterations of the complete checkpoints (``iter_*/metadata.json``) in a run directory."""
+    return sorted(int(p.name[5:]) for p in Path(run_dir).glob("iter_*")
+                  if p.name[5:].isdigit() and (p / "metadata.json").is_file())
+
+
+def learning_curves(out: Path, models: list[str], tokenizer, data_dir: Path, max_test: int | None,
+                    mc_samples: int, seed: int, log=print) -> list[dict]:
+    """Score every saved checkpoint of each model on the name files (same and reverse direction)."""
+    from megatron_mdm.inference import load_megatron_for_inference
+
+    sets = [load_test_set(data_dir, n, max_test, seed) for n in CURVE_FILES]
+    rows = []
+    for m in models:
+        for it in checkpoint_iterations(out / m):
+            logits_fn, _, _ = load_megatron_for_inference(out / m, iteration=it)
+            for r in evaluate(logits_fn, m, tokenizer, sets, mc_samples, "mc", seed, log=lambda *a: None):
+                rows.append({k: r[k] for k in ("model", "test_file", "direction", "n", "exact_match", "top1",
+                                               "mean_rank", "num_candidates")} | {"iteration": it})
+            cur = [x for x in rows if x["model"] == m and x["iteration"] == it]
+            log(f"[reversal_curse] curve {m.upper()} iter {it}: " + ", ".join(
+                f"{x['direction']} top1 {x['top1']:.0f}% rank {x['mean_rank']:.1f}" for x in cur))
+    return rows
+
+
+def plot_learning_curves(rows: list[dict], out: Path, models: list[str], path: Path) -> Path:
+    """Training loss and same/reverse-direction scores against steps, MDM and ARM (one PNG)."""
+    from megatron_mdm.sweep.curves import _pyplot, read_metrics
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    colors = {"mdm": "C0", "arm": "C3"}
+    for m in models:
+        try:
+            train, _ = read_metrics(out / m)
+        except ValueError:
+            train = []
+        axes[0].plot([r["iteration"] for r in train], [r["loss"] for r in train], color=colors[m], label=m.upper())
+        for direction, style in (("same", "-"), ("reverse", "--")):
+            pts = sorted((r["iteration"], r["top1"], r["mean_rank"]) for r in rows
+                         if r["model"] == m and r["direction"] == direction)
+            if not pts:
+                continue
+            label = f"{m.upper()} {direction} ({'d2p names' if direction == 'same' else 'p2d names, reversed'})"
+            axes[1].plot([p[0] for p in pts], [p[1] for p in pts], style, color=colors[m], marker="o", label=label)
+            axes[2].plot([p[0] for p in pts], [p[2] for p in pts], style, color=colors[m], marker="o", label=label)
+    axes[0].set_yscale("log")
+    axes[0].set_title("training loss (MDM: 1/t-weighted ELBO)")
+    axes[1].set_title("top-1 of 30 names by likelihood (%)")
+    axes[1].axhline(100 / 30, color="k", linewidth=0.8, linestyle=":", label="chance")
+    axes[2].set_title("mean rank of the gold name (of 30)")
+    axes[2].axhline(15.5, color="k", linewidth=0.8, linestyle=":", label="chance")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", default=None,
@@ -486,6 +556,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--prompt-out-of-loss", action="store_true",
                     help="plain SFT (prompt never masked, out of the loss) instead of whole-sequence training")
     ap.add_argument("--skip-train", action="store_true", help="score existing <output>/<model> checkpoints")
+    ap.add_argument("--curve-interval", type=int, default=None,
+                    help="keep a checkpoint every N steps and score each on the two name files (same and reverse "
+                         "direction): <output>/curves.json and curves.png")
+    ap.add_argument("--curve-max-test", type=int, default=15, help="examples per name file for the curves")
     return ap.parse_args(argv)
 
 
@@ -549,6 +623,16 @@ def main(argv=None) -> int:
         print(f"[reversal_curse] scoring {m.upper()}", flush=True)
         rows += evaluate(logits_fn, m, tokenizer, test_sets, args.mc_samples, args.mdm_loglik, args.seed)
         timings[f"eval_{m}_s"] = time.time() - t0
+    if args.curve_interval:
+        t0 = time.time()
+        curve_rows = learning_curves(out, models, tokenizer, data_dir, args.curve_max_test, args.mc_samples, args.seed)
+        (out / "curves.json").write_text(json.dumps(curve_rows, indent=1))
+        try:
+            png = plot_learning_curves(curve_rows, out, models, out / "curves.png")
+            print(f"[reversal_curse] learning curves: {png}")
+        except ValueError as e:  # matplotlib missing: the JSON is still there
+            print(f"[reversal_curse] curves.json written; no picture: {e}")
+        timings["curves_s"] = time.time() - t0
     timings["total_s"] = time.time() - t_start
 
     table = format_table(rows)

@@ -5,13 +5,16 @@ Subcommands:
   mc       zero-shot multiple choice on a jsonl of {"context", "choices", "gold"}
   lm-eval  lm-eval harness tasks through the ``mdm`` adapter (offline; ``--include-path`` for local tasks)
 
-Each prints a readable table and, with ``--output``, writes the report as JSON.
+Each prints a readable table and, with ``--output``, writes the report as JSON. A bad input (a missing
+``--model`` directory, a malformed ``--data`` line, a model that ships code without ``--trust-remote-code``)
+is one line on stderr and exit status 2, before the model is loaded where possible.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 import torch
@@ -19,6 +22,11 @@ import torch
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="Hugging Face directory (mdm-convert to-hf output)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a model directory that is not our own export to run the Python code it ships "
+                        "(auto_map); it runs with your permissions, so only for sources you trust")
+    p.add_argument("--allow-download", action="store_true",
+                   help="fetch --model from the Hugging Face hub when it is a hub id missing from the local cache")
     p.add_argument("--num-samples", type=int, default=128, help="Monte Carlo draws per sequence / choice")
     p.add_argument("--batch-size", type=int, default=32, help="rows per forward")
     p.add_argument("--cfg-scale", type=float, default=0.0, help="unsupervised CFG scale w")
@@ -70,6 +78,7 @@ def _lm_eval(args: argparse.Namespace) -> None:
     lm = lm_eval_adapter.MDMLM(
         pretrained=args.model, method=args.method, num_samples=args.num_samples, batch_size=args.batch_size,
         order=args.order, cfg_scale=args.cfg_scale, seed=args.seed, device=args.device,
+        trust_remote_code=args.trust_remote_code, allow_download=args.allow_download,
     )
     results = lm_eval.simple_evaluate(
         model=lm, tasks=args.tasks.split(","), task_manager=TaskManager(include_path=args.include_path),
@@ -89,21 +98,28 @@ def _lm_eval(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from megatron_mdm.evaluation.loading import EvalInputError
+
+    try:
+        _run(args)
+    except EvalInputError as e:
+        print(f"mdm-eval: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _run(args: argparse.Namespace) -> None:
+    from megatron_mdm.evaluation.loading import load_logits_fn, resolve_model_dir
+
+    resolve_model_dir(args.model, args.allow_download)  # a missing directory fails before anything loads
     if args.command == "lm-eval":
         _lm_eval(args)
-        return 0
-    from megatron_mdm.evaluation.loading import load_logits_fn
-
-    logits_fn, tok, mask_id, vocab_size = load_logits_fn(args.model, args.device)
-    g = torch.Generator().manual_seed(args.seed)
+        return
+    # the data first: a malformed line fails at start, not after the model has loaded
     if args.command == "elbo":
         from megatron_mdm.evaluation.corpus import corpus_elbo, read_texts
 
-        r = corpus_elbo(
-            logits_fn, tok.encode, read_texts(args.data), mask_id, args.seq_length, args.num_samples,
-            args.t_sampling, generator=g, vocab_size=vocab_size, batch_size=args.batch_size,
-        )
-        _report({**r, "data": args.data, "model": args.model}, [r], list(r), args.output)
+        texts = read_texts(args.data)
     else:
         from megatron_mdm.evaluation.multiple_choice import (
             load_jsonl_examples,
@@ -111,13 +127,22 @@ def main(argv: list[str] | None = None) -> int:
         )
 
         examples = load_jsonl_examples(args.data)[: args.limit]
+    logits_fn, tok, mask_id, vocab_size = load_logits_fn(
+        args.model, args.device, trust_remote_code=args.trust_remote_code, allow_download=args.allow_download)
+    g = torch.Generator().manual_seed(args.seed)
+    if args.command == "elbo":
+        r = corpus_elbo(
+            logits_fn, tok.encode, texts, mask_id, args.seq_length, args.num_samples,
+            args.t_sampling, generator=g, vocab_size=vocab_size, batch_size=args.batch_size,
+        )
+        _report({**r, "data": args.data, "model": args.model}, [r], list(r), args.output)
+    else:
         r = score_multiple_choice(
             logits_fn, tok.encode, examples, mask_id, args.method, args.normalization, args.num_samples, g,
             vocab_size, args.cfg_scale, args.batch_size, args.order,
         )
         row = {"data": args.data, "method": args.method, "normalization": args.normalization, **r.to_dict()}
         _report({**row, "per_example": r.per_example}, [row], list(row), args.output)
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,9 +1,14 @@
-"""``mdm-generate``: sample completions from a Hugging Face MDM directory with the diffusion sampler."""
+"""``mdm-generate``: sample completions from a Hugging Face MDM directory with the diffusion sampler.
+
+A bad input (a missing ``--model`` directory, a model that ships code without ``--trust-remote-code``) is
+one line on stderr and exit status 2. With ``--json`` stdout holds only the JSON lines.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import torch
 
@@ -13,6 +18,11 @@ from megatron_mdm.sampling import REMASKING
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mdm-generate", description=__doc__)
     p.add_argument("--model", required=True, help="Hugging Face directory (mdm-convert to-hf output)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a model directory that is not our own export to run the Python code it ships "
+                        "(auto_map); it runs with your permissions, so only for sources you trust")
+    p.add_argument("--allow-download", action="store_true",
+                   help="fetch --model from the Hugging Face hub when it is a hub id missing from the local cache")
     p.add_argument("--prompt", action="append", default=[], help="prompt text; repeat for a batch")
     p.add_argument("--gen-length", type=int, default=64, help="generated positions per prompt")
     p.add_argument("--steps", type=int, default=64, help="sampling iterations (a multiple of the blocks)")
@@ -31,10 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from megatron_mdm.evaluation.loading import load_logits_fn
+    from megatron_mdm.evaluation.loading import EvalInputError, load_logits_fn
     from megatron_mdm.sampling import generate
 
-    logits_fn, tok, mask_id, vocab_size = load_logits_fn(args.model, args.device)
+    try:
+        logits_fn, tok, mask_id, vocab_size = load_logits_fn(
+            args.model, args.device, trust_remote_code=args.trust_remote_code, allow_download=args.allow_download)
+    except EvalInputError as e:
+        print(f"mdm-generate: error: {e}", file=sys.stderr)
+        return 2
     prompts = args.prompt or [""]
     eos_id = None if args.no_eos_stop else getattr(tok, "eos_id", None)
     out = generate(

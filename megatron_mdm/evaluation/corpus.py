@@ -20,12 +20,35 @@ from megatron_mdm.likelihood import mc_elbo
 
 
 def read_texts(path: str, field: str = "text") -> list[str]:
-    """Documents of a .txt (one per non-empty line) or .jsonl (``field``) file."""
-    with open(path, encoding="utf-8") as f:
-        lines = [ln for ln in f.read().splitlines() if ln.strip()]
-    if path.endswith(".jsonl"):
-        return [json.loads(ln)[field] for ln in lines]
-    return lines
+    """Documents of a .txt (one per non-empty line) or .jsonl (``field``) file.
+
+    Raises:
+        EvalInputError: the file is missing or not UTF-8, or a jsonl line is not a JSON object with a
+            string ``field``; the message names the file and line.
+    """
+    from megatron_mdm.evaluation.loading import EvalInputError
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        raise EvalInputError(f"--data {path}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise EvalInputError(f"--data {path}: not UTF-8 text (byte {e.start})") from None
+    if not path.endswith(".jsonl"):
+        return [ln for ln in lines if ln.strip()]
+    texts = []
+    for k, ln in enumerate(lines, 1):
+        if not ln.strip():
+            continue
+        try:
+            row = json.loads(ln)
+        except json.JSONDecodeError as e:
+            raise EvalInputError(f"{path}:{k}: not valid JSON ({e.msg}, column {e.colno})") from None
+        if not isinstance(row, dict) or not isinstance(row.get(field), str):
+            raise EvalInputError(f"{path}:{k}: expected a JSON object with a string {field!r} field")
+        texts.append(row[field])
+    return texts
 
 
 def corpus_elbo(

@@ -8,6 +8,9 @@
 
 Construct with ``--model mdm --model_args pretrained=HF_DIR,method=mc,num_samples=128`` (importing this
 module registers the name), or pass :meth:`MDMLM.from_logits_fn` to ``lm_eval.simple_evaluate``.
+Loading is ``evaluation.loading.load_logits_fn``: our exports run no shipped code; another model directory
+that ships code needs ``trust_remote_code=True`` in ``--model_args``; a hub id missing from the local
+cache needs ``allow_download=True``.
 Works offline: tasks may use local data (``dataset_path: json`` with ``data_files``).
 """
 
@@ -23,6 +26,11 @@ from megatron_mdm.evaluation.multiple_choice import conditional_loglik, encode_p
 from megatron_mdm.guidance import LogitsFn
 from megatron_mdm.likelihood import mc_elbo
 from megatron_mdm.sampling import generate
+
+
+def _as_bool(v: bool | str) -> bool:
+    """A ``--model_args`` value: lm-eval passes True/False, or the string as typed."""
+    return v if isinstance(v, bool) else str(v).strip().lower() in ("1", "true", "yes")
 
 
 @register_model("mdm")
@@ -46,6 +54,8 @@ class MDMLM(LM):
         temperature: float = 0.0,
         remasking: str = "low_confidence",
         device: str = "cpu",
+        trust_remote_code: bool | str = False,
+        allow_download: bool | str = False,
         **_: Any,
     ) -> None:
         super().__init__()
@@ -62,7 +72,9 @@ class MDMLM(LM):
         if pretrained is not None:
             from megatron_mdm.evaluation.loading import load_logits_fn
 
-            self.logits_fn, self.tokenizer, self.mask_id, self.vocab_size = load_logits_fn(pretrained, device)
+            self.logits_fn, self.tokenizer, self.mask_id, self.vocab_size = load_logits_fn(
+                pretrained, device, trust_remote_code=_as_bool(trust_remote_code),
+                allow_download=_as_bool(allow_download))
 
     @classmethod
     def from_logits_fn(

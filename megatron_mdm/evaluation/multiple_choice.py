@@ -141,18 +141,53 @@ def score_multiple_choice(
 
 
 def load_jsonl_examples(path: str) -> list[Example]:
-    """Read ``{"context": str, "choices": [str], "gold": int}`` lines."""
+    """Read ``{"context": str, "choices": [str], "gold": int}`` lines.
+
+    Raises:
+        EvalInputError: a missing file, or a line that is not such an object (the message names file:line).
+    """
+    from megatron_mdm.evaluation.loading import EvalInputError
+
     out = []
-    with open(path, encoding="utf-8") as f:
-        for k, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        raise EvalInputError(f"--data {path}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise EvalInputError(f"--data {path}: not UTF-8 text (byte {e.start})") from None
+    for k, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
             row = json.loads(line)
-            try:
-                out.append((row["context"], list(row["choices"]), int(row["gold"])))
-            except KeyError as e:
-                raise ValueError(f"{path}:{k}: missing field {e} (expected context, choices, gold)") from e
+        except json.JSONDecodeError as e:
+            raise EvalInputError(f"{path}:{k}: not valid JSON ({e.msg}, column {e.colno})") from None
+        if not isinstance(row, dict) or not {"context", "choices", "gold"} <= set(row):
+            raise EvalInputError(f"{path}:{k}: expected an object with context, choices and gold")
+        context, choices, gold = row["context"], row["choices"], row["gold"]
+        if not (isinstance(context, str) and isinstance(choices, list) and choices
+                and all(isinstance(c, str) for c in choices)):
+            raise EvalInputError(f"{path}:{k}: context must be a string and choices a non-empty list of strings")
+        index = _as_index(gold)
+        if index is None or not 0 <= index < len(choices):
+            raise EvalInputError(f"{path}:{k}: gold must be the index of a choice (0..{len(choices) - 1}), "
+                                 f"got {gold!r}")
+        out.append((context, list(choices), index))
     return out
+
+
+def _as_index(v: Any) -> int | None:
+    """An integer written as 2, 2.0 or "2"; None for anything else (bool, 2.5, "two", null)."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, int):
+        return v
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    if isinstance(v, str) and v.strip().isdigit():
+        return int(v)
+    return None
 
 
 def format_table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:

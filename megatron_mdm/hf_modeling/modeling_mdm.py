@@ -7,7 +7,9 @@ SwiGLU), so the numerics are those of ``LlamaModel``; the differences are:
 * every attention module has ``is_causal = False`` and the mask is built bidirectionally (padding
   only), so each position attends to the whole sequence, as the Megatron MDM was trained;
 * no KV cache (a diffusion sampler re-reads the whole sequence at every step);
-* ``MDMForMaskedLM`` returns logits ``[batch, seq, vocab]`` for every position.
+* ``MDMForMaskedLM`` returns logits ``[batch, seq, vocab]`` for every position;
+* options of adapted models: q/k/v biases (``qkv_bias``, from Qwen2) and the shifted prediction
+  (``shift_logits``: the logits are re-aligned so that entry i predicts token i).
 """
 
 
@@ -47,6 +49,10 @@ class MDMModel(MDMPreTrainedModel, LlamaModel):
         LlamaModel.__init__(self, config)
         for layer in self.layers:
             layer.self_attn.is_causal = False
+            if getattr(config, "qkv_bias", False):  # Qwen2: biases on q/k/v only (o_proj has none)
+                for name in ("q_proj", "k_proj", "v_proj"):
+                    old = getattr(layer.self_attn, name)
+                    setattr(layer.self_attn, name, nn.Linear(old.in_features, old.out_features, bias=True))
 
     def forward(
         self,
@@ -103,6 +109,8 @@ class MDMForMaskedLM(MDMPreTrainedModel):
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                             inputs_embeds=inputs_embeds).last_hidden_state
         logits = self.lm_head(hidden)
+        if getattr(self.config, "shift_logits", False):  # output i predicts i + 1: entry i gets output i - 1
+            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
         loss = None
         if labels is not None:
             loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)

@@ -1,0 +1,332 @@
+"""Hugging Face directories <-> Megatron distributed checkpoints: export and import.
+
+``export_to_hf`` writes a Hugging Face directory (safetensors shards, config, tokenizer, generation
+config, model card; an MDM of the Llama family also gets ``megatron_mdm/hf_modeling`` copied in for
+``trust_remote_code``) from a checkpoint of any TP/PP layout, read in one process without a process group.
+``import_from_hf`` writes a Megatron checkpoint through ``checkpointing.save_checkpoint`` from a
+TP1/PP1 model in a one-process gloo world. The family (its map and config translation) comes from the
+HF ``model_type`` on import and from the checkpoint's config on export.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from megatron_mdm.config import Config, ConfigError
+from megatron_mdm.hf.base import (
+    ConversionError,
+    Family,
+    hf_to_megatron_state_dict,
+    megatron_to_hf_state_dict,
+    read_hf_state_dict,
+    write_safetensors,
+)
+from megatron_mdm.hf.bert import BERT, ROBERTA, XLM_ROBERTA
+from megatron_mdm.hf.io import read_checkpoint_tensors, save_megatron
+from megatron_mdm.hf.llama import LLAMA
+from megatron_mdm.hf.qwen2 import QWEN2
+
+log = logging.getLogger(__name__)
+
+FAMILIES = (LLAMA, QWEN2, BERT, ROBERTA, XLM_ROBERTA)
+EXPORT_MARKER = "mdm_export.json"
+"""Written into every export: the run and iteration it came from (a re-export may replace that directory)."""
+
+
+def supported_model_types() -> list[str]:
+    return sorted({t for f in FAMILIES for t in f.model_types})
+
+
+def family_for_hf(hf_cfg: dict) -> Family:
+    """The family that converts an HF ``config.json`` (by ``model_type``); ConversionError naming it if none."""
+    mt = hf_cfg.get("model_type")
+    if mt == "mdm_llama":  # our own export of a Llama-stack MDM
+        return QWEN2 if hf_cfg.get("qkv_bias") else LLAMA
+    for family in FAMILIES:
+        if mt in family.model_types:
+            return family
+    arch = ", ".join(hf_cfg.get("architectures") or []) or "no architectures"
+    raise ConversionError(f"the Hugging Face model is {mt!r} ({arch}), not a supported family; "
+                          f"supported model types: {', '.join(supported_model_types())}")
+
+
+def family_of(cfg: Config) -> Family:
+    """The family a checkpoint exports to: the one it was imported from, else Llama (or BERT/RoBERTa)."""
+    m = cfg.model
+    if m.architecture == "bert":
+        if m.hf_model_type == "xlm-roberta":
+            return XLM_ROBERTA
+        return BERT if m.position_padding_idx is None else ROBERTA
+    return QWEN2 if m.add_qkv_bias else LLAMA
+
+
+def _load_tokenizer(path: Path | None):
+    if path is None or not path.exists():
+        return None
+    from megatron_mdm.tokenization import MDMTokenizer
+
+    return MDMTokenizer.load(path)
+
+
+def _special_ids(tok) -> dict[str, int | None]:
+    if tok is None:
+        return {}
+    return {"mask": tok.mask_id, "eos": tok.eos_id, "pad": tok.pad_id, "bos": tok.bos_id}
+
+
+# ---- export -------------------------------------------------------------------------------------
+
+def _architecture(cfg: Config, family: Family) -> str:
+    m = cfg.model
+    if m.architecture == "bert":
+        return (f"{family.name} encoder ({m.num_layers} post-LayerNorm layers, hidden {m.hidden_size}, "
+                f"{m.num_attention_heads} heads, GELU {m.ffn_hidden_size}, learned positions "
+                f"{m.max_position_embeddings}, MLM head tied to the embeddings)")
+    rope = f"RoPE base {m.rotary_base}" + (f", llama3 scaling x{m.rope_scaling_factor}" if m.rope_scaling else "")
+    return (f"{family.name} ({m.num_layers} layers, hidden {m.hidden_size}, {m.num_attention_heads} heads, "
+            f"{m.num_query_groups or m.num_attention_heads} key/value heads{', q/k/v biases' if m.add_qkv_bias else ''}, "
+            f"SwiGLU {m.ffn_hidden_size}, RMSNorm, {rope})")
+
+
+def _model_card(cfg: Config, family: Family, mdm: bool, special: dict, vocab_size: int, source: str) -> str:
+    remote = mdm and cfg.model.architecture != "bert"  # our bidirectional Llama class ships as remote code
+    kind = ("a masked diffusion language model (MDM, bidirectional attention)" if mdm
+            else "an autoregressive baseline (causal attention)")
+    if mdm and cfg.objective.shift_logits:
+        kind += "; shifted prediction (the model's raw output at i predicts token i + 1; `.logits` are re-aligned)"
+    auto = "AutoModelForMaskedLM" if mdm else "AutoModelForCausalLM"
+    load = f"{auto}.from_pretrained(path{', trust_remote_code=True' if remote else ''})"
+    sample = (
+        "Sample by reverse diffusion from a prompt followed by mask tokens:\n\n"
+        "```bash\nmdm-generate --model PATH --prompt \"Once upon a time\" --gen-length 64 --steps 64\n```\n\n"
+        "or in Python with `megatron_mdm.sampling.generate(logits_fn, ...)`, where `logits_fn(input_ids)` returns\n"
+        "`model(input_ids).logits`. Plain left-to-right `model.generate()` does not apply to this model."
+        if mdm else "Sample with `model.generate(...)` as for any causal language model.")
+    return f"""---
+library_name: transformers
+tags: [megatron-mdm, {'masked-diffusion' if mdm else 'causal-lm'}, {family.model_types[0]}]
+---
+# {Path(source).name or 'megatron-mdm model'}
+
+Converted from the Megatron checkpoint `{source}` by `mdm-convert to-hf`.
+
+- **Objective**: `{cfg.objective.objective}`: {kind}
+- **Mask token id**: `{special.get('mask')}`; end-of-sequence id `{special.get('eos')}`
+- **Architecture**: {_architecture(cfg, family)}, vocabulary {vocab_size}, trained with sequence length
+  {cfg.data.seq_length}
+
+## Load
+
+```python
+from transformers import AutoTokenizer, {auto}
+tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)  # tokenizer.json, no custom code
+model = {load}
+logits = model(input_ids).logits  # [batch, seq, vocab]
+```
+
+## Sample
+
+{sample}
+"""
+
+
+def _run_root(path: Path) -> Path:
+    """The run directory of a checkpoint directory (``RUN/iter_*`` -> ``RUN``)."""
+    path = path.resolve()
+    return path.parent if path.name.startswith("iter_") else path
+
+
+def _check_output(out: Path, run: Path, force: bool) -> None:
+    """Refuse to replace a non-empty directory that is not an export of the same run (unless ``force``)."""
+    if out.exists() and not out.is_dir():
+        raise ConversionError(f"--output: {out} exists and is not a directory")
+    if not out.is_dir() or not any(out.iterdir()) or force:
+        return
+    try:
+        previous = json.loads((out / EXPORT_MARKER).read_text()).get("run")
+    except (OSError, ValueError, AttributeError):
+        previous = None
+    if previous != str(run):
+        what = f"an export of {previous}" if previous else "not an export of a megatron-mdm run"
+        raise ConversionError(f"--output: {out} is not empty and is {what}; choose another directory or pass "
+                              f"--force to replace it")
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Replace ``out`` by the complete directory ``tmp``: ``out`` is the old export or the new one, never a mix."""
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        os.rename(out, old)
+    os.rename(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def export_to_hf(load_dir: str | os.PathLike, output_dir: str | os.PathLike, iteration: int | None = None,
+                 shard_size: int | str = "2GB", force: bool = False) -> Path:
+    """Convert one Megatron checkpoint (any TP/PP layout) into a Hugging Face model directory.
+
+    The directory is written beside ``output_dir`` and swapped in when complete, so it never mixes files of
+    two exports (a stale ``model.safetensors`` beside new shards would be the one ``transformers`` loads).
+    A non-empty ``output_dir`` is replaced only when it is an export of the same run, or with ``force``.
+
+    Args:
+        load_dir: run directory (or an ``iter_*`` directory).
+        output_dir: directory to write (replaced whole).
+        iteration: checkpoint iteration (default: the latest complete one).
+        shard_size: largest safetensors shard (``"2GB"``, ``"500MB"`` or bytes).
+        force: replace a non-empty ``output_dir`` that is not an export of this run.
+    Returns:
+        ``output_dir``.
+    """
+    from megatron_mdm.checkpointing import (
+        CheckpointError,
+        load_meta,
+        resolve_checkpoint,
+    )
+
+    try:
+        path = resolve_checkpoint(load_dir, iteration)
+        meta = load_meta(path)
+    except CheckpointError as e:
+        raise ConversionError(str(e)) from None
+    if "config" not in meta:
+        raise ConversionError(f"{path}: the checkpoint's meta has no config")
+    try:
+        cfg = Config.from_dict(meta["config"], source=f"{path} meta")
+    except ConfigError as e:
+        raise ConversionError(f"{path}: not a megatron-mdm checkpoint of this version ({e})") from None
+    out = Path(output_dir)
+    run = _run_root(path)
+    _check_output(out, run, force)
+    family = family_of(cfg)
+    tensors = read_checkpoint_tensors(path)
+    tok = _load_tokenizer(path / "tokenizer")
+    rows = tensors["embedding.word_embeddings.weight"].shape[0] if "embedding.word_embeddings.weight" in tensors else 0
+    vocab_size = cfg.model.vocab_size or (tok.vocab_size if tok is not None else rows)
+    if tok is None:
+        log.warning("%s has no tokenizer/: exporting without tokenizer files", path)
+    hf_sd = megatron_to_hf_state_dict(tensors, cfg, vocab_size, family)
+    mdm = cfg.objective.objective == "mdm"
+    special = _special_ids(tok)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        dtype = hf_sd[family.param_map["embedding.word_embeddings.weight"]].dtype
+        config = family.hf_config(cfg, vocab_size, dtype, mdm, special)
+        config["transformers_version"] = _transformers_version()
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        write_safetensors(hf_sd, tmp, shard_size)
+        gen = {k: v for k, v in (("bos_token_id", special.get("bos")), ("eos_token_id", special.get("eos")),
+                                 ("pad_token_id", special.get("pad"))) if v is not None}
+        if mdm:
+            gen["mask_token_id"] = special.get("mask")
+        gen["transformers_version"] = config["transformers_version"]
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        if tok is not None:
+            tok.save(tmp)
+        if mdm and cfg.model.architecture != "bert":
+            src = Path(__file__).parent.parent / "hf_modeling"
+            for name in ("configuration_mdm.py", "modeling_mdm.py"):
+                shutil.copy2(src / name, tmp / name)
+        (tmp / "README.md").write_text(_model_card(cfg, family, mdm, special, vocab_size, str(path)))
+        marker = {"run": str(run), "iteration": meta.get("iteration"), "family": family.name}
+        (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        _swap_in(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("exported %s (%s, %s, vocab %d) to %s", path, family.name, cfg.objective.objective, vocab_size, out)
+    return out
+
+
+def _transformers_version() -> str:
+    try:
+        import transformers
+
+        return transformers.__version__
+    except ImportError:  # pragma: no cover
+        return "unknown"
+
+
+# ---- import -------------------------------------------------------------------------------------
+
+def _vocab_names(family: Family) -> list[str]:
+    """HF names of the tensors whose first dimension is the vocabulary (embedding first)."""
+    return [family.param_map[t] for t in family.vocab_padded]
+
+
+def _add_token_rows(hf_sd: dict[str, torch.Tensor], vocab_size: int, names: list[str]) -> dict[str, torch.Tensor]:
+    """Grow the embedding (and untied head) to ``vocab_size`` rows, new rows = the mean row."""
+    out = dict(hf_sd)
+    for name in names:
+        w = out.get(name)
+        if w is not None and w.shape[0] < vocab_size:
+            extra = w.float().mean(0, keepdim=True).to(w.dtype).expand(vocab_size - w.shape[0], *w.shape[1:])
+            out[name] = torch.cat([w, extra])
+    return out
+
+
+def import_from_hf(hf_dir: str | os.PathLike, output_dir: str | os.PathLike,
+                   tokenizer_dir: str | os.PathLike | None = None, tp: int = 1, pp: int = 1,
+                   objective: str = "mdm") -> Path:
+    """Convert an HF model of a supported family into a Megatron checkpoint (iteration 0, model only).
+
+    The family comes from ``config.json``'s ``model_type`` (Llama, Mistral, Qwen2, BERT, RoBERTa, XLM-R,
+    and our own MDM exports); the checkpoint's saved config describes the whole architecture, so
+    ``pretrain --load OUT --finetune`` and every tool that loads it need no model flag.
+
+    The tokenizer (``tokenizer_dir``, default ``hf_dir``) keeps its own mask token; it gets one (and
+    pad/eos) when it lacks them, and new ids get embedding/head rows initialised to the mean row. The
+    vocabulary is padded for ``tp``; the checkpoint itself is layout-independent.
+
+    Args:
+        hf_dir: HF model directory (config.json + weights).
+        output_dir: run directory to write (``iter_0000000/`` and the tracker).
+        tokenizer_dir: tokenizer directory when it is not in ``hf_dir``.
+        tp, pp: the tensor/pipeline-parallel sizes the checkpoint is meant for (recorded in its config).
+        objective: ``mdm`` (diffusive adaptation, the default) or ``arm``.
+    Returns:
+        The checkpoint's ``iter_*`` directory.
+    """
+    from megatron_mdm.model import padded_vocab_size
+
+    hf_dir = Path(hf_dir)
+    if not (hf_dir / "config.json").is_file():
+        raise ConversionError(f"--hf: {hf_dir} has no config.json")
+    hf_cfg = json.loads((hf_dir / "config.json").read_text())
+    family = family_for_hf(hf_cfg)
+    cfg = family.config_from_hf(hf_cfg)
+    if cfg.model.architecture == "bert" and objective != "mdm":
+        raise ConversionError(f"--objective {objective}: a {family.name} masked LM is bidirectional and adapts "
+                              "as an MDM only (--objective mdm)")
+    cfg.objective.objective = objective
+    cfg.parallel.tensor_model_parallel_size = tp
+    cfg.parallel.pipeline_model_parallel_size = pp
+    hf_sd = read_hf_state_dict(hf_dir)
+    tok_dir = Path(tokenizer_dir) if tokenizer_dir is not None else hf_dir
+    try:
+        tok = _load_tokenizer(tok_dir)
+    except (OSError, ValueError) as e:
+        raise ConversionError(f"--tokenizer: cannot load a tokenizer from {tok_dir} ({e})") from None
+    if tok is None:
+        raise ConversionError(f"no tokenizer in {tok_dir}; pass --tokenizer DIR")
+    emb = _vocab_names(family)[0]
+    rows = hf_sd[emb].shape[0] if emb in hf_sd else 0
+    cfg.model.vocab_size = max(tok.vocab_size, rows, hf_cfg.get("vocab_size", 0))
+    hf_sd = _add_token_rows(hf_sd, cfg.model.vocab_size, _vocab_names(family))
+    cfg.optim.bf16 = hf_sd[emb].dtype == torch.bfloat16 if rows else False
+    try:
+        cfg.validate()
+    except ConfigError as e:
+        raise ConversionError(f"the converted config is invalid: {e}") from None
+    padded = padded_vocab_size(cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by, tp)
+    tensors = hf_to_megatron_state_dict(hf_sd, cfg, padded, family)
+    return save_megatron(tensors, cfg, padded, Path(output_dir), tok)
