@@ -216,7 +216,7 @@ def save_checkpoint(
         kept = (f"the previous checkpoint (iteration {latest}) stays in force" if latest is not None
                 else "no checkpoint was written")
         return CheckpointError(f"--save: checkpoint iteration {iteration} could not be written to {root} "
-                               f"({ckpt_integrity.save_error_reason(e)}); {kept}")
+                               f"({ckpt_integrity.save_error_reason(e, root)}); {kept}")
 
     try:
         if async_queue is None:
@@ -286,9 +286,12 @@ def load_meta(path: str | os.PathLike) -> dict:
     except CheckpointError:
         raise
     except (Exception, CheckpointException) as e:  # torch.load of a damaged file raises anything
-        problem = "missing" if not (path / "common.pt").exists() else (
-            f"unreadable ({type(e).__name__}: {ckpt_integrity.first_line(e)})")
-        raise CheckpointError(ckpt_integrity.damaged_message(path, "common.pt", problem)) from None
+        found = ckpt_integrity.check_structure(path)  # megatron-core >= 0.17 reads it from the shards
+        if found is None:
+            name = ".metadata" if (path / ".metadata").exists() and not (path / "common.pt").exists() \
+                else "common.pt"
+            found = (name, f"common state unreadable ({type(e).__name__}: {ckpt_integrity.failure_line(e)})")
+        raise CheckpointError(ckpt_integrity.damaged_message(path, *found)) from None
     if "meta" not in common:
         raise CheckpointError(f"{path}: not a megatron-mdm checkpoint (no 'meta' in its common state)")
     return common["meta"]

@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import re
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator, Optional
@@ -284,8 +285,10 @@ def damaged_message(ckpt_dir: Path, name: str, problem: str) -> str:
     return f"{ckpt_dir / name}: {problem}; {what} is damaged: {advice}"
 
 
-def save_error_reason(exc: BaseException) -> str:
-    """One line for a failed save: 'disk full' for ENOSPC anywhere in the chain, else the first error."""
+def save_error_reason(exc: BaseException, root: Optional[Path] = None) -> str:
+    """One line for a failed save: 'disk full' for ENOSPC anywhere in the chain, or when the file system
+    of ``root`` has less than min(256 MB, 1% of its size) free (megatron-core 0.19's shard writer drops
+    the error number); else the first error."""
     seen = []
     stack = [exc]
     while stack:
@@ -303,6 +306,13 @@ def save_error_reason(exc: BaseException) -> str:
         if isinstance(failures, dict):
             stack.extend(v[0] if isinstance(v, tuple) else v for v in failures.values())
         stack.extend([e.__cause__, e.__context__])
+    if root is not None:
+        try:
+            usage = shutil.disk_usage(root)
+        except OSError:
+            usage = None
+        if usage is not None and usage.free < min(256 << 20, usage.total // 100):
+            return f"disk full ({usage.free >> 20} MB free): {failure_line(exc)}"
     failures = getattr(exc, "failures", None)
     if isinstance(failures, dict) and failures:
         first = next(iter(failures.values()))

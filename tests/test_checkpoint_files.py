@@ -189,3 +189,15 @@ def test_save_error_reason_finds_disk_full_in_a_checkpoint_exception():
     assert ckpt_integrity.save_error_reason(pickled) == "disk full (No space left on device)"
     other = CheckpointException("write", {0: _wrap_exception(ValueError("bad\nsecond line"))})
     assert ckpt_integrity.save_error_reason(other) == "ValueError: bad"
+
+
+def test_save_error_reason_reports_a_full_file_system_when_the_errno_is_lost(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    lost = RuntimeError("Worker failure: An error is caught while starting worker 0, error: <class 'OSError'>")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 << 30, (10 << 30) - (5 << 20), 5 << 20))
+    assert ckpt_integrity.save_error_reason(lost, tmp_path).startswith("disk full (5 MB free): Worker failure")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 << 30, 1 << 30, 9 << 30))
+    assert ckpt_integrity.save_error_reason(lost, tmp_path).startswith("RuntimeError: Worker failure")

@@ -55,8 +55,11 @@ def runs(tmp_path_factory):
     good = base / "good"
     dirs = run_distributed(tiny_run_job, 1, str(good), str(base / "tok"), [2, 4])[0]
     assert dirs == ["iter_0000002", "iter_0000004"]
-    out = {"good": good}
+    out = {"good": good, "cases": []}
     for name, (damage, _, _) in CASES.items():
+        if "common" in name and not (good / "iter_0000004" / "common.pt").exists():
+            continue  # megatron-core >= 0.17 keeps the common state in the shards (no common.pt)
+        out["cases"].append(name)
         shutil.copytree(good, base / name)
         damage(base / name / "iter_0000004")
         out[name] = base / name
@@ -72,7 +75,7 @@ def _check(msg: str, name: str, flag: str) -> None:
 
 
 def test_training_load_names_the_damaged_file(runs):
-    names = list(CASES)
+    names = runs["cases"]
     both = run_distributed(load_errors_job, 2, [str(runs["good"])] + [str(runs[n]) for n in names])
     assert both[0] == both[1]  # every rank raises the same error, whichever rank found the damage
     assert both[0][0] == "ok"
@@ -84,7 +87,7 @@ def test_to_hf_exits_2_with_one_line(runs, tmp_path, capsys):
     from megatron_mdm.cli import convert
 
     assert convert.main(["to-hf", "--load", str(runs["good"]), "--output", str(tmp_path / "good")]) == 0
-    for name in CASES:
+    for name in runs["cases"]:
         capsys.readouterr()
         rc = convert.main(["to-hf", "--load", str(runs[name]), "--output", str(tmp_path / name)])
         err = capsys.readouterr().err.strip()

@@ -28,6 +28,8 @@ def test_rerun_of_finished_job_keeps_its_checkpoint(tmp_path):
 
 
 def test_failed_saves_leave_the_previous_checkpoint(tmp_path):
+    from megatron_mdm import compat
+
     run = str(tmp_path / "run")
     out = run_distributed(failed_saves_job, 1, run)[0]
     good = {"dirs": ["iter_0000003"], "marker": "3"}
@@ -39,7 +41,10 @@ def test_failed_saves_leave_the_previous_checkpoint(tmp_path):
     for name in ("disk_full_sync", "disk_full_async"):
         msg = out[name]
         assert "\n" not in msg and "checkpoint iteration 4 could not be written" in msg, msg
-        assert "disk full (No space left on device)" in msg, msg
+        if compat.minor_release(compat.mcore_version()) < (0, 17):
+            assert "disk full (No space left on device)" in msg, msg
+        else:  # megatron-core 0.19's shard writer keeps only the exception class (its log has the errno)
+            assert "disk full" in msg or "OSError" in msg, msg
         assert msg.endswith("the previous checkpoint (iteration 3) stays in force"), msg
         assert out[name + "_after"] == good and out[name + "_same"]  # no partial directory left
     # then a normal save works and removes the leftover of a killed save (not the marker's checkpoint)
