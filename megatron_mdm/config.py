@@ -246,6 +246,11 @@ class CheckpointConfig:
     """Save checkpoints asynchronously (GPU)."""
     ckpt_iteration: Optional[int] = None
     """Load this iteration instead of the latest."""
+    verify_checkpoint: bool = True
+    """Check the checksums of every file of a checkpoint before loading it (--no-verify-checkpoint skips
+    the hashing, for speed on trusted storage; file sizes are still checked)."""
+    allow_tokenizer_change: bool = False
+    """With --finetune, allow a tokenizer other than the checkpoint's (its token ids change meaning)."""
 
 
 @dataclass

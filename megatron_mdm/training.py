@@ -316,8 +316,13 @@ class Trainer:
         ck = self.cfg.checkpoint
         if ck.load is None:
             return
+        if ck.allow_tokenizer_change and not ck.finetune:
+            raise ConfigError("--allow-tokenizer-change: only applies with --finetune (a resume keeps "
+                              "the checkpoint's tokenizer)")
         meta = checkpointing.load_checkpoint(ck.load, self.model, self.optimizer, self.scheduler,
-                                             iteration=ck.ckpt_iteration, finetune=ck.finetune)
+                                             iteration=ck.ckpt_iteration, finetune=ck.finetune,
+                                             verify=ck.verify_checkpoint, tokenizer=self._tokenizer_id(),
+                                             allow_tokenizer_change=ck.allow_tokenizer_change)
         if ck.finetune:
             log.info("finetuning from %s: weights loaded, iteration reset to 0", meta["path"])
             return
@@ -336,6 +341,23 @@ class Trainer:
             data_state = {}
         self.train_loader.load_state_dict(dict(data_state, consumed_samples=self.state.consumed_samples))
 
+    def _tokenizer_id(self) -> Optional[tuple[str, str]]:
+        """(hash, directory) of this run's tokenizer, recorded in and checked against checkpoints."""
+        if self.tokenizer_dir is None or not Path(self.tokenizer_dir).exists():
+            return None
+        if getattr(self, "_tokenizer_hash", None) is None:
+            from megatron_mdm.tokenization import MDMTokenizer
+
+            self._tokenizer_hash = MDMTokenizer.load(self.tokenizer_dir).hash
+        return self._tokenizer_hash, str(self.tokenizer_dir)
+
+    def _saved_already(self, start_iter: int) -> bool:
+        """Nothing trained since the load and --save already holds this iteration (a finished job
+        resubmitted with --load): saving again would only rewrite the marker's checkpoint."""
+        ck = self.cfg.checkpoint
+        return (self.state.iteration == start_iter
+                and checkpointing.read_latest_iteration(ck.save) == self.state.iteration)
+
     def save(self) -> None:
         ck = self.cfg.checkpoint
         if ck.save is None:
@@ -347,6 +369,9 @@ class Trainer:
             "objective": self.cfg.objective.objective,
             "vocab_size": self.vocab_size,
         }
+        tok = self._tokenizer_id()
+        if tok is not None:
+            meta["tokenizer"] = {"hash": tok[0], "path": tok[1]}
         if self.async_queue is not None:
             self.async_queue.maybe_finalize_async_calls(blocking=True)
         checkpointing.save_checkpoint(
@@ -440,8 +465,11 @@ class Trainer:
                 if ck.save_interval and it % ck.save_interval == 0 and it < self.train_iters:
                     self.save()
             else:
-                if ck.save is not None:
+                if ck.save is not None and not self._saved_already(start_iter):
                     self.save()
+                elif ck.save is not None and self.rank == 0:
+                    log.info("iteration %d is already saved in %s: nothing to save",
+                             self.state.iteration, ck.save)
         finally:
             stop.restore()
             if self.async_queue is not None:

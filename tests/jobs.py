@@ -108,11 +108,12 @@ class DP2AsOneLoader:
                     yield next(it)
 
     def state_dict(self):
-        return {"ranks": [r.state_dict() for r in self.ranks]}
+        return {"kind": "synthetic"}
 
     def load_state_dict(self, state):
-        for r, s in zip(self.ranks, state["ranks"]):
-            r.load_state_dict(s)
+        """The trainer's contract: ``consumed_samples`` (global) fixes both ranks' positions."""
+        for r in self.ranks:
+            r.load_state_dict(state)
 
 
 def model_checks_job(rank: int, world: int, tp: int) -> dict:
@@ -204,7 +205,7 @@ def crash_during_save_job(rank: int, world: int, overrides: dict) -> str:
     trainer.save = save_then_die
     try:
         trainer.train()
-    except OSError as e:
+    except checkpointing.CheckpointError as e:
         return str(e)
     return "no error"
 

@@ -52,7 +52,7 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path):
     assert (Path(run) / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
     again = run_distributed(train_job, 1, {"train_iters": 6, "load": run, "save": run})[0]
     assert again["iteration"] == 6
-    # a later complete save at the crashed iteration replaces the partial directory
+    # the failed save left no partial directory; a later save of that iteration completes it
     assert (Path(run) / "latest_checkpointed_iteration.txt").read_text().strip() == "6"
     assert first["iteration"] == 3
 

@@ -1,12 +1,14 @@
 """``mdm-convert``: Megatron checkpoints <-> Hugging Face directories.
 
     mdm-convert to-hf   --load CKPT_DIR [--iteration N] --output HF_DIR [--shard-size 2GB] [--force]
+                        [--no-verify-checkpoint]
     mdm-convert from-hf --hf HF_DIR --output CKPT_DIR [--tensor-model-parallel-size T]
                         [--pipeline-model-parallel-size P] [--tokenizer DIR] [--objective mdm|arm]
 
 from-hf reads Llama (3.x with llama3 RoPE scaling), Mistral, Qwen2/Qwen2.5, BERT, RoBERTa and XLM-R
-(``model_type`` in config.json); to-hf writes the family back. Errors are one line on stderr and exit
-status 2 (no traceback).
+(``model_type`` in config.json); to-hf writes the family back, after checking every file of the
+checkpoint against its ``checksums.json`` (sizes only with ``--no-verify-checkpoint``). Errors are one
+line on stderr and exit status 2 (no traceback).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     to.add_argument("--shard-size", default="2GB", help="largest safetensors shard (default 2GB)")
     to.add_argument("--force", action="store_true",
                     help="replace a non-empty --output that is not an export of the same run")
+    to.add_argument("--no-verify-checkpoint", dest="verify_checkpoint", action="store_false",
+                    help="skip the checksums of the checkpoint's files (sizes are still checked)")
     fr = sub.add_parser("from-hf", help="Hugging Face directory (Llama, Mistral, Qwen2, BERT, RoBERTa, XLM-R) "
                                         "-> Megatron checkpoint")
     fr.add_argument("--hf", required=True, help="Hugging Face model directory")
@@ -41,14 +45,18 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from torch.distributed.checkpoint.api import CheckpointException
+
     from megatron_mdm.checkpointing import CheckpointError
+    from megatron_mdm.ckpt_integrity import failure_line, verification
     from megatron_mdm.config import ConfigError
     from megatron_mdm.hf import ConversionError, export_to_hf, import_from_hf
 
     try:
         if args.command == "to-hf":
-            out = export_to_hf(args.load, args.output, iteration=args.iteration, shard_size=args.shard_size,
-                               force=args.force)
+            with verification(args.verify_checkpoint, iteration_flag="--iteration"):
+                out = export_to_hf(args.load, args.output, iteration=args.iteration,
+                                   shard_size=args.shard_size, force=args.force)
             print(f"wrote {out}")
         else:
             out = import_from_hf(args.hf, args.output, tokenizer_dir=args.tokenizer,
@@ -57,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {out}")
     except (ConversionError, CheckpointError, ConfigError, FileNotFoundError) as e:
         print(f"mdm-convert: error: {e}", file=sys.stderr)
+        return 2
+    except CheckpointException as e:  # a BaseException: torch could not read the checkpoint
+        print(f"mdm-convert: error: {args.load}: the checkpoint could not be read ({failure_line(e)})",
+              file=sys.stderr)
         return 2
     return 0
 

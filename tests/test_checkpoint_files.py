@@ -1,0 +1,203 @@
+"""The run directory (``ckpt_files``) and the checksum checks (``ckpt_integrity``), in one process.
+
+Checkpoint directories here are made by hand (a ``metadata.json`` marks one complete) or by
+``torch.distributed.checkpoint.save`` without a process group, so these tests need no gloo world.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_mdm import ckpt_files, ckpt_integrity
+from megatron_mdm.ckpt_files import CheckpointError
+
+
+def fake_ckpt(path: Path, payload: bytes = b"x") -> Path:
+    path.mkdir(parents=True)
+    (path / "__0_0.distcp").write_bytes(payload)
+    (path / "metadata.json").write_text("{}")
+    return path
+
+
+def real_ckpt(path: Path, seed: int = 0) -> Path:
+    """A torch_dist directory (two shard files, ``.metadata``), a ``common.pt`` and a manifest."""
+    import torch.distributed.checkpoint as dcp
+
+    g = torch.Generator().manual_seed(seed)
+    sd = {"a": torch.randn(64, 32, generator=g), "b": torch.randn(1000, generator=g)}
+    writer = dcp.FileSystemWriter(str(path), thread_count=2)
+    dcp.save(sd, storage_writer=writer, no_dist=True)
+    torch.save({"meta": {"iteration": 1}}, path / "common.pt")
+    (path / "metadata.json").write_text('{"sharded_backend": "torch_dist"}')
+    ckpt_integrity.write_manifest(path, ckpt_integrity.hash_files(path, ckpt_integrity.all_files(path)))
+    return path
+
+
+# ---- ckpt_files -------------------------------------------------------------------------------------
+
+
+def test_commit_moves_into_place_then_marker_then_prunes(tmp_path):
+    for it in (2, 4):
+        tmp = fake_ckpt(ckpt_files.temp_dir(tmp_path, it, "aa"))
+        ckpt_files.commit(tmp_path, tmp, it, keep_last=1)
+        assert ckpt_files.read_latest_iteration(tmp_path) == it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000004", ckpt_files.TRACKER]
+
+
+def test_resave_of_marker_iteration_replaces_it_whole(tmp_path):
+    fake_ckpt(ckpt_files.iteration_dir(tmp_path, 4), b"old")
+    ckpt_files.write_tracker(tmp_path, 4)
+    tmp = fake_ckpt(ckpt_files.temp_dir(tmp_path, 4, "bb"), b"new")
+    ckpt_files.commit(tmp_path, tmp, 4)
+    assert (ckpt_files.iteration_dir(tmp_path, 4) / "__0_0.distcp").read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.glob("iter_*")) == ["iter_0000004"]
+
+
+def test_swap_cut_short_loads_the_set_aside_copy_and_cleanup_keeps_it(tmp_path):
+    """Killed between the two renames of a re-save: the marker's iteration is only in ``.old-``."""
+    fake_ckpt(tmp_path / "iter_0000004.old-cc", b"old")
+    fake_ckpt(tmp_path / "iter_0000004.tmp-dd", b"new")
+    fake_ckpt(tmp_path / "iter_0000002")
+    ckpt_files.write_tracker(tmp_path, 4)
+    assert ckpt_files.resolve_checkpoint(tmp_path).name == "iter_0000004.old-cc"
+    assert ckpt_files.clean_leftovers(tmp_path) == ["iter_0000004.tmp-dd"]
+    assert (tmp_path / "iter_0000004.old-cc").is_dir()
+    # the next save moves the marker on; then the copy is no longer needed
+    ckpt_files.commit(tmp_path, fake_ckpt(ckpt_files.temp_dir(tmp_path, 6, "ee")), 6)
+    assert ckpt_files.clean_leftovers(tmp_path) == ["iter_0000004.old-cc"]
+
+
+def test_prune_never_removes_the_marker_checkpoint(tmp_path):
+    for it in (1, 2, 3, 5):  # 5: renamed into place, killed before the marker moved
+        fake_ckpt(ckpt_files.iteration_dir(tmp_path, it))
+    (tmp_path / "iter_0000004").mkdir()  # an incomplete directory of an older version
+    ckpt_files.write_tracker(tmp_path, 2)
+    assert ckpt_files.prune(tmp_path, keep_last=1) == [1]
+    assert ckpt_files.complete_iterations(tmp_path) == [2, 3, 5]
+
+
+def test_resolve_errors_name_the_complete_iterations(tmp_path):
+    fake_ckpt(ckpt_files.iteration_dir(tmp_path, 2))
+    (tmp_path / "iter_0000004").mkdir()
+    ckpt_files.write_tracker(tmp_path, 4)
+    with pytest.raises(CheckpointError, match=r"iteration 4 .*complete iterations: \[2\]; pass --ckpt-iteration 2"):
+        ckpt_files.resolve_checkpoint(tmp_path)
+    (tmp_path / ckpt_files.TRACKER).write_text("four\n")
+    with pytest.raises(CheckpointError, match="expected an iteration number"):
+        ckpt_files.resolve_checkpoint(tmp_path)
+
+
+# ---- ckpt_integrity ---------------------------------------------------------------------------------
+
+
+def test_manifest_matches_an_independent_sha256(tmp_path):
+    import hashlib
+
+    ck = real_ckpt(tmp_path / "iter_0000001")
+    files = json.loads((ck / "checksums.json").read_text())["files"]
+    on_disk = sorted(p.relative_to(ck).as_posix() for p in ck.rglob("*") if p.is_file() and p.name != "checksums.json")
+    assert sorted(files) == on_disk and len(on_disk) >= 5  # 2 shards, .metadata, common.pt, metadata.json
+    for name, entry in files.items():
+        data = (ck / name).read_bytes()
+        assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    ckpt_integrity.verify_files(ck)
+
+
+def _damage(path: Path, how: str) -> None:
+    if how == "flip":
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+    elif how == "truncate":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:
+        path.unlink()
+
+
+@pytest.mark.parametrize("manifest", [True, False])
+@pytest.mark.parametrize("name,how,expect", [
+    ("__0_0.distcp", "flip", "sha256 checksum mismatch"),
+    ("__0_1.distcp", "truncate", "truncated"),
+    ("__0_0.distcp", "delete", "missing"),
+    (".metadata", "truncate", ""),
+    (".metadata", "delete", "missing"),
+])
+def test_damaged_file_is_named_with_the_previous_complete_iteration(tmp_path, manifest, name, how, expect):
+    real_ckpt(tmp_path / "iter_0000002", seed=1)
+    ck = real_ckpt(tmp_path / "iter_0000004", seed=2)
+    if not manifest:
+        (ck / "checksums.json").unlink()
+    _damage(ck / name, how)
+    if how == "flip" and not manifest:  # sizes are right: only a checksum can see this
+        ckpt_integrity.verify_files(ck)
+        return
+    with pytest.raises(CheckpointError) as e:
+        ckpt_integrity.verify_files(ck)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert msg.startswith(f"{ck / name}: ") and expect in msg, msg
+    assert msg.endswith("load the previous complete checkpoint with --ckpt-iteration 2"), msg
+
+
+def test_no_verify_skips_hashes_not_sizes_and_names_the_callers_flag(tmp_path):
+    ck = real_ckpt(tmp_path / "iter_0000003")
+    _damage(ck / "__0_0.distcp", "flip")
+    with ckpt_integrity.verification(False):
+        ckpt_integrity.verify_files(ck)
+    _damage(ck / "__0_1.distcp", "truncate")
+    with ckpt_integrity.verification(False, iteration_flag="--iteration"), pytest.raises(CheckpointError) as e:
+        ckpt_integrity.verify_files(ck)
+    assert "__0_1.distcp" in str(e.value) and f"no earlier complete checkpoint in {tmp_path}" in str(e.value)
+
+
+def test_checkpoint_without_manifest_loads_with_a_warning(tmp_path, caplog):
+    ck = real_ckpt(tmp_path / "iter_0000001")
+    (ck / "checksums.json").unlink()
+    with caplog.at_level(logging.WARNING):
+        ckpt_integrity.verify_files(ck)
+    assert "has no checksums.json" in caplog.text
+
+
+def test_previous_complete_skips_damaged_and_incomplete_iterations(tmp_path):
+    real_ckpt(tmp_path / "iter_0000001", seed=1)
+    bad = real_ckpt(tmp_path / "iter_0000002", seed=2)
+    _damage(bad / "__0_0.distcp", "truncate")
+    (tmp_path / "iter_0000003").mkdir()
+    ck = real_ckpt(tmp_path / "iter_0000004", seed=4)
+    assert ckpt_integrity.previous_complete(ck) == 1
+
+
+def test_save_error_reason_finds_disk_full_in_a_checkpoint_exception():
+    from torch.distributed.checkpoint.api import CheckpointException, _wrap_exception
+
+    try:
+        try:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError as inner:
+            raise RuntimeError("Worker failure: [Errno 28]") from inner
+    except RuntimeError as e:
+        exc = CheckpointException("write", {1: _wrap_exception(e)})
+    assert ckpt_integrity.save_error_reason(exc) == "disk full (No space left on device)"
+    pickled = CheckpointException("write", {0: _wrap_exception(RuntimeError("Worker failure: [Errno 28] No sp"))})
+    assert ckpt_integrity.save_error_reason(pickled) == "disk full (No space left on device)"
+    other = CheckpointException("write", {0: _wrap_exception(ValueError("bad\nsecond line"))})
+    assert ckpt_integrity.save_error_reason(other) == "ValueError: bad"
+
+
+def test_save_error_reason_reports_a_full_file_system_when_the_errno_is_lost(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    lost = RuntimeError("Worker failure: An error is caught while starting worker 0, error: <class 'OSError'>")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 << 30, (10 << 30) - (5 << 20), 5 << 20))
+    assert ckpt_integrity.save_error_reason(lost, tmp_path).startswith("disk full (5 MB free): Worker failure")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 << 30, 1 << 30, 9 << 30))
+    assert ckpt_integrity.save_error_reason(lost, tmp_path).startswith("RuntimeError: Worker failure")
