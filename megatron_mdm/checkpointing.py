@@ -124,8 +124,10 @@ def build_state_dict(model_chunks, optimizer=None, scheduler=None, rng=None,
         sd[_model_key(i, n)] = _unwrap(chunk).sharded_state_dict()
     if optimizer is not None:
         ckpt_optimizer.init_optimizer_state(optimizer)
+        # nested {model0: ..., model1: ...} under VPP, as Megatron-LM passes it: every chunk numbers its
+        # layers from 0, so a flat merge of the chunks' dicts would drop the first chunks' parameters
         model_sd = {k: v for k, v in sd.items() if k.startswith("model")}
-        model_sd = model_sd[_model_key(0, 1)] if n == 1 else _merge(model_sd)
+        model_sd = model_sd[_model_key(0, 1)] if n == 1 else model_sd
         sd["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
                                                        metadata=_sharding_metadata())
     if scheduler is not None:
@@ -135,13 +137,6 @@ def build_state_dict(model_chunks, optimizer=None, scheduler=None, rng=None,
     if meta is not None:
         sd["meta"] = meta
     return sd
-
-
-def _merge(model_sds: dict) -> dict:
-    merged: dict = {}
-    for v in model_sds.values():
-        merged.update(v)
-    return merged
 
 
 def save_checkpoint(
