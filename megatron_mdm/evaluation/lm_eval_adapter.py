@@ -33,6 +33,7 @@ cache needs ``allow_download=True``. Works offline: tasks may use local data (``
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 import torch
@@ -46,6 +47,8 @@ from megatron_mdm.evaluation.batched_loglik import Scorer, chain_rows, mc_rows, 
 from megatron_mdm.evaluation.loading import EvalInputError
 from megatron_mdm.evaluation.multiple_choice import conditional_loglik, encode_pair
 from megatron_mdm.guidance import LogitsFn
+
+eval_logger = logging.getLogger(__name__)
 
 
 def _as_bool(v: bool | str) -> bool:
@@ -85,6 +88,7 @@ class MDMLM(LM):
         refresh_interval: int | None = None,
         trust_remote_code: bool | str = False,
         allow_download: bool | str = False,
+        progress: bool | str = True,
         **_: Any,
     ) -> None:
         super().__init__()
@@ -103,12 +107,16 @@ class MDMLM(LM):
         self.threshold = _optional(threshold, float)
         self.factor = _optional(factor, float)
         self.refresh_interval = _optional(refresh_interval, int)
-        try:  # inconsistent sampler settings: before the model loads
-            check_settings(self.gen_length, self.steps, self.block_length, self.temperature, remasking, cache,
+        try:  # inconsistent sampler settings: before the model loads (steps as decode_plan rounds them)
+            if self.steps <= 0:
+                raise ValueError(f"steps must be positive, got {self.steps}")
+            steps = self.decode_plan(self.gen_length)[1] if not self.gen_length % (self.block_length or 1) else 1
+            check_settings(self.gen_length, steps, self.block_length, self.temperature, remasking, cache,
                            self.threshold, self.factor, self.refresh_interval)
         except ValueError as e:
             raise EvalInputError(f"--model_args: {e}") from None
         self._device = device
+        self.progress = _as_bool(progress)
         if pretrained is not None:
             from megatron_mdm.evaluation.loading import load_logits_fn
 
@@ -138,7 +146,8 @@ class MDMLM(LM):
     def loglikelihood(self, requests: list, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         pairs = [self._pair(req.args[0], req.args[1]) for req in requests]
         out: list[tuple[float, bool] | None] = [None] * len(requests)
-        pbar = tqdm(total=len(requests), disable=disable_tqdm, desc="Running loglikelihood requests")
+        pbar = tqdm(total=len(requests), disable=disable_tqdm or not self.progress,
+                    desc="Running loglikelihood requests")
 
         def done(i: int, ll: torch.Tensor, greedy: torch.Tensor) -> None:
             value = float(ll.mean()) if self.method == "mc" else float(ll.sum())
@@ -183,7 +192,8 @@ class MDMLM(LM):
         left = [0] * len(requests)
         for i, _, _ in windows:
             left[i] += 1
-        pbar = tqdm(total=len(requests), disable=disable_tqdm, desc="Running loglikelihood_rolling requests")
+        pbar = tqdm(total=len(requests), disable=disable_tqdm or not self.progress,
+                    desc="Running loglikelihood_rolling requests")
 
         def done(k: int, ll: torch.Tensor, _: torch.Tensor) -> None:
             i = windows[k][0]
@@ -208,9 +218,13 @@ class MDMLM(LM):
     # ---- generation ----------------------------------------------------------------------------------
 
     def decode_plan(self, gen_length: int) -> tuple[int | None, int]:
-        """(block_length, steps) for ``gen_length`` positions: ``block_length`` when it divides them,
-        ``steps`` capped at ``gen_length`` and rounded down to a multiple of the blocks."""
+        """(block_length, steps) for ``gen_length`` positions: ``block_length`` when it divides them (else
+        one block, with a warning), ``steps`` capped at ``gen_length`` and rounded down to a multiple of the
+        number of blocks."""
         block = self.block_length if self.block_length and gen_length % self.block_length == 0 else None
+        if self.block_length and block is None:
+            eval_logger.warning(f"block_length {self.block_length} does not divide max_gen_toks {gen_length}: "
+                                "decoding it as one block")
         num_blocks = gen_length // block if block else 1
         return block, max(num_blocks, (min(self.steps, gen_length) // num_blocks) * num_blocks)
 
@@ -231,7 +245,8 @@ class MDMLM(LM):
         for i, kw in enumerate(kwargs):
             groups.setdefault(json.dumps(kw, sort_keys=True, default=str), []).append(i)
         out: list[str | None] = [None] * len(requests)
-        pbar = tqdm(total=len(requests), disable=disable_tqdm, desc="Running generate_until requests")
+        pbar = tqdm(total=len(requests), disable=disable_tqdm or not self.progress,
+                    desc="Running generate_until requests")
         eos_id = getattr(self.tokenizer, "eos_id", None)
         for idx in groups.values():
             until, gen_length, temperature = self._gen_settings(kwargs[idx[0]])
@@ -240,13 +255,16 @@ class MDMLM(LM):
             idx = sorted(idx, key=lambda i: -len(prompts[i]))  # longest first, as lm-eval's hf model
             for start in range(0, len(idx), self.batch_size_):
                 chunk = idx[start : start + self.batch_size_]
-                res = generate(
-                    self.logits_fn, [prompts[i][-keep:] if keep else [] for i in chunk], gen_length, steps,
-                    self.mask_id, block_length=block, temperature=temperature, remasking=self.remasking,
-                    cfg_scale=self.cfg_scale, eos_id=eos_id, generator=g, vocab_size=self.vocab_size,
-                    cache=self.cache, threshold=self.threshold, factor=self.factor,
-                    refresh_interval=self.refresh_interval,
-                )
+                try:
+                    res = generate(
+                        self.logits_fn, [prompts[i][-keep:] if keep else [] for i in chunk], gen_length, steps,
+                        self.mask_id, block_length=block, temperature=temperature, remasking=self.remasking,
+                        cfg_scale=self.cfg_scale, eos_id=eos_id, generator=g, vocab_size=self.vocab_size,
+                        cache=self.cache, threshold=self.threshold, factor=self.factor,
+                        refresh_interval=self.refresh_interval,
+                    )
+                except ValueError as e:  # e.g. cache= on a model without KV cache support
+                    raise EvalInputError(f"--model_args: {e}") from None
                 for i, ids in zip(chunk, res.completions()):
                     text = self.tokenizer.decode(ids)
                     for stop in until:
@@ -261,7 +279,11 @@ class MDMLM(LM):
     # ---- chat templates (as lm-eval's hf model) ------------------------------------------------------
 
     def _hf_tokenizer(self) -> Any:
-        return getattr(self.tokenizer, "tok", self.tokenizer)
+        """The ``transformers`` tokenizer inside ours (``MDMTokenizer.hf``, ``HFTokenizer.tok``)."""
+        for name in ("hf", "tok"):
+            if hasattr(self.tokenizer, name):
+                return getattr(self.tokenizer, name)
+        return self.tokenizer
 
     @property
     def tokenizer_name(self) -> str:
