@@ -51,10 +51,10 @@ def _requests(n: int, seed: int) -> list[Instance]:
     return out
 
 
-@pytest.mark.parametrize("method", ["mc", "chain"])
-def test_batched_loglikelihood_equals_one_at_a_time(hf_dir, method):
+@pytest.mark.parametrize("method,order", [("mc", "left_to_right"), ("chain", "left_to_right"), ("chain", "greedy")])
+def test_batched_loglikelihood_equals_one_at_a_time(hf_dir, method, order):
     seed = int(torch.randint(0, 10_000, ()))
-    args = f"pretrained={hf_dir},method={method},num_samples=6,seed={seed},cfg_scale=0.5"
+    args = f"pretrained={hf_dir},method={method},order={order},num_samples=6,seed={seed},cfg_scale=0.5"
     batched = MDMLM.create_from_arg_string(args + ",batch_size=7")  # forwards shared by several requests
     single = MDMLM.create_from_arg_string(args + ",batch_size=1")
     reqs = _requests(14, seed)
@@ -72,7 +72,7 @@ def test_batched_loglikelihood_equals_one_at_a_time(hf_dir, method):
             ref = mc_conditional_loglik(fn, ctx, cont, batched.mask_id, 6, generator=batched.request_generator(
                 ctx, len(cont)), vocab_size=batched.vocab_size, cfg_scale=0.5)
         else:
-            ref = chain_rule_loglik(fn, ctx, cont, batched.mask_id, order="left_to_right", cfg_scale=0.5,
+            ref = chain_rule_loglik(fn, ctx, cont, batched.mask_id, order=order, cfg_scale=0.5,
                                     vocab_size=batched.vocab_size)
         assert ll == pytest.approx(ref.loglik, rel=1e-6) and ll1 == pytest.approx(ref.loglik, rel=1e-6)
         assert greedy == greedy1 == ref.is_greedy

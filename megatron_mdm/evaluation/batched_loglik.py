@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -192,7 +192,3 @@ def run_batched(
     while queued:
         run(batch_size)
 
-
-def sorted_by_length(lengths: Sequence[int]) -> Iterator[int]:
-    """Indices longest first (ties in input order), as lm-eval's ``hf`` model orders its requests."""
-    return iter(sorted(range(len(lengths)), key=lambda i: -lengths[i]))
