@@ -224,6 +224,11 @@ def test_cli_fewshot_flags(hf_dir, tmp_path, capsys):
     assert ev.main(["lm-eval", "--model", str(hf_dir), "--tasks", "tiny_mc", "--include-path", str(tasks),
                     "--fewshot_as_multiturn"]) == 2
     assert ev.main(["lm-eval", "--model", str(hf_dir), "--tasks", "tiny_mc", "--model_args", "steps"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-2:] == ["mdm-eval: error: --fewshot-as-multiturn needs --apply-chat-template",
-                        "mdm-eval: error: --model-args: 'steps' is not key=value"]
+    plain = make_hf_dir(tmp_path / "plain", seed=0)  # no chat template
+    assert ev.main(["lm-eval", "--model", str(plain), "--tasks", "tiny_mc", "--include-path", str(tasks),
+                    "--apply-chat-template"]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("mdm-eval:")]
+    assert err == ["mdm-eval: error: --fewshot-as-multiturn needs --apply-chat-template",
+                        "mdm-eval: error: --model-args: 'steps' is not key=value",
+                        f"mdm-eval: error: --apply-chat-template: the tokenizer of {plain} has no chat template "
+                        "(chat_template in tokenizer_config.json or chat_template.jinja)"]

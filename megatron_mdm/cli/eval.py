@@ -99,6 +99,9 @@ def _lm_eval(args: argparse.Namespace) -> None:
     if multiturn and not args.apply_chat_template:
         raise EvalInputError("--fewshot-as-multiturn needs --apply-chat-template")
     lm = lm_eval_adapter.MDMLM(**kwargs)
+    if args.apply_chat_template and not lm.chat_template(args.apply_chat_template):
+        raise EvalInputError(f"--apply-chat-template: the tokenizer of {args.model} has no chat template "
+                             "(chat_template in tokenizer_config.json or chat_template.jinja)")
     results = lm_eval.simple_evaluate(
         model=lm, tasks=args.tasks.split(","), task_manager=TaskManager(include_path=args.include_path),
         limit=args.limit, random_seed=args.seed, numpy_random_seed=args.seed, torch_random_seed=args.seed,
