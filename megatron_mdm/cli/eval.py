@@ -58,6 +58,18 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--method", choices=("mc", "chain"), default="mc")
     h.add_argument("--order", choices=("left_to_right", "greedy"), default="left_to_right")
     h.add_argument("--limit", type=float, default=None)
+    h.add_argument("--num-fewshot", "--num_fewshot", dest="num_fewshot", type=int, default=None,
+                   help="examples in each prompt (default: the task's own, else 0)")
+    h.add_argument("--apply-chat-template", "--apply_chat_template", dest="apply_chat_template", nargs="?",
+                   const=True, default=False, metavar="NAME",
+                   help="format prompts with the tokenizer's chat template (NAME picks one of several)")
+    h.add_argument("--fewshot-as-multiturn", "--fewshot_as_multiturn", dest="fewshot_as_multiturn", nargs="?",
+                   const=True, default=None, type=lambda x: x.lower() in ("true", "1", "yes"),
+                   help="few-shot examples as alternating user/assistant turns (default: on with a chat template)")
+    h.add_argument("--model-args", "--model_args", dest="model_args", default="",
+                   help="adapter settings key=value,...: sampler (steps, gen_length, block_length, cfg_scale, "
+                        "temperature, remasking, cache, threshold, factor, refresh_interval), likelihood "
+                        "(num_samples, method, order, eps, max_length); these override the flags above")
     return p
 
 
@@ -75,16 +87,26 @@ def _lm_eval(args: argparse.Namespace) -> None:
     from lm_eval.tasks import TaskManager
 
     from megatron_mdm.evaluation import lm_eval_adapter
+    from megatron_mdm.evaluation.loading import EvalInputError
 
-    lm = lm_eval_adapter.MDMLM(
+    kwargs = dict(
         pretrained=args.model, method=args.method, num_samples=args.num_samples, batch_size=args.batch_size,
         order=args.order, cfg_scale=args.cfg_scale, seed=args.seed, device=args.device,
-        trust_remote_code=args.trust_remote_code, allow_download=args.allow_download,
+        trust_remote_code=args.trust_remote_code, allow_download=args.allow_download, progress=not args.no_progress,
     )
+    kwargs.update(model_args(args.model_args, lm_eval_adapter.MDMLM))
+    multiturn = bool(args.apply_chat_template) if args.fewshot_as_multiturn is None else args.fewshot_as_multiturn
+    if multiturn and not args.apply_chat_template:
+        raise EvalInputError("--fewshot-as-multiturn needs --apply-chat-template")
+    lm = lm_eval_adapter.MDMLM(**kwargs)
+    if args.apply_chat_template and not lm.chat_template(args.apply_chat_template):
+        raise EvalInputError(f"--apply-chat-template: the tokenizer of {args.model} has no chat template "
+                             "(chat_template in tokenizer_config.json or chat_template.jinja)")
     results = lm_eval.simple_evaluate(
         model=lm, tasks=args.tasks.split(","), task_manager=TaskManager(include_path=args.include_path),
         limit=args.limit, random_seed=args.seed, numpy_random_seed=args.seed, torch_random_seed=args.seed,
-        log_samples=False, bootstrap_iters=0,
+        fewshot_random_seed=args.seed, num_fewshot=args.num_fewshot, apply_chat_template=args.apply_chat_template,
+        fewshot_as_multiturn=multiturn, log_samples=False, bootstrap_iters=0,
     )
     rows = []
     for task, metrics in results["results"].items():
@@ -93,8 +115,28 @@ def _lm_eval(args: argparse.Namespace) -> None:
                 name, _, filt = key.partition(",")
                 err = metrics.get(f"{name}_stderr,{filt}")
                 rows.append({"task": task, "metric": name, "value": value, "stderr": err if err is not None else ""})
-    _report({"results": results["results"], "config": vars(args)}, rows, ["task", "metric", "value", "stderr"],
-            args.output)
+    report = {"results": results["results"], "n-shot": results.get("n-shot", {}), "config": vars(args)}
+    _report(report, rows, ["task", "metric", "value", "stderr"], args.output)
+
+
+def model_args(text: str, cls: type) -> dict[str, str]:
+    """``key=value,...`` as lm-eval parses it; a key that ``cls`` does not take is an error naming it."""
+    import inspect
+
+    from lm_eval.utils import simple_parse_args_string
+
+    from megatron_mdm.evaluation.loading import EvalInputError
+
+    bad = [a for a in text.split(",") if a.strip() and "=" not in a]
+    if bad:
+        raise EvalInputError(f"--model-args: {bad[0]!r} is not key=value")
+    parsed = simple_parse_args_string(text)
+    known = [n for n, p in inspect.signature(cls.__init__).parameters.items()
+             if n != "self" and p.kind is not p.VAR_KEYWORD]
+    unknown = sorted(set(parsed) - set(known))
+    if unknown:
+        raise EvalInputError(f"--model-args: unknown setting(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    return parsed
 
 
 def main(argv: list[str] | None = None) -> int:
