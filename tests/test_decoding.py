@@ -257,7 +257,9 @@ def test_window_logits_of_the_loop_equal_its_full_forward(shift):
             for lo in (0, 8, 12, 16):  # lo = 0: a shifted window cannot start earlier
                 full = fwd.logits(x, lo, lo + 4, refresh=True)  # [b, 4, V]
                 window = fwd.logits(x, lo, lo + 4, refresh=False)
-                assert torch.allclose(window, full, atol=1e-5), (cache, cfg_scale, lo)
+                # float32 logits of magnitude ~20, amplified (1 + w) times by CFG: 1e-5 relative
+                where = f"{cache} cfg {cfg_scale} lo {lo}"
+                torch.testing.assert_close(window, full, atol=1e-4, rtol=1e-5, msg=lambda m, w=where: f"{w}: {m}")
     if shift:  # entry i comes from the network's output at position i - 1
         s = _Settings(12, 4, 4, 0.0, None, None, "low_confidence", 0.0, MASK, None, V, "dual", None, None, None)
         aligned = _BlockForward(fn, s, pm).logits(x, 8, 12, refresh=True)[..., :MASK]

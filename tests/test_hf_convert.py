@@ -337,12 +337,22 @@ def test_hf_model_not_llama_shaped(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_cli_to_hf(world, tmp_path):
+def test_cli_to_hf(world, tmp_path, capsys):
     from megatron_mdm.cli.convert import main
+    from megatron_mdm.hf import export_to_hf, import_from_hf
 
     assert main(["to-hf", "--load", str(world["base"] / "pp2" / "arm"), "--iteration", "3",
                  "--output", str(tmp_path / "hf")]) == 0
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "llama"
+    assert "mdm-convert to-hf" not in capsys.readouterr().err  # no bars when stderr is not a terminal
+    # progress (what the CLI shows on a terminal): the stages and the bytes read or written, on stderr
+    export_to_hf(world["base"] / "pp2" / "arm", tmp_path / "hf2", iteration=3, shard_size="20KB", progress=True)
+    err = capsys.readouterr().err
+    assert "mdm-convert to-hf: 4/4 [" in err and ", done" in err and "writing safetensors" in err
+    assert len(list((tmp_path / "hf2").glob("model-*.safetensors"))) > 1
+    import_from_hf(tmp_path / "hf2", tmp_path / "back", progress=True)
+    err = capsys.readouterr().err
+    assert "mdm-convert from-hf: 3/3 [" in err and ", done" in err and "reading weights" in err
 
 
 # ---- generation: the Megatron and HF paths give identical samples in deterministic mode -----------

@@ -90,7 +90,7 @@ def test_unigram_entropy_of_known_tokens(dataset, tmp_path):
     w = ShardWriter(split, "x", 10, np.uint16)
     for r in rows:
         w.write(r.astype(np.int64))
-    sm = dict(m, shards=w.close(), valid=None, num_samples=len(rows))
+    sm = dict(m, shards=w.close(), valid=None, num_samples=len(rows), num_tokens=rows.size)
     fmt.write_json_atomic(split / "manifest.json", sm)
     fmt.write_json_atomic(tmp_path / "ds" / "manifest.json", dict(m, valid="valid"))
     counts = Counter(rows.ravel().tolist())

@@ -1,9 +1,13 @@
 """``mdm-convert``: Megatron checkpoints <-> Hugging Face directories.
 
     mdm-convert to-hf   --load CKPT_DIR [--iteration N] --output HF_DIR [--shard-size 2GB] [--force]
-                        [--no-verify-checkpoint]
+                        [--no-verify-checkpoint] [--no-progress]
     mdm-convert from-hf --hf HF_DIR --output CKPT_DIR [--tensor-model-parallel-size T]
                         [--pipeline-model-parallel-size P] [--tokenizer DIR] [--objective mdm|arm]
+                        [--no-progress]
+
+Progress (the stages, with the elapsed time, and the bytes read or written) goes to stderr when it is a
+terminal.
 
 from-hf reads Llama (3.x with llama3 RoPE scaling), Mistral, Qwen2/Qwen2.5, BERT, RoBERTa and XLM-R
 (``model_type`` in config.json); to-hf writes the family back, after checking every file of the
@@ -30,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="replace a non-empty --output that is not an export of the same run")
     to.add_argument("--no-verify-checkpoint", dest="verify_checkpoint", action="store_false",
                     help="skip the checksums of the checkpoint's files (sizes are still checked)")
+    to.add_argument("--no-progress", dest="progress", action="store_false",
+                    help="no progress bars (shown on stderr when it is a terminal: stages, bytes written)")
     fr = sub.add_parser("from-hf", help="Hugging Face directory (Llama, Mistral, Qwen2, BERT, RoBERTa, XLM-R) "
                                         "-> Megatron checkpoint")
     fr.add_argument("--hf", required=True, help="Hugging Face model directory")
@@ -39,11 +45,14 @@ def _parser() -> argparse.ArgumentParser:
     fr.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the --hf directory)")
     fr.add_argument("--objective", choices=["mdm", "arm"], default="mdm",
                     help="objective recorded in the checkpoint's config (default mdm: diffusive adaptation)")
+    fr.add_argument("--no-progress", dest="progress", action="store_false",
+                    help="no progress bars (shown on stderr when it is a terminal: stages, bytes read)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    args.progress = args.progress and sys.stderr.isatty()  # a log file gets the one-line result or error
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from torch.distributed.checkpoint.api import CheckpointException
 
@@ -56,12 +65,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "to-hf":
             with verification(args.verify_checkpoint, iteration_flag="--iteration"):
                 out = export_to_hf(args.load, args.output, iteration=args.iteration,
-                                   shard_size=args.shard_size, force=args.force)
+                                   shard_size=args.shard_size, force=args.force, progress=args.progress)
             print(f"wrote {out}")
         else:
             out = import_from_hf(args.hf, args.output, tokenizer_dir=args.tokenizer,
                                  tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
-                                 objective=args.objective)
+                                 objective=args.objective, progress=args.progress)
             print(f"wrote {out}")
     except (ConversionError, CheckpointError, ConfigError, FileNotFoundError) as e:
         print(f"mdm-convert: error: {e}", file=sys.stderr)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -219,7 +220,15 @@ def check_shapes(hf_sd: dict[str, torch.Tensor], want: dict[str, tuple]) -> None
 
 # ---- safetensors ---------------------------------------------------------------------------------
 
-def read_hf_state_dict(hf_dir: Path) -> dict[str, torch.Tensor]:
+def byte_bar(total: int, desc: str, progress: bool):
+    """A tqdm bar on stderr counting bytes (reading or writing weight files)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress,
+                file=sys.stderr, leave=False)
+
+
+def read_hf_state_dict(hf_dir: Path, progress: bool = False) -> dict[str, torch.Tensor]:
     """The tensors of an HF model directory (safetensors, sharded or not, or pytorch_model*.bin)."""
     from safetensors.torch import load_file
 
@@ -227,9 +236,11 @@ def read_hf_state_dict(hf_dir: Path) -> dict[str, torch.Tensor]:
     if not files:
         raise ConversionError(f"{hf_dir}: no *.safetensors or pytorch_model*.bin weights")
     sd: dict[str, torch.Tensor] = {}
-    for f in files:
-        sd.update(load_file(str(f)) if f.suffix == ".safetensors"
-                  else torch.load(f, map_location="cpu", weights_only=True))
+    with byte_bar(sum(f.stat().st_size for f in files), "reading weights", progress) as bar:
+        for f in files:
+            sd.update(load_file(str(f)) if f.suffix == ".safetensors"
+                      else torch.load(f, map_location="cpu", weights_only=True))
+            bar.update(f.stat().st_size)
     if "embed_tokens.weight" in sd:  # saved from a bare LlamaModel
         sd = {("lm_head.weight" if k == "lm_head.weight" else f"model.{k}"): v for k, v in sd.items()}
     return sd
@@ -247,8 +258,10 @@ def parse_size(size: int | str) -> int:
     return int(float(m.group(1)) * base ** " KMGT".index(unit.rstrip("I") or " "))
 
 
-def write_safetensors(sd: dict[str, torch.Tensor], out: Path, shard_size: int | str) -> list[str]:
-    """Save ``sd`` as ``model.safetensors`` or as shards plus ``model.safetensors.index.json``."""
+def write_safetensors(sd: dict[str, torch.Tensor], out: Path, shard_size: int | str,
+                      progress: bool = False) -> list[str]:
+    """Save ``sd`` as ``model.safetensors`` or as shards plus ``model.safetensors.index.json``
+    (``progress``: a bar of bytes written, on stderr)."""
     from safetensors.torch import save_file
 
     limit = parse_size(shard_size)
@@ -261,15 +274,17 @@ def write_safetensors(sd: dict[str, torch.Tensor], out: Path, shard_size: int | 
             used = 0
         shards[-1][name] = t.contiguous().clone()  # no shared storage (safetensors refuses it)
         used += n
-    if len(shards) == 1:
-        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
-        return ["model.safetensors"]
-    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    weight_map = {}
-    for fname, shard in zip(names, shards):
-        save_file(shard, str(out / fname), metadata={"format": "pt"})
-        weight_map.update({k: fname for k in shard})
     total = sum(t.numel() * t.element_size() for t in sd.values())
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    weight_map = {}
+    with byte_bar(total, "writing safetensors", progress) as bar:
+        for fname, shard in zip(names, shards):
+            save_file(shard, str(out / fname), metadata={"format": "pt"})
+            weight_map.update({k: fname for k in shard})
+            bar.update(sum(t.numel() * t.element_size() for t in shard.values()))
+    if len(shards) == 1:
+        return names
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     return names

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -167,8 +168,34 @@ def _swap_in(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+class _Stages:
+    """Progress of one conversion on stderr: a bar over its stages, naming the current one, with the time."""
+
+    def __init__(self, desc: str, total: int, progress: bool) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, desc=desc, disable=not progress, file=sys.stderr,
+                        bar_format="{desc}: {n_fmt}/{total_fmt} [{elapsed}]{postfix}")
+        self.started = False
+
+    def __call__(self, name: str) -> None:
+        if self.started:
+            self.bar.update(1)
+        self.started = True
+        self.bar.set_postfix_str(name)
+
+    def __enter__(self) -> _Stages:
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        if exc_type is None and self.started:
+            self.bar.update(1)
+            self.bar.set_postfix_str("done")
+        self.bar.close()
+
+
 def export_to_hf(load_dir: str | os.PathLike, output_dir: str | os.PathLike, iteration: int | None = None,
-                 shard_size: int | str = "2GB", force: bool = False) -> Path:
+                 shard_size: int | str = "2GB", force: bool = False, progress: bool = False) -> Path:
     """Convert one Megatron checkpoint (any TP/PP layout) into a Hugging Face model directory.
 
     The directory is written beside ``output_dir`` and swapped in when complete, so it never mixes files of
@@ -181,6 +208,7 @@ def export_to_hf(load_dir: str | os.PathLike, output_dir: str | os.PathLike, ite
         iteration: checkpoint iteration (default: the latest complete one).
         shard_size: largest safetensors shard (``"2GB"``, ``"500MB"`` or bytes).
         force: replace a non-empty ``output_dir`` that is not an export of this run.
+        progress: show the stages and the bytes written on stderr (tqdm).
     Returns:
         ``output_dir``.
     """
@@ -205,12 +233,20 @@ def export_to_hf(load_dir: str | os.PathLike, output_dir: str | os.PathLike, ite
     run = _run_root(path)
     _check_output(out, run, force)
     family = family_of(cfg)
+    with _Stages("mdm-convert to-hf", 4, progress) as stage:
+        stage("checking and reading the checkpoint")
+        return _export(path, meta, cfg, family, out, run, shard_size, stage, progress)
+
+
+def _export(path: Path, meta: dict, cfg: Config, family: Family, out: Path, run: Path, shard_size: int | str,
+            stage: _Stages, progress: bool) -> Path:
     tensors = read_checkpoint_tensors(path)
     tok = _load_tokenizer(path / "tokenizer")
     rows = tensors["embedding.word_embeddings.weight"].shape[0] if "embedding.word_embeddings.weight" in tensors else 0
     vocab_size = cfg.model.vocab_size or (tok.vocab_size if tok is not None else rows)
     if tok is None:
         log.warning("%s has no tokenizer/: exporting without tokenizer files", path)
+    stage(f"mapping {len(tensors)} tensors to {family.name}")
     hf_sd = megatron_to_hf_state_dict(tensors, cfg, vocab_size, family)
     mdm = cfg.objective.objective == "mdm"
     special = _special_ids(tok)
@@ -223,7 +259,9 @@ def export_to_hf(load_dir: str | os.PathLike, output_dir: str | os.PathLike, ite
         config = family.hf_config(cfg, vocab_size, dtype, mdm, special)
         config["transformers_version"] = _transformers_version()
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        write_safetensors(hf_sd, tmp, shard_size)
+        stage("writing safetensors")
+        write_safetensors(hf_sd, tmp, shard_size, progress)
+        stage("config, tokenizer, model card")
         gen = {k: v for k, v in (("bos_token_id", special.get("bos")), ("eos_token_id", special.get("eos")),
                                  ("pad_token_id", special.get("pad"))) if v is not None}
         if mdm:
@@ -276,7 +314,7 @@ def _add_token_rows(hf_sd: dict[str, torch.Tensor], vocab_size: int, names: list
 
 def import_from_hf(hf_dir: str | os.PathLike, output_dir: str | os.PathLike,
                    tokenizer_dir: str | os.PathLike | None = None, tp: int = 1, pp: int = 1,
-                   objective: str = "mdm") -> Path:
+                   objective: str = "mdm", progress: bool = False) -> Path:
     """Convert an HF model of a supported family into a Megatron checkpoint (iteration 0, model only).
 
     The family comes from ``config.json``'s ``model_type`` (Llama, Mistral, Qwen2, BERT, RoBERTa, XLM-R,
@@ -293,11 +331,10 @@ def import_from_hf(hf_dir: str | os.PathLike, output_dir: str | os.PathLike,
         tokenizer_dir: tokenizer directory when it is not in ``hf_dir``.
         tp, pp: the tensor/pipeline-parallel sizes the checkpoint is meant for (recorded in its config).
         objective: ``mdm`` (diffusive adaptation, the default) or ``arm``.
+        progress: show the stages and the bytes read on stderr (tqdm).
     Returns:
         The checkpoint's ``iter_*`` directory.
     """
-    from megatron_mdm.model import padded_vocab_size
-
     hf_dir = Path(hf_dir)
     if not (hf_dir / "config.json").is_file():
         raise ConversionError(f"--hf: {hf_dir} has no config.json")
@@ -310,7 +347,16 @@ def import_from_hf(hf_dir: str | os.PathLike, output_dir: str | os.PathLike,
     cfg.objective.objective = objective
     cfg.parallel.tensor_model_parallel_size = tp
     cfg.parallel.pipeline_model_parallel_size = pp
-    hf_sd = read_hf_state_dict(hf_dir)
+    with _Stages("mdm-convert from-hf", 3, progress) as stage:
+        stage("reading the Hugging Face weights")
+        hf_sd = read_hf_state_dict(hf_dir, progress)
+        return _import(hf_sd, hf_dir, hf_cfg, cfg, family, Path(output_dir), tokenizer_dir, tp, stage)
+
+
+def _import(hf_sd: dict[str, torch.Tensor], hf_dir: Path, hf_cfg: dict, cfg: Config, family: Family, out: Path,
+            tokenizer_dir: str | os.PathLike | None, tp: int, stage: _Stages) -> Path:
+    from megatron_mdm.model import padded_vocab_size
+
     tok_dir = Path(tokenizer_dir) if tokenizer_dir is not None else hf_dir
     try:
         tok = _load_tokenizer(tok_dir)
@@ -328,5 +374,7 @@ def import_from_hf(hf_dir: str | os.PathLike, output_dir: str | os.PathLike,
     except ConfigError as e:
         raise ConversionError(f"the converted config is invalid: {e}") from None
     padded = padded_vocab_size(cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by, tp)
+    stage(f"mapping {len(hf_sd)} tensors")
     tensors = hf_to_megatron_state_dict(hf_sd, cfg, padded, family)
-    return save_megatron(tensors, cfg, padded, Path(output_dir), tok)
+    stage("writing the Megatron checkpoint")
+    return save_megatron(tensors, cfg, padded, out, tok)
