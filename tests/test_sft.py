@@ -312,3 +312,19 @@ def test_sft_run_resumes_exactly(tokdir, tmp_path):
     assert again["losses"] == full["losses"][2:] and again["completion"] == full["completion"][2:]
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert all("completion_loss" in r for r in records if "loss" in r)
+
+
+def test_cli_prepare_sft_and_mixture(tokdir, tmp_path, capsys):
+    from megatron_mdm.cli.data import main
+
+    path = _write(tmp_path / "t.jsonl", _records(12))
+    assert main(["prepare-sft", "--input", path, "--tokenizer", str(tokdir), "--output", str(tmp_path / "o"),
+                 "--seq-length", str(S), "--layout", "padded", "--max-examples", "5"]) == 0
+    assert json.loads((tmp_path / "o" / "manifest.json").read_text())["num_samples"] == 5
+    assert main(["mixture", str(tmp_path / "o"), "--cap", "3"]) == 0
+    assert capsys.readouterr().out.split() == ["1", str(tmp_path / "o")]
+    empty = _write(tmp_path / "e.jsonl", [{"prompt": "x"}])
+    assert main(["prepare-sft", "--input", empty, "--tokenizer", str(tokdir), "--output", str(tmp_path / "e"),
+                 "--seq-length", str(S)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("mdm-data: error: no example in") and "missing_keys" in err[-1]
