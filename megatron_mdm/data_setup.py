@@ -80,7 +80,7 @@ def check_packing(cfg: Config) -> None:
         raise ConfigError("packed instruction data needs --transformer-impl local (the Transformer Engine spec "
                           "would need THD packed-sequence parameters, not implemented): or prepare with "
                           "--layout padded")
-    if cfg.objective.shift_logits:
+    if cfg.objective.shift_logits:  # the output before an example's first token sits in the previous example
         raise ConfigError("--shift-logits with packed instruction data is not supported: prepare with "
                           "--layout padded")
 

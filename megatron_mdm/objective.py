@@ -126,7 +126,7 @@ class PreparedBatch:
     labels: torch.Tensor  # [B, S] int64: targets of the per-token cross-entropy
     weights: torch.Tensor  # [B, S] float32: per-token loss weight (0 = no loss)
     num_tokens: torch.Tensor  # [] int64: the normaliser of this micro-batch (eligible positions)
-    t: Optional[torch.Tensor] = None  # [B] masking rates (MDM only)
+    t: Optional[torch.Tensor] = None  # [B] masking rates, [B, S] with doc_ids (MDM only)
     count_mask: Optional[torch.Tensor] = None  # [B, S] bool: the positions num_tokens counts
     attention_mask: Optional[torch.Tensor] = None  # [1 or B, 1, S, S] bool, True = masked out (annealing, packing)
     answer_weights: Optional[torch.Tensor] = None  # [B, S] float32: the completion-only loss (SFT), token-normalised
@@ -225,8 +225,6 @@ class MDMObjective(Objective):
     def prepare(self, tokens, loss_mask, generator, doc_ids=None, answer_mask=None) -> PreparedBatch:
         _check_no_mask_token(tokens, self.mask_id)
         b, s = tokens.shape
-        if doc_ids is not None and self.cfg.shift_logits:
-            raise ValueError("--shift-logits with instruction data (per-example normalisers) is not supported")
         eligible = (
             torch.ones(b, s, dtype=torch.bool)
             if loss_mask is None
@@ -247,19 +245,23 @@ class MDMObjective(Objective):
         else:
             t = sample_t(b, self.cfg.eps, generator, self.cfg.t_sampling == "antithetic")  # [B]
         noisy, masked = forward_mask(tokens, t, self.mask_id, generator, eligible)
-        t_pos = t if t.dim() == 2 else t[:, None]
-        raw = masked.float() / t_pos  # [B, S] (CPU)
-        answer = None if answer_mask is None else raw * answer_mask.detach().cpu()
+        dev = tokens.device
+        t_pos = (t if t.dim() == 2 else t[:, None]).to(dev)
+        raw = masked.float() / t_pos  # [B, S]
+        answer = None if answer_mask is None else raw * answer_mask.to(dev)
         weights, count = raw, eligible
         if doc_ids is not None:
-            weights, count = per_example(raw, eligible, docs)
-        dev = tokens.device
+            weights, count = per_example(raw, eligible, docs)  # (with --shift-logits: rolled below)
+        count = count.to(dev)
         labels = tokens
         if self.cfg.shift_logits:  # the output at i is scored on token i + 1 (weights[:, -1] = old [:, 0] = 0)
             labels, weights, count = (torch.roll(x, shifts=-1, dims=1) for x in (tokens, weights, count))
-        out = PreparedBatch(noisy, labels, weights.to(dev), count.sum().to(dev), t.to(dev), count.to(dev))
+        out = PreparedBatch(noisy, labels, weights, count.sum(), t.to(dev), count)
         if answer is not None:
-            out.answer_weights, out.answer_mask = answer.to(dev), answer_mask.to(dev).bool()
+            answer_mask = answer_mask.to(dev).bool()
+            if self.cfg.shift_logits:
+                answer, answer_mask = (torch.roll(x, shifts=-1, dims=1) for x in (answer, answer_mask))
+            out.answer_weights, out.answer_mask = answer, answer_mask
         return out
 
     def attention_mask(self, seq_len: int, iteration: int, generator: torch.Generator) -> Optional[torch.Tensor]:
