@@ -328,3 +328,20 @@ def test_cli_prepare_sft_and_mixture(tokdir, tmp_path, capsys):
                  "--seq-length", str(S)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("mdm-data: error: no example in") and "missing_keys" in err[-1]
+
+
+def test_instruction_tuning_tasks_are_valid_sft_input(tok, tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("it_run", REPO / "examples" / "instruction_tuning" / "run.py")
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+    files = run.build(tmp_path, per_task=15, seed=0)
+    assert set(files) == set(run.TRAIN) | set(run.HELD_OUT)
+    for task, path in files.items():
+        recs = [json.loads(x) for x in Path(path).read_text().splitlines()]
+        assert len(recs) == 15
+        for r in recs:
+            encode_example(tok, r)  # a valid prompt/completion record
+            if task in run.HELD_OUT:
+                assert r["completion"] in run.choices_of(task, r)
