@@ -9,7 +9,8 @@ CPU and on GPUs without Transformer Engine; the TE spec keeps ``TEDotProductAtte
 The attention mask type comes from the layer spec: ``no_mask`` (MDM, bidirectional) or ``causal``
 (ARM baseline). Padding and ``arbitrary`` masks (the causal-to-bidirectional annealing of an adapted AR
 model) are honoured when given as Megatron's boolean mask (True = masked out); ``arbitrary`` without a mask
-is bidirectional.
+is bidirectional. A mask given with ``no_mask`` or ``causal`` (packed instruction examples: a block-diagonal
+mask from the example ids) is honoured too, combined with the causal mask for the baseline.
 
 Context parallelism (CP > 1). The batch is split as Transformer Engine's CP splits it
 (``megatron.core.utils.get_batch_on_this_cp_rank``): the sequence is cut into 2·CP chunks and CP rank
@@ -110,10 +111,9 @@ class SDPAttention(MegatronModule):
         cp = self.cp_group.size() if self.cp_group is not None else 1
         mask = None
         if cp > 1:
-            masked = mask_type in (AttnMaskType.padding, AttnMaskType.arbitrary) and attention_mask is not None
-            if attention_bias is not None or masked:
+            if attention_bias is not None or attention_mask is not None:
                 raise ValueError("context parallelism on the local spec supports no_mask and causal "
-                                 "attention only (no padding mask or attention bias)")
+                                 "attention only (no padding, packed-example mask or attention bias)")
             key, value = gather_kv(key, value, self.cp_group)  # [cp * sq, b, nkv, d]
             if mask_type == AttnMaskType.causal:
                 mask = cp_causal_mask(sq, cp, self.cp_group.rank(), query.device)  # [sq, cp * sq]
@@ -124,8 +124,10 @@ class SDPAttention(MegatronModule):
             k = k.repeat_interleave(nq // nkv, dim=1)
             v = v.repeat_interleave(nq // nkv, dim=1)
         if cp == 1:
-            if mask_type in (AttnMaskType.padding, AttnMaskType.arbitrary) and attention_mask is not None:
+            if attention_mask is not None:  # padding, annealing (arbitrary), or packed examples (any type)
                 mask = ~attention_mask.bool()  # Megatron: True = masked out; SDPA: True = attend
+                if mask_type == AttnMaskType.causal:
+                    mask = mask & torch.ones(sq, k.shape[2], dtype=torch.bool, device=mask.device).tril()
             if attention_bias is not None:
                 mask = attention_bias if mask is None else attention_bias.masked_fill(~mask, float("-inf"))
         out = F.scaled_dot_product_attention(

@@ -123,8 +123,10 @@ class ObjectiveConfig:
     t_sampling: Literal["uniform", "antithetic"] = "uniform"
     """How t is drawn within a micro-batch: independent uniform, or antithetic/low-discrepancy
     (stratified over the micro-batch, as in MDLM)."""
-    random_length_prob: float = 0.01
-    """Fraction of sequences cut to a uniformly random length (the SMDM/LLaDA variable-length trick)."""
+    random_length_prob: Optional[float] = None
+    """Fraction of sequences cut to a uniformly random length (the SMDM/LLaDA variable-length trick); unset:
+    0.01 in pretraining, 0 (off) with instruction data (--sft-data or prepare-sft shards), where it would cut
+    completions."""
     shift_logits: bool = False
     """Shifted prediction, for starts from an autoregressive model: the output at position i predicts token
     i + 1, which keeps the AR head aligned (Dream, Ye et al. 2025; DiffuLLaMA, Gong et al. 2025). Position 0

@@ -18,6 +18,7 @@ from pathlib import Path
 from megatron.core import parallel_state as ps
 
 from megatron_mdm.config import Config, ConfigError, parse_data_path
+from megatron_mdm.objective import PRETRAIN_RANDOM_LENGTH_PROB
 from megatron_mdm.tokenization import MDMTokenizer
 
 log = logging.getLogger(__name__)
@@ -38,21 +39,50 @@ def load_tokenizer(cfg: Config) -> MDMTokenizer:
 
 
 class WholeSequence:
-    """An SFT loader whose batches drop ``loss_mask``: every position (prompt, completion, EOS
-    padding) may be masked and is in the loss, i.e. the pretraining objective on the sequence."""
+    """An SFT loader whose batches drop ``loss_mask`` (and the completion mask): every position (prompt,
+    completion, EOS padding) may be masked and is in the loss, i.e. the pretraining objective on the sequence
+    (packed examples keep their ``doc_ids``: attention and normalisers stay per example)."""
 
     def __init__(self, loader):
         self.loader = loader
 
     def __iter__(self):
         for batch in self.loader:
-            yield {k: v for k, v in batch.items() if k != "loss_mask"}
+            yield {k: v for k, v in batch.items() if k not in ("loss_mask", "answer_mask")}
 
     def state_dict(self):
         return self.loader.state_dict()
 
     def load_state_dict(self, state):
         self.loader.load_state_dict(state)
+
+
+def sft_layout(loader) -> str | None:
+    """``"packed"``/``"padded"`` when a loader reads prepare-sft shards, else None."""
+    from megatron_mdm.data.loader import is_sft
+
+    return is_sft(getattr(loader, "loader", loader))
+
+
+def check_packing(cfg: Config) -> None:
+    """Packed examples need the block-diagonal mask of the local spec, on one context-parallel rank and one
+    pipeline stage (the stages without data would not see it); one line naming the option otherwise."""
+    from megatron_mdm.model import use_te_for
+
+    p = cfg.parallel
+    if p.context_parallel_size > 1:
+        raise ConfigError("--context-parallel-size > 1 with packed instruction data is not supported (the example "
+                          "mask is not built for the gathered keys): prepare the data with --layout padded")
+    if p.pipeline_model_parallel_size > 1:
+        raise ConfigError("--pipeline-model-parallel-size > 1 with packed instruction data is not supported: "
+                          "prepare the data with --layout padded")
+    if use_te_for(cfg):
+        raise ConfigError("packed instruction data needs --transformer-impl local (the Transformer Engine spec "
+                          "would need THD packed-sequence parameters, not implemented): or prepare with "
+                          "--layout padded")
+    if cfg.objective.shift_logits:  # the output before an example's first token sits in the previous example
+        raise ConfigError("--shift-logits with packed instruction data is not supported: prepare with "
+                          "--layout padded")
 
 
 def build_data(cfg: Config, train_loader=None, valid_loader=None):
@@ -71,8 +101,6 @@ def build_data(cfg: Config, train_loader=None, valid_loader=None):
                 raise ConfigError(f"--sft-data: no file matches {d.sft_data}")
             train_loader = build_sft_loader(files, tok, d.seq_length, mbs, dp_rank, dp_size,
                                             seed=cfg.logging.seed, override=d.override_data_state)
-            if d.sft_train_on_prompt:
-                train_loader = WholeSequence(train_loader)
         else:
             if not d.data_path:
                 raise ConfigError("--data-path: no training data given")
@@ -80,6 +108,16 @@ def build_data(cfg: Config, train_loader=None, valid_loader=None):
                 parse_data_path(d.data_path), d.seq_length, cfg.optim.global_batch_size, mbs, dp_rank, dp_size,
                 num_workers=d.num_workers, seed=cfg.logging.seed, shuffle=d.data_shuffle, tokenizer_hash=tok.hash,
                 verify=d.verify_data, override=d.override_data_state, vocab_size=tok.vocab_size)
+        if d.sft_train_on_prompt:
+            if not d.sft_data and sft_layout(train_loader) is None:
+                raise ConfigError("--sft-train-on-prompt needs instruction data (--sft-data or --data-path "
+                                  "directories written by mdm-data prepare-sft)")
+            train_loader = WholeSequence(train_loader)
+    sft = bool(d.sft_data) or sft_layout(train_loader) is not None
+    if cfg.objective.random_length_prob is None:  # the random-length trick would cut completions
+        cfg.objective.random_length_prob = 0.0 if sft else PRETRAIN_RANDOM_LENGTH_PROB
+    if sft_layout(train_loader) == "packed":
+        check_packing(cfg)
     if valid_loader is None and cfg.logging.eval_interval:
         if d.valid_data_path:
             valid = parse_data_path(d.valid_data_path, "valid_data_path")

@@ -187,7 +187,8 @@ def format_line(record: dict) -> str:
     """A human-readable log line of a training record."""
     parts = [f"iter {record['iteration']:>7d}"]
     fmt = {
-        "loss": "loss {:.4f}", "lr": "lr {:.3e}", "grad_norm": "grad_norm {:.3f}",
+        "loss": "loss {:.4f}", "completion_loss": "completion loss {:.4f}", "lr": "lr {:.3e}",
+        "grad_norm": "grad_norm {:.3f}",
         "tokens_per_sec": "tok/s {:,.0f}", "tflops_per_device": "TFLOP/s/dev {:.2f}",
         "mfu": "MFU {:.1%}", "mem_alloc_gib": "mem {:.2f} GiB", "mem_rss_gib": "rss {:.2f} GiB",
         "eta_s": "ETA {:.0f}s", "skipped_steps": "skipped {}",

@@ -15,7 +15,12 @@ Options:
     with a single r ~ U(0, 1), then t = eps + (1 - eps) u; lowers the variance of the estimate.
   * ``random_length_prob``: a fraction of sequences is cut to a random length l ~ U{1..L}; the tail is
     replaced by the pad token and is out of the loss (the SMDM/LLaDA variable-length trick, done per
-    sequence with fixed tensor shapes so that pipeline parallelism keeps static shapes).
+    sequence with fixed tensor shapes so that pipeline parallelism keeps static shapes). Unset, it is
+    0.01 in pretraining and 0 in instruction tuning (``data_setup``), where it would cut completions.
+
+Instruction data (``doc_ids``, from ``mdm-data prepare-sft``): each example of a packed sequence draws its
+own t and is normalised by its own eligible positions, the batch by its number of examples (LLaDA's SFT
+loss, averaged over examples); ``document_attention_mask`` keeps attention inside each example.
 
 ARM baseline: causal attention, next-token prediction: labels[i] = x[i + 1]; the last position has
 no target; loss is the mean cross-entropy over predicted positions.
@@ -92,7 +97,7 @@ def forward_mask(
 
     Args:
         tokens: clean tokens x_0, int64 [B, S].
-        t: masking rate per sequence, [B].
+        t: masking rate per sequence [B], or per position [B, S] (one rate per packed example).
         mask_id: id of the mask token.
         generator: source of randomness (CPU generator; draws are made on CPU so that every device
             and every tensor-parallel rank sees the same masks).
@@ -104,7 +109,8 @@ def forward_mask(
     """
     b, s = tokens.shape
     u = torch.rand(b, s, generator=generator, dtype=torch.float32)  # [B, S] on CPU
-    masked = u < t.detach().float().cpu()[:, None]
+    rate = t.detach().float().cpu()
+    masked = u < (rate if rate.dim() == 2 else rate[:, None])
     if loss_mask is not None:
         masked &= loss_mask.detach().cpu() != 0
     masked = masked.to(tokens.device)
@@ -120,9 +126,11 @@ class PreparedBatch:
     labels: torch.Tensor  # [B, S] int64: targets of the per-token cross-entropy
     weights: torch.Tensor  # [B, S] float32: per-token loss weight (0 = no loss)
     num_tokens: torch.Tensor  # [] int64: the normaliser of this micro-batch (eligible positions)
-    t: Optional[torch.Tensor] = None  # [B] masking rates (MDM only)
+    t: Optional[torch.Tensor] = None  # [B] masking rates, [B, S] with doc_ids (MDM only)
     count_mask: Optional[torch.Tensor] = None  # [B, S] bool: the positions num_tokens counts
-    attention_mask: Optional[torch.Tensor] = None  # [1, 1, S, S] bool, True = masked out (annealing)
+    attention_mask: Optional[torch.Tensor] = None  # [1 or B, 1, S, S] bool, True = masked out (annealing, packing)
+    answer_weights: Optional[torch.Tensor] = None  # [B, S] float32: the completion-only loss (SFT), token-normalised
+    answer_mask: Optional[torch.Tensor] = None  # [B, S] bool: the positions its normaliser counts
 
     def split(self, keys_to_tensors) -> "PreparedBatch":
         """A copy with ``inputs/labels/weights/count_mask`` replaced (a context-parallel slice);
@@ -131,7 +139,7 @@ class PreparedBatch:
         count = d.get("count_mask")
         return PreparedBatch(d["inputs"], d["labels"], d["weights"],
                              count.sum() if count is not None else self.num_tokens, self.t, count,
-                             self.attention_mask)
+                             self.attention_mask, d.get("answer_weights"), d.get("answer_mask"))
 
 
 def _check_no_mask_token(tokens: torch.Tensor, mask_id: int) -> None:
@@ -140,6 +148,10 @@ def _check_no_mask_token(tokens: torch.Tensor, mask_id: int) -> None:
             f"the data contains the mask token id {mask_id}: the mask token must never be a target "
             "(check the tokenizer used to prepare the shards)"
         )
+
+
+PRETRAIN_RANDOM_LENGTH_PROB = 0.01
+"""``random_length_prob`` when not set, outside instruction tuning (``data_setup`` sets 0 for SFT data)."""
 
 
 def _random_length_keep(
@@ -171,6 +183,8 @@ class Objective:
         tokens: torch.Tensor,
         loss_mask: Optional[torch.Tensor],
         generator: Optional[torch.Generator],
+        doc_ids: Optional[torch.Tensor] = None,
+        answer_mask: Optional[torch.Tensor] = None,
     ) -> PreparedBatch:
         """Turn clean tokens into model inputs, targets and per-token loss weights.
 
@@ -178,6 +192,11 @@ class Objective:
             tokens: clean tokens [B, S] (int64).
             loss_mask: [B, S] or None; zero positions are never masked and carry no loss.
             generator: CPU generator seeded per (seed, iteration, global micro-batch index).
+            doc_ids: [B, S] int64, the example of each position (instruction data): each example gets its
+                own normaliser (its eligible positions; the batch normaliser counts examples) and, for the
+                MDM, its own t.
+            answer_mask: [B, S] bool, the completion tokens: the batch also carries the token-normalised
+                completion-only loss (``answer_weights``).
         """
         raise NotImplementedError
 
@@ -203,7 +222,7 @@ class MDMObjective(Objective):
 
     causal = False
 
-    def prepare(self, tokens, loss_mask, generator) -> PreparedBatch:
+    def prepare(self, tokens, loss_mask, generator, doc_ids=None, answer_mask=None) -> PreparedBatch:
         _check_no_mask_token(tokens, self.mask_id)
         b, s = tokens.shape
         eligible = (
@@ -213,18 +232,37 @@ class MDMObjective(Objective):
         )  # [B, S]
         if self.cfg.shift_logits:
             eligible[:, 0] = False  # no output predicts position 0: it is context
-        keep = _random_length_keep(b, s, self.cfg.random_length_prob, generator)
+        prob = self.cfg.random_length_prob
+        keep = _random_length_keep(b, s, PRETRAIN_RANDOM_LENGTH_PROB if prob is None else prob, generator)
         if keep is not None:
             tokens = torch.where(keep.to(tokens.device), tokens, torch.full_like(tokens, self.pad_id))
             eligible &= keep
-        t = sample_t(b, self.cfg.eps, generator, self.cfg.t_sampling == "antithetic")  # [B]
+        if doc_ids is not None:  # one t per example (row-major over [B, examples])
+            docs = doc_ids.detach().cpu().long()
+            k = int(docs.max()) + 1
+            t = sample_t(b * k, self.cfg.eps, generator, self.cfg.t_sampling == "antithetic").view(b, k)
+            t = t.gather(1, docs)  # [B, S]
+        else:
+            t = sample_t(b, self.cfg.eps, generator, self.cfg.t_sampling == "antithetic")  # [B]
         noisy, masked = forward_mask(tokens, t, self.mask_id, generator, eligible)
-        weights = masked.float() / t.to(tokens.device)[:, None]  # [B, S]
-        eligible = eligible.to(tokens.device)
+        dev = tokens.device
+        t_pos = (t if t.dim() == 2 else t[:, None]).to(dev)
+        raw = masked.float() / t_pos  # [B, S]
+        answer = None if answer_mask is None else raw * answer_mask.to(dev)
+        weights, count = raw, eligible
+        if doc_ids is not None:
+            weights, count = per_example(raw, eligible, docs)  # (with --shift-logits: rolled below)
+        count = count.to(dev)
         labels = tokens
         if self.cfg.shift_logits:  # the output at i is scored on token i + 1 (weights[:, -1] = old [:, 0] = 0)
-            labels, weights, eligible = (torch.roll(x, shifts=-1, dims=1) for x in (tokens, weights, eligible))
-        return PreparedBatch(noisy, labels, weights, eligible.sum(), t, eligible)
+            labels, weights, count = (torch.roll(x, shifts=-1, dims=1) for x in (tokens, weights, count))
+        out = PreparedBatch(noisy, labels, weights, count.sum(), t.to(dev), count)
+        if answer is not None:
+            answer_mask = answer_mask.to(dev).bool()
+            if self.cfg.shift_logits:
+                answer, answer_mask = (torch.roll(x, shifts=-1, dims=1) for x in (answer, answer_mask))
+            out.answer_weights, out.answer_mask = answer, answer_mask
+        return out
 
     def attention_mask(self, seq_len: int, iteration: int, generator: torch.Generator) -> Optional[torch.Tensor]:
         """The annealed attention mask of step ``iteration`` (None when bidirectional); see the module doc."""
@@ -290,7 +328,7 @@ class ARMObjective(Objective):
 
     causal = True
 
-    def prepare(self, tokens, loss_mask, generator) -> PreparedBatch:
+    def prepare(self, tokens, loss_mask, generator, doc_ids=None, answer_mask=None) -> PreparedBatch:
         b, s = tokens.shape
         labels = torch.roll(tokens, shifts=-1, dims=1)  # [B, S]: labels[i] = tokens[i + 1]
         weights = torch.ones(b, s, dtype=torch.float32, device=tokens.device)
@@ -298,8 +336,49 @@ class ARMObjective(Objective):
         if loss_mask is not None:
             # a target counts when the *target* position is eligible (completion tokens in SFT)
             weights *= torch.roll(loss_mask.float(), shifts=-1, dims=1).to(tokens.device)
+        if doc_ids is not None:  # no target across an example boundary
+            weights *= (doc_ids == torch.roll(doc_ids, shifts=-1, dims=1)).to(weights)
+        answer = None
+        if answer_mask is not None:
+            answer = weights.bool() & torch.roll(answer_mask.bool(), shifts=-1, dims=1).to(weights.device)
         counted = weights != 0
-        return PreparedBatch(tokens, labels, weights, counted.sum(), None, counted)
+        if doc_ids is not None:
+            weights, counted = per_example(weights, counted, doc_ids)
+        out = PreparedBatch(tokens, labels, weights, counted.sum(), None, counted)
+        if answer is not None:
+            out.answer_weights, out.answer_mask = answer.float(), answer
+        return out
+
+
+def per_example(weights: torch.Tensor, eligible: torch.Tensor, doc_ids: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each example's own normaliser: ``weights`` divided by the eligible positions of the example, and a count
+    mask holding one position per example that has any (its first eligible one), so that the batch normaliser
+    (its sum, also over context-parallel slices) is the number of examples.
+
+    Args:
+        weights: [B, S] float loss weights. eligible: [B, S] bool. doc_ids: [B, S] int64 example ids.
+    Returns:
+        (weights [B, S], count_mask [B, S] bool).
+    """
+    docs = doc_ids.to(weights.device).long()
+    elig = eligible.to(weights.device).bool()
+    b, s = docs.shape
+    k = int(docs.max()) + 1
+    n = torch.zeros(b, k, dtype=torch.float64, device=docs.device).scatter_add_(1, docs, elig.double())
+    w = (weights.double() / n.gather(1, docs).clamp(min=1)).to(weights.dtype)
+    pos = torch.arange(s, device=docs.device).expand(b, s)
+    first = torch.full((b, k), s, dtype=torch.long, device=docs.device).scatter_reduce_(
+        1, docs, torch.where(elig, pos, torch.full_like(pos, s)), reduce="amin")
+    return w, elig & (pos == first.gather(1, docs))
+
+
+def document_attention_mask(doc_ids: torch.Tensor) -> Optional[torch.Tensor]:
+    """Block-diagonal mask of packed examples: [B, 1, S, S] bool, True = masked out (Megatron's convention):
+    position i attends to j only inside its own example. None when no row holds two examples."""
+    if int(doc_ids.max()) == 0:
+        return None
+    return (doc_ids[:, :, None] != doc_ids[:, None, :])[:, None]
 
 
 def build_objective(cfg: ObjectiveConfig, mask_id: int, pad_id: int) -> Objective:

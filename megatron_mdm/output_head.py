@@ -147,4 +147,7 @@ def forward_at_loss_positions(model: torch.nn.Module, batch, position_ids: torch
     weights = torch.where(pos.valid.to(batch.weights.device), pos.gather(batch.weights), 0.0)[None]
     with select_output(model, pos):
         output = model(batch.inputs, position_ids, getattr(batch, "attention_mask", None), labels=labels)
-    return output, dataclasses.replace(batch, labels=labels, weights=weights)
+    answer = getattr(batch, "answer_weights", None)
+    if answer is not None:  # the completion-only loss (instruction data) rides on the same positions
+        answer = torch.where(pos.valid.to(answer.device), pos.gather(answer), 0.0)[None]
+    return output, dataclasses.replace(batch, labels=labels, weights=weights, answer_weights=answer)

@@ -44,7 +44,13 @@ from megatron_mdm import checkpointing, runtime
 from megatron_mdm.config import Config, ConfigError, num_train_iters
 from megatron_mdm.metrics import MetricsWriter, Throughput, format_line, memory_gib, peak_tflops
 from megatron_mdm.model import build_model, flops_per_sequence
-from megatron_mdm.objective import PreparedBatch, anneal_generator, build_objective, mask_generator
+from megatron_mdm.objective import (
+    PreparedBatch,
+    anneal_generator,
+    build_objective,
+    document_attention_mask,
+    mask_generator,
+)
 from megatron_mdm.output_head import forward_at_loss_positions
 
 log = logging.getLogger(__name__)
@@ -125,10 +131,16 @@ def prepared_batches(
     for mb in range(num_microbatches):
         raw = next(raw_iter)
         tokens = raw["tokens"].to(device, non_blocking=True)
-        loss_mask = raw.get("loss_mask")
+        loss_mask, doc_ids, answer = (raw.get(k) for k in ("loss_mask", "doc_ids", "answer_mask"))
         gen = mask_generator(seed, iteration, first + mb)
-        batch = objective.prepare(tokens, None if loss_mask is None else loss_mask.to(device), gen)
+        batch = objective.prepare(tokens, None if loss_mask is None else loss_mask.to(device), gen,
+                                  doc_ids=None if doc_ids is None else doc_ids.to(device),
+                                  answer_mask=None if answer is None else answer.to(device))
         batch.attention_mask = _attention_mask(objective, tokens.shape[1], seed, iteration, first + mb, device)
+        if doc_ids is not None:  # packed examples: attention stays inside each one
+            docs = document_attention_mask(doc_ids.to(device))
+            if docs is not None:
+                batch.attention_mask = docs if batch.attention_mask is None else docs | batch.attention_mask
         yield batch
 
 
@@ -163,9 +175,11 @@ def forward_step(objective, data_iterator, model, masked_only_logits: bool = Fal
         # rank's chunks, and finalize_model_grads sums loss gradients and counts over DP x CP, so the
         # step equals the CP=1 step. position_ids are sliced for completeness: GPTModel's RoPE derives
         # positions from the CP rank itself.
-        parts = get_batch_on_this_cp_rank({
-            "inputs": batch.inputs, "labels": batch.labels, "weights": batch.weights,
-            "count_mask": batch.count_mask, "position_ids": position_ids})
+        keys = {"inputs": batch.inputs, "labels": batch.labels, "weights": batch.weights,
+                "count_mask": batch.count_mask, "position_ids": position_ids}
+        if batch.answer_weights is not None:
+            keys.update(answer_weights=batch.answer_weights, answer_mask=batch.answer_mask)
+        parts = get_batch_on_this_cp_rank(keys)
         position_ids = parts.pop("position_ids")
         batch = batch.split(parts)
     if masked_only_logits:
@@ -178,7 +192,12 @@ def forward_step(objective, data_iterator, model, masked_only_logits: bool = Fal
 def _loss_func(objective, batch: PreparedBatch, per_token_loss: torch.Tensor):
     loss_sum, num_tokens = objective.loss(batch, per_token_loss)
     report = torch.stack([loss_sum.detach().float(), num_tokens.detach().float()])
-    return loss_sum, num_tokens.to(torch.int), {"loss": report}
+    out = {"loss": report}
+    if batch.answer_weights is not None:  # SFT: the completion-only loss, token-normalised
+        w = batch.answer_weights.to(per_token_loss.device)
+        out["completion"] = torch.stack([(per_token_loss.detach().float() * w).sum(),
+                                         batch.answer_mask.sum().to(per_token_loss.device).float()])
+    return loss_sum, num_tokens.to(torch.int), out
 
 
 def _stage_needs_data(model: list, chunk: int) -> bool:
@@ -193,8 +212,9 @@ def run_microbatches(
     """Forward (and backward unless ``forward_only``) over the micro-batches of one step.
 
     Returns:
-        [loss_sum, num_tokens] summed over micro-batches and the whole world (a ratio-preserving
-        sum: every tensor-parallel copy of the last stage counts equally in both entries).
+        [loss_sum, num_tokens, completion_loss_sum, completion_tokens] summed over micro-batches and the whole
+        world (a ratio-preserving sum: every tensor-parallel copy of the last stage counts equally in each
+        pair); the completion pair (instruction data) is 0 without a completion mask.
     """
     dev = runtime.device()
     dp_rank = ps.get_data_parallel_rank()
@@ -219,9 +239,11 @@ def run_microbatches(
         micro_batch_size=cfg.optim.micro_batch_size,
         forward_only=forward_only,
     )
-    total = torch.zeros(2, dtype=torch.float64, device=dev)
+    total = torch.zeros(4, dtype=torch.float64, device=dev)
     for d in losses:
-        total += d["loss"].to(torch.float64)
+        total[:2] += d["loss"].to(torch.float64)
+        if "completion" in d:
+            total[2:] += d["completion"].to(torch.float64)
     torch.distributed.all_reduce(total)
     return total
 
@@ -410,7 +432,9 @@ class Trainer:
                 self.state.skipped_steps += 1
         self.state.iteration += 1
         self.state.consumed_samples += self.cfg.optim.global_batch_size
-        return {"loss": loss, "grad_norm": None if grad_norm is None else float(grad_norm)}
+        completion = (total[2] / total[3]).item() if total[3] > 0 else None
+        return {"loss": loss, "grad_norm": None if grad_norm is None else float(grad_norm),
+                "completion_loss": completion}
 
     @torch.no_grad()
     def evaluate(self) -> Optional[dict]:
@@ -436,6 +460,7 @@ class Trainer:
         self.writer.start(start_iter)  # drops the records of the steps this run redoes
         t_start = time.perf_counter()
         interval_losses: list[float] = []
+        self._interval_completion: list[float] = []
         result: dict[str, Any] = {"losses": [], "val": []}
         if self.rank == 0:
             log.info("training %s: iterations %d -> %d, %d micro-batches/step, world %d (TP %d, PP %d, DP %d)",
@@ -450,6 +475,9 @@ class Trainer:
                 self.throughput.step()
                 result["losses"].append(out["loss"])
                 interval_losses.append(out["loss"])
+                if out["completion_loss"] is not None:
+                    result.setdefault("completion_losses", []).append(out["completion_loss"])
+                    self._interval_completion.append(out["completion_loss"])
                 it = self.state.iteration
                 if it % lg.log_interval == 0 or it == self.train_iters:
                     self._log(out, interval_losses, start_iter, t_start)
@@ -506,6 +534,10 @@ class Trainer:
             "skipped_steps": self.state.skipped_steps,
             "eta_s": elapsed / max(done, 1) * (self.train_iters - it),
         }
+        comp = [x for x in self._interval_completion if math.isfinite(x)]
+        if comp:  # instruction data: the completion-only loss beside the (per-example) training loss
+            record["completion_loss"] = sum(comp) / len(comp)
+        self._interval_completion = []
         record.update(self.throughput.report())
         record.update(memory_gib())
         self.history.append(record)

@@ -38,6 +38,8 @@ def test_encode_prompt_completion(tok):
     assert mask[: len(p)].sum() == 0 and (mask[len(p):] == 1).all()
     with pytest.raises(DataError, match="longer than seq_length"):
         encode_prompt_completion(tok, "x " * 40, "y " * 40, S)
+    with pytest.raises(DataError, match="empty 'completion'"):
+        encode_prompt_completion(tok, "x", " ", S)
 
 
 def test_loader_split_and_resume(tok, sft_file):
@@ -70,7 +72,7 @@ def test_errors_name_file_and_line(tok, tmp_path):
     p = tmp_path / "bad.jsonl"
     p.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n" +
                  json.dumps({"prompt": "word " * 60, "completion": "b"}) + "\n")
-    with pytest.raises(DataError, match=r"bad.jsonl:2: sample of \d+ tokens"):
+    with pytest.raises(DataError, match=r"bad.jsonl:2: example of \d+ tokens"):
         build_sft_loader([str(p)], tok, S, 1, 0, 1, seed=0)
     p.write_text(json.dumps({"prompt": "a"}) + "\n")
     with pytest.raises(DataError, match=r"bad.jsonl:1: expected string fields"):

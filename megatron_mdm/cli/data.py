@@ -1,4 +1,4 @@
-"""``mdm-data prepare|inspect|verify|index``: argument parsing around ``megatron_mdm.data``."""
+"""``mdm-data prepare|prepare-sft|mixture|inspect|verify|index``: argument parsing around ``megatron_mdm.data``."""
 
 from __future__ import annotations
 
@@ -26,6 +26,25 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--zstd-level", type=int, default=3, help="zstd level of the token members")
     q.add_argument("--allow-empty", action="store_true", help="write an empty dataset (with a warning) instead of "
                    "failing when the input holds no document")
+    s = sub.add_parser("prepare-sft", help="instruction jsonl (prompt/completion or messages) -> shards with a "
+                       "per-token loss mask (see docs/DATA_FORMAT.md)")
+    s.add_argument("--input", nargs="+", required=True, help="jsonl or jsonl.zst files, globs or directories")
+    s.add_argument("--tokenizer", required=True, help="tokenizer directory or tokenizer.json")
+    s.add_argument("--output", required=True, help="dataset directory to (re)write")
+    s.add_argument("--seq-length", type=int, required=True, help="tokens per sequence")
+    s.add_argument("--layout", choices=("packed", "padded"), default="packed", help="several examples per sequence "
+                   "(attention kept inside each), or one per sequence padded with EOS in the loss (LLaDA)")
+    s.add_argument("--truncate", action="store_true", help="cut an example longer than --seq-length (context from "
+                   "the left, then the tail) instead of skipping it")
+    s.add_argument("--chat-template", choices=("auto", "default"), default="auto", help="format of 'messages': "
+                   "the tokenizer's chat template when it has one (auto), or the documented default")
+    s.add_argument("--max-examples", type=int, default=None, help="take at most this many examples (a per-task cap)")
+    s.add_argument("--strict", action="store_true", help="fail on the first bad record")
+    s.add_argument("--shard-tokens", type=int, default=1 << 26, help="approximate tokens per shard")
+    w = sub.add_parser("mixture", help="print --data-path weights for instruction datasets: examples-proportional "
+                       "with a per-task cap (Flan)")
+    w.add_argument("path", nargs="+", help="dataset directories written by prepare-sft")
+    w.add_argument("--cap", type=int, default=None, help="examples cap per task")
     i = sub.add_parser("inspect", help="counts and a decoded sample")
     i.add_argument("path", help="dataset directory")
     i.add_argument("--tokenizer", default=None, help="decode the sample with this tokenizer")
@@ -68,6 +87,15 @@ def main(argv: list[str] | None = None) -> int:
             prepare(args.input, args.tokenizer, args.output, args.seq_length, args.text_key, args.shard_tokens,
                     args.workers, args.val_fraction, args.strict, args.doc_boundaries, args.zstd_level,
                     allow_empty=args.allow_empty)
+        elif args.cmd == "prepare-sft":
+            from megatron_mdm.data.prepare_sft import prepare_sft
+
+            prepare_sft(args.input, args.tokenizer, args.output, args.seq_length, args.layout, args.truncate,
+                        args.chat_template, args.max_examples, args.strict, args.shard_tokens)
+        elif args.cmd == "mixture":
+            from megatron_mdm.data.prepare_sft import mixture_weights
+
+            print(" ".join(f"{wt:.6g} {d}" for wt, d in mixture_weights(args.path, args.cap)))
         elif args.cmd == "inspect":
             _inspect(args.path, args.tokenizer, args.sample)
         elif args.cmd == "index":

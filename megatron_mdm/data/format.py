@@ -4,9 +4,13 @@ A prepared dataset directory holds ``manifest.json`` and uncompressed webdataset
 sample of a shard is one packed sequence of exactly ``seq_length`` tokens, stored as the member
 ``{key}.tokens.zst``: the zstd-compressed little-endian token array (``uint16`` when the vocabulary fits,
 else ``uint32``). With ``--doc-boundaries`` a sample also holds ``{key}.docs.zst``: the zstd-compressed
-``uint32`` offsets (within the sequence) where a document starts. Beside each shard ``NAME.tar`` the
-sidecar ``NAME.idx.npy`` (a NumPy ``.npy`` array ``uint64 [samples, 2]``: byte offset and size of each
-sample's ``.tokens.zst`` member) gives random access; the manifest's shard record names it (``index``).
+``uint32`` offsets (within the sequence) where a document starts. An instruction-tuning dataset
+(``mdm-data prepare-sft``, manifest field ``sft``) holds per sample ``{key}.tokens.zst``, then
+``{key}.lmask.zst`` (the zstd-compressed ``uint8`` loss mask, one value per token: 0 context, 1 completion,
+2 padding in the loss) and ``{key}.docs.zst`` (the example starts), in this order in the tar.
+Beside each shard ``NAME.tar`` the sidecar ``NAME.idx.npy`` (a NumPy ``.npy`` array ``uint64 [samples, 2]``:
+byte offset and size of each sample's ``.tokens.zst`` member) gives random access; the manifest's shard record names it
+(``index``).
 The validation split, when written, is a second dataset directory ``valid/`` (own manifest) named by the
 field ``valid`` of the training manifest. ``docs/DATA_FORMAT.md`` documents the same schema for other tools.
 """
@@ -28,6 +32,8 @@ MANIFEST = "manifest.json"
 VALID_DIR = "valid"
 TOKENS_EXT = "tokens.zst"
 DOCS_EXT = "docs.zst"
+LMASK_EXT = "lmask.zst"
+SFT_LAYOUTS = ("packed", "padded")
 INDEX_SUFFIX = ".idx.npy"
 ZSTD_LEVEL = 3
 DOCS_DTYPE = np.dtype("<u4")
@@ -161,6 +167,12 @@ def check_manifest(m: Any, path: str | os.PathLike) -> None:
         if s["path"] in seen:
             raise bad(f"shards[{i}].path {s['path']} is listed twice")
         seen.add(s["path"])
+    sft = m.get("sft")
+    if sft is not None:
+        if not isinstance(sft, dict) or sft.get("layout") not in SFT_LAYOUTS:
+            raise bad(f"sft is {sft!r}, expected an object with layout in {SFT_LAYOUTS}")
+        if m.get("doc_boundaries") is not True:
+            raise bad("an sft dataset must have doc_boundaries true")
     total = sum(s["samples"] for s in shards)
     if total != m["num_samples"]:
         raise bad(f"num_samples is {m['num_samples']} but the shards hold {total} samples")

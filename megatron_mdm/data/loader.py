@@ -109,6 +109,9 @@ class MicroBatches(Dataset):
     Items are ``{"tokens": LongTensor[micro_batch, seq_length], "sample_ids": LongTensor[micro_batch]}``
     (``sample_ids``: the source's offset in the concatenation of all sources + the sample number), or
     ``{"error": message}`` when a sample is bad (so that a worker's DataError reaches the trainer as one line).
+    Instruction data (``mdm-data prepare-sft``) adds ``loss_mask`` (FloatTensor, 1 where the loss is),
+    ``answer_mask`` (BoolTensor, the completion tokens) and ``doc_ids`` (LongTensor, the example of each
+    position, counted from 0 in each sequence), all ``[micro_batch, seq_length]``.
     """
 
     def __init__(self, sources: list[Source], order: DataOrder, start: int, global_batch: int, micro_batch: int,
@@ -138,12 +141,22 @@ class MicroBatches(Dataset):
 
     def __getitem__(self, m: int) -> dict:
         src, sample = self.ids(m)
+        sft = self.sources[0].sft is not None
         try:
-            rows = [self.readers[int(s)].read(int(j)) for s, j in zip(src, sample)]
+            if sft:
+                rows = [self.readers[int(s)].read_sft(int(j)) for s, j in zip(src, sample)]
+            else:
+                rows = [self.readers[int(s)].read(int(j)) for s, j in zip(src, sample)]
         except DataError as e:
             return {"error": str(e)}
-        return {"tokens": torch.from_numpy(np.stack(rows).astype(np.int64)),
-                "sample_ids": torch.from_numpy(self.order.offsets[src] + sample)}
+        out = {"sample_ids": torch.from_numpy(self.order.offsets[src] + sample)}
+        if not sft:
+            return dict(out, tokens=torch.from_numpy(np.stack(rows).astype(np.int64)))
+        seq = np.arange(len(rows[0][0]))
+        mask = torch.from_numpy(np.stack([r[1] for r in rows]).astype(np.int64))
+        docs = np.stack([np.searchsorted(r[2], seq, side="right") - 1 for r in rows])
+        return dict(out, tokens=torch.from_numpy(np.stack([r[0] for r in rows]).astype(np.int64)),
+                    loss_mask=(mask != 0).float(), answer_mask=mask == 1, doc_ids=torch.from_numpy(docs))
 
 
 class _Forever(Sampler):
@@ -211,6 +224,7 @@ class PretrainLoader:
             raise DataError(f"dp_rank {dp_rank} is outside [0, dp_size={dp_size})")
         if num_workers < 0:
             raise DataError(f"--num-workers must be >= 0, got {num_workers}")
+        check_same_kind(sources)
         self.sources, self.seq_length = sources, seq_length
         self.order = DataOrder([s.num_samples for s in sources], [s.weight for s in sources], seed, shuffle)
         self.G, self.mbs, self.dp_rank, self.dp_size = global_batch, micro_batch, dp_rank, dp_size
@@ -323,6 +337,23 @@ def resolve_valid_path(data_path_dirs: list) -> list[tuple[float, str]]:
     return [(w / total, d) for w, d in out]
 
 
+def check_same_kind(sources: list[Source]) -> None:
+    """Instruction datasets (prepare-sft) and pretraining datasets cannot be blended (no loss mask in one)."""
+    kinds = {s.sft is not None for s in sources}
+    if len(kinds) > 1:
+        sft = [s.directory for s in sources if s.sft][:2]
+        plain = [s.directory for s in sources if not s.sft][:2]
+        raise DataError(f"--data-path blends instruction datasets ({', '.join(sft)}) with pretraining datasets "
+                        f"({', '.join(plain)}): prepare all of them with mdm-data prepare-sft (or none)")
+
+
+def is_sft(loader) -> str | None:
+    """The instruction layout a loader reads (``"packed"``/``"padded"``), or None (pretraining data)."""
+    sources = getattr(loader, "sources", None) or []
+    layouts = {s.sft for s in sources}
+    return "packed" if "packed" in layouts else next(iter(layouts), None)
+
+
 class ValidLoader:
     """Deterministic validation micro-batches: manifest order, every ``iter()`` starts at the beginning.
 
@@ -331,6 +362,7 @@ class ValidLoader:
     """
 
     def __init__(self, sources: list[Source], micro_batch: int, dp_rank: int, dp_size: int) -> None:
+        check_same_kind(sources)
         self.sources, self.mbs, self.dp_rank, self.dp_size = sources, micro_batch, dp_rank, dp_size
         order = DataOrder([s.num_samples for s in sources], [s.weight for s in sources], 0, "none")
         self.dataset = MicroBatches(sources, order, 0, micro_batch * dp_size, micro_batch, dp_rank, dp_size)
@@ -368,7 +400,7 @@ def verify_dataset(directory: str) -> dict:
                 raise DataError(f"{ip}: index sidecar does not match the members of {shard}")
         reader = SampleReader(src)
         for j in range(src.num_samples):
-            reader.read(j)
+            reader.read_sft(j) if src.sft else reader.read(j)
         reader.close()
         out[d] = m["num_samples"]
     return out

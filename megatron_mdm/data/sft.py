@@ -1,14 +1,18 @@
-"""Supervised-finetuning data: prompt/completion jsonl into ``tokens`` and ``loss_mask`` batches.
+"""Small instruction sets held in memory (``--sft-data``): jsonl -> ``tokens``/``loss_mask`` batches.
 
-A sample is ``prompt ids + completion ids + EOS``, padded with EOS to ``seq_length`` (as LLaDA's SFT
-does, so the model learns to end). ``loss_mask`` is 0 on prompt positions and 1 on the completion, its
-EOS and the EOS padding. A sample longer than ``seq_length`` is an error naming file and line (filter or
-raise ``--seq-length``; silently truncating a completion would teach the model to stop mid-answer).
+Records are encoded as ``mdm-data prepare-sft`` encodes them (``chat.encode_example``: ``prompt``/``completion``
+or multi-turn ``messages``), in its ``padded`` layout (LLaDA's SFT): one example per sequence, padded with EOS,
+the completion, its EOS and the EOS padding in the loss (so the model learns to end). A sample longer than
+``seq_length`` is an error naming file and line (silently truncating a completion would teach the model to
+stop mid-answer). For sets that do not fit in memory, blends, packing and ``--truncate``, prepare shards with
+``mdm-data prepare-sft`` and train with ``--data-path``.
 
-The loader keeps every sample in memory (SFT sets are small). Each epoch is a permutation seeded by
-``(seed, epoch)``, split over data-parallel ranks by stride and cut to the same length on every rank.
-The state is global (``{seed, dp_size, num_samples}``; the trainer adds ``consumed_samples``): each rank
-has read ``consumed_samples / dp_size`` samples, which fixes its epoch and position. Resuming with another
+Batches: ``tokens``, ``loss_mask`` (1 where the loss is), ``answer_mask`` (the completion tokens, for the
+completion-only loss) and ``doc_ids`` (zeros: one example per sequence, normalised by its own length).
+The loader keeps every sample in memory. Each epoch is a permutation seeded by ``(seed, epoch)``, split over
+data-parallel ranks by stride and cut to the same length on every rank. The state is global
+(``{seed, dp_size, num_samples}``; the trainer adds ``consumed_samples``): each rank has read
+``consumed_samples / dp_size`` samples, which fixes its epoch and position. Resuming with another
 ``dp_size``, seed or data is refused unless ``override`` (``--override-data-state``).
 """
 
@@ -22,40 +26,46 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from megatron_mdm.data.chat import PAD_IN_LOSS, ExampleError, encode_example
 from megatron_mdm.data.format import DataError
 
 log = logging.getLogger(__name__)
 
 
-def encode_prompt_completion(tokenizer, prompt: str, completion: str, seq_length: int
-                             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Encode one SFT pair.
-
-    Args:
-        tokenizer: an ``MDMTokenizer``.
-        prompt, completion: raw texts (special-token strings are encoded as text).
-        seq_length: output length.
-
-    Returns:
-        ``tokens`` LongTensor[seq_length] and ``loss_mask`` FloatTensor[seq_length].
+def encode_record(tokenizer, rec, seq_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One record in the padded layout: ``tokens`` LongTensor[seq_length] and the uint8 loss mask
+    ``[seq_length]`` (0 context, 1 completion, 2 EOS padding in the loss).
 
     Raises:
-        DataError: prompt + completion + EOS is longer than ``seq_length``.
+        ExampleError: a bad record, or one longer than ``seq_length`` (kind ``too_long``).
     """
-    p = tokenizer.encode(prompt)
-    c = tokenizer.encode(completion)
-    n = len(p) + len(c) + 1
+    ids, mask = encode_example(tokenizer, rec)
+    n = len(ids)
     if n > seq_length:
-        raise DataError(f"sample of {n} tokens (prompt {len(p)}, completion {len(c)}, EOS) is longer than "
-                        f"seq_length {seq_length}")
+        raise ExampleError("too_long", f"example of {n} tokens ({int((mask != 0).sum())} in the loss) is longer "
+                           f"than seq_length {seq_length}")
     tokens = torch.full((seq_length,), tokenizer.eos_id, dtype=torch.long)
-    tokens[: len(p) + len(c)] = torch.tensor(p + c, dtype=torch.long)
-    loss_mask = torch.ones(seq_length, dtype=torch.float32)
-    loss_mask[: len(p)] = 0.0
-    return tokens, loss_mask
+    tokens[:n] = torch.from_numpy(ids)
+    lm = torch.full((seq_length,), PAD_IN_LOSS, dtype=torch.uint8)
+    lm[:n] = torch.from_numpy(mask)
+    return tokens, lm
 
 
-def _read_pairs(path: str) -> Iterator[tuple[int, str, str]]:
+def encode_prompt_completion(tokenizer, prompt: str, completion: str, seq_length: int
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``tokens`` LongTensor[seq_length] and ``loss_mask`` FloatTensor[seq_length] of one pair (padded layout).
+
+    Raises:
+        DataError: a bad pair, or prompt + completion + EOS longer than ``seq_length``.
+    """
+    try:
+        tokens, lm = encode_record(tokenizer, {"prompt": prompt, "completion": completion}, seq_length)
+    except ExampleError as e:
+        raise DataError(str(e)) from None
+    return tokens, (lm != 0).float()
+
+
+def _read_records(path: str) -> Iterator[tuple[int, object]]:
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()  # SFT files are small
     except (OSError, UnicodeDecodeError) as e:
@@ -67,14 +77,11 @@ def _read_pairs(path: str) -> Iterator[tuple[int, str, str]]:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{n}: malformed JSON: {e.msg}") from None
-        if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) or \
-                not isinstance(rec.get("completion"), str):
-            raise DataError(f"{path}:{n}: expected string fields 'prompt' and 'completion'")
-        yield n, rec["prompt"], rec["completion"]
+        yield n, rec
 
 
 class SFTLoader:
-    """Infinite iterable of ``{"tokens": LongTensor[b, s], "loss_mask": FloatTensor[b, s]}`` for one dp rank."""
+    """Infinite iterable of ``{"tokens", "loss_mask", "answer_mask", "doc_ids"}`` ``[b, s]`` batches of one dp rank."""
 
     def __init__(self, tokens: torch.Tensor, loss_mask: torch.Tensor, micro_batch_size: int, dp_rank: int,
                  dp_size: int, seed: int, shuffle: bool, override: bool = False) -> None:
@@ -104,7 +111,9 @@ class SFTLoader:
                     epoch, pos = epoch + 1, 0
                     order = self._order(epoch)
             self._state = {"epoch": epoch, "pos": pos}
-            yield {"tokens": self.tokens[idx], "loss_mask": self.loss_mask[idx]}
+            lm = self.loss_mask[idx]
+            yield {"tokens": self.tokens[idx], "loss_mask": (lm != 0).float(), "answer_mask": lm == 1,
+                   "doc_ids": torch.zeros(lm.shape, dtype=torch.long)}
 
     def state_dict(self) -> dict:
         """The order's description (the trainer adds ``consumed_samples``)."""
@@ -129,7 +138,7 @@ def build_sft_loader(files: list[str], tokenizer, seq_length: int, micro_batch_s
     """Load, encode and check every prompt/completion pair; errors name file and line.
 
     Args:
-        files: jsonl files with string fields ``prompt`` and ``completion``.
+        files: jsonl files of ``prompt``/``completion`` or ``messages`` records.
         tokenizer: an ``MDMTokenizer``.
         seq_length, micro_batch_size: batch shape ``[micro_batch_size, seq_length]``.
         dp_rank, dp_size: data-parallel rank and size.
@@ -139,10 +148,10 @@ def build_sft_loader(files: list[str], tokenizer, seq_length: int, micro_batch_s
     """
     toks, masks = [], []
     for path in files:
-        for n, prompt, completion in _read_pairs(path):
+        for n, rec in _read_records(path):
             try:
-                t, m = encode_prompt_completion(tokenizer, prompt, completion, seq_length)
-            except DataError as e:
+                t, m = encode_record(tokenizer, rec, seq_length)
+            except ExampleError as e:
                 raise DataError(f"{path}:{n}: {e}") from None
             toks.append(t)
             masks.append(m)

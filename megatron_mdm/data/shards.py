@@ -71,6 +71,7 @@ class Source:
     fingerprint: str = ""  # sha256 over the shards' sample counts and checksums, in order
     index_paths: list[str | None] = field(default_factory=list)  # None: built in memory (``memory_index``)
     memory_index: dict[int, np.ndarray] = field(default_factory=dict)
+    sft: str | None = None  # instruction data: the layout ("packed" or "padded"), None for pretraining data
 
     @property
     def num_samples(self) -> int:
@@ -132,7 +133,8 @@ def check_manifests(data_path: list[tuple[float, str]], seq_length: int, tokeniz
             raise DataError(f"{where}: vocab_size {m['vocab_size']}, but the model's tokenizer has {vocab_size} "
                             "(edited manifest?)")
         src = Source(str(d), float(weight), [], [], m["dtype"], int(m["mask_id"]), int(m["vocab_size"]),
-                     int(m["seq_length"]), hashlib.sha256(listing.encode()).hexdigest())
+                     int(m["seq_length"]), hashlib.sha256(listing.encode()).hexdigest(),
+                     sft=(m.get("sft") or {}).get("layout"))
         legacy = []
         for s in m["shards"]:
             p = Path(d) / s["path"]
@@ -163,7 +165,7 @@ def check_manifests(data_path: list[tuple[float, str]], seq_length: int, tokeniz
                                     "(edited manifest?)")
                 src.memory_index[i] = idx
         reader = SampleReader(src)
-        reader.read(0)  # the first sample decodes to seq_length valid ids, or fail now
+        reader.read_sft(0) if src.sft else reader.read(0)  # the first sample decodes, or fail now
         reader.close()
         out.append(src)
     return out
@@ -250,6 +252,40 @@ class SampleReader:
         if (arr == self.src.mask_id).any():
             raise DataError(f"{path}: sample {local} contains the mask id {self.src.mask_id}")
         return arr
+
+    def _next_member(self, fd: int, off: int, size: int, ext: str, path: str, local: int) -> tuple[int, int]:
+        """(offset, size) of the data of the tar member after the one at ``off``; it must end in ``ext``."""
+        header = off + -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+        try:
+            info = tarfile.TarInfo.frombuf(os.pread(fd, tarfile.BLOCKSIZE, header), "utf-8", "surrogateescape")
+        except tarfile.TarError as e:
+            raise DataError(f"{path}: sample {local}: no .{ext} member after its tokens ({e})") from None
+        if not info.name.endswith("." + ext):
+            raise DataError(f"{path}: sample {local}: member {info.name} where .{ext} was expected")
+        return header + tarfile.BLOCKSIZE, info.size
+
+    def read_sft(self, sample: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Tokens ``[seq_length]``, loss mask ``uint8 [seq_length]`` and example starts ``int64 [k]`` of an
+        instruction sample (``mdm-data prepare-sft``); DataError naming shard and sample when bad."""
+        tokens = self.read(sample)
+        shard, local = self.locate(sample)
+        off, size = self._row(shard, local)
+        path, fd = self.src.shards[shard], self._fd(shard)
+        out = []
+        for ext, dtype in ((fmt.LMASK_EXT, np.uint8), (fmt.DOCS_EXT, fmt.DOCS_DTYPE)):
+            off, size = self._next_member(fd, off, size, ext, path, local)
+            try:
+                out.append(np.frombuffer(self._dctx.decompress(os.pread(fd, size, off)), dtype=dtype))
+            except zstandard.ZstdError as e:
+                raise DataError(f"{path}: sample {local}: .{ext} does not decompress: {e}") from None
+        mask, starts = out
+        if len(mask) != len(tokens) or int(mask.max()) > 2:
+            raise DataError(f"{path}: sample {local}: loss mask of {len(mask)} values (max {int(mask.max())}), "
+                            f"expected {len(tokens)} values in 0..2")
+        if len(starts) == 0 or starts[0] != 0 or (np.diff(starts.astype(np.int64)) <= 0).any() or \
+                int(starts[-1]) >= len(tokens):
+            raise DataError(f"{path}: sample {local}: example starts {starts.tolist()[:8]} are not increasing from 0")
+        return tokens, mask, starts.astype(np.int64)
 
     def close(self) -> None:
         if self._pid == os.getpid():

@@ -133,14 +133,18 @@ class ShardWriter:
         info.mode = 0o644
         self._tar.addfile(info, io.BytesIO(data))  # type: ignore[union-attr]
 
-    def write(self, tokens: np.ndarray, starts: np.ndarray | None = None) -> None:
-        """Append one sequence ``tokens [seq_length]`` (and its document starts ``[k]``)."""
+    def write(self, tokens: np.ndarray, starts: np.ndarray | None = None, loss_mask: np.ndarray | None = None
+              ) -> None:
+        """Append one sequence ``tokens [seq_length]`` (and its document starts ``[k]``, its uint8 loss mask
+        ``[seq_length]`` for instruction data: written right after the tokens)."""
         if self._tar is None:
             name = f"{self.prefix}-{self._part:05d}.tar"
             self._tmp = self.directory / f".{name}.tmp{os.getpid()}"
             self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115 - closed in _finish
         key = fmt.sample_key(self._count)
         self._add(f"{key}.{fmt.TOKENS_EXT}", self._cctx.compress(tokens.astype(self.dtype).tobytes()))
+        if loss_mask is not None:
+            self._add(f"{key}.{fmt.LMASK_EXT}", self._cctx.compress(np.asarray(loss_mask, np.uint8).tobytes()))
         if self.doc_boundaries:
             st = np.zeros(0) if starts is None else starts
             self._add(f"{key}.{fmt.DOCS_EXT}", self._cctx.compress(st.astype(fmt.DOCS_DTYPE).tobytes()))
