@@ -208,19 +208,3 @@ def kill_job(rank: int, world: int, overrides: dict, kill: Optional[dict], log_p
     result = trainer.train()
     return {"iteration": result["iteration"], "losses": result["losses"]}
 
-
-def dp2_as_one_resume_job(rank: int, world: int, overrides: dict) -> dict:
-    """Resume a DP=2 checkpoint in one process that reads what the two DP ranks read (``DP2AsOneLoader``,
-    positioned at the checkpoint's consumed samples) and draws their masks: it must continue the DP=2 run."""
-    from jobs import DP2AsOneLoader
-
-    cfg = tiny_cfg(**overrides)
-    mb = cfg.optim.global_batch_size // cfg.optim.micro_batch_size // 2
-    loader = DP2AsOneLoader(cfg.data.seq_length, cfg.optim.micro_batch_size, mb)
-    trainer = make_trainer(cfg, loader)
-    trainer.load()
-    for r in loader.ranks:  # each DP rank had read half of the consumed samples
-        r.pos = trainer.state.consumed_samples // 2
-    result = trainer.train()
-    return {"losses": result["losses"], "grad_norms": [h["grad_norm"] for h in trainer.history],
-            "iteration": result["iteration"]}
