@@ -1,5 +1,6 @@
 """A scheduler's SIGTERM to the whole process group (trainer and its DataLoader workers) ends in a graceful
-save: the workers ignore it, the trainer finishes the step, saves, and exits 0."""
+save: the workers ignore it, the trainer finishes the step, saves, and exits 0. A SIGTERM from the trainer
+itself (the DataLoader's shutdown, and multiprocessing's at exit) still ends a worker."""
 
 import json
 import os
@@ -16,7 +17,6 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO / "examples" / "data" / "tinyshakespeare.txt.zst"
 
-pytestmark = [pytest.mark.slow]
 
 
 def _port() -> str:
@@ -39,6 +39,63 @@ def data(tmp_path_factory):
     return d
 
 
+def _worker_pids(it) -> list[int]:
+    return [w.pid for w in it._items._workers]  # the DataLoader iterator's worker processes
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.waitpid(pid, os.WNOHANG)  # reap it if it has exited (it is our child)
+    except ChildProcessError:
+        return False
+    return Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+
+
+@pytest.mark.skipif(not hasattr(signal, "sigwaitinfo"), reason="workers tell senders apart only on Linux")
+def test_workers_ignore_a_foreign_sigterm_but_not_the_trainers(data):
+    from megatron_mdm.data.loader import build_pretrain_loader
+
+    it = iter(build_pretrain_loader([(1.0, str(data / "shards"))], 64, 4, 2, 0, 1, 2, 0, verify="none"))
+    first = next(it)
+    pids = _worker_pids(it)
+    for pid in pids:  # from another process, as a scheduler's signal to the process group
+        subprocess.run(["kill", "-TERM", str(pid)], check=True)
+        subprocess.run(["kill", "-USR1", str(pid)], check=True)
+    time.sleep(1)
+    assert all(_alive(p) for p in pids)
+    assert next(it)["tokens"].shape == first["tokens"].shape
+    it._items._shutdown_workers()  # the trainer's own SIGTERM (terminate()): the next test
+    deadline = time.time() + 30
+    while any(_alive(p) for p in pids) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in pids)
+
+
+def test_exit_with_a_live_worker_loader_in_a_reference_cycle_does_not_hang(data, tmp_path):
+    """The DataLoader's cleanup of a loader freed by the cycle collector loses its stop message and falls back
+    to terminate(): workers that ignored every SIGTERM kept the interpreter waiting at exit forever."""
+    script = tmp_path / "cycle.py"
+    script.write_text(f"""
+import gc
+from megatron_mdm.data.loader import build_pretrain_loader
+
+class Holder:
+    pass
+
+h = Holder()
+h.it = iter(build_pretrain_loader([(1.0, {str(data / "shards")!r})], 64, 4, 2, 0, 1, 2, 0, verify="none"))
+h.me = h
+next(h.it)
+del h
+gc.collect()
+print("done", flush=True)
+""")
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "done" in r.stdout, r.stderr[-2000:]
+
+
+@pytest.mark.slow
 def test_sigterm_to_the_process_group_saves_and_exits_0(data, tmp_path):
     run = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_",

@@ -20,10 +20,10 @@ unless it was built with ``override=True`` (``--override-data-state``).
 
 from __future__ import annotations
 
-import atexit
 import logging
+import os
 import signal
-import weakref
+import threading
 from collections.abc import Iterator
 from itertools import count
 from pathlib import Path
@@ -165,23 +165,37 @@ class _Forever(Sampler):
 
 
 def ignore_stop_signals(_worker_id: int = 0) -> None:
-    """DataLoader ``worker_init_fn``: a scheduler's SIGTERM/SIGUSR1 to the whole process group must not
-    kill the workers (the trainer, which also gets it, saves a checkpoint and exits; workers end with it)."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_IGN)
+    """DataLoader ``worker_init_fn``: a scheduler's SIGTERM/SIGUSR1 to the whole process group must not kill
+    the workers (the trainer, which gets it too, finishes the step, saves and exits; the workers end with it).
+
+    A worker ignores both signals from anyone but its parent: a SIGTERM from the training process (the
+    DataLoader's own ``terminate()`` at shutdown or at exit) still ends it. On Linux a thread waits for the
+    blocked signals with ``sigwaitinfo`` to see the sender. Elsewhere (macOS) both are ignored, and a worker
+    ends through the DataLoader's own shutdown only.
+    """
+    stop = {signal.SIGTERM, signal.SIGUSR1}
+    if not hasattr(signal, "sigwaitinfo"):
+        for sig in stop:
+            signal.signal(sig, signal.SIG_IGN)
+        return
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop)  # threads started later inherit the mask
+
+    def watch() -> None:
+        while True:
+            info = signal.sigwaitinfo(stop)
+            if info.si_signo == signal.SIGTERM and info.si_pid == parent:
+                os._exit(128 + signal.SIGTERM)  # what the default action would do (no handler may run here)
+
+    threading.Thread(target=watch, name="stop-signals", daemon=True).start()
 
 
 class _Batches:
-    """Iterator over micro-batches that turns an ``{"error": ...}`` item into a DataError (one line, also
-    from a worker). Live iterators with workers are shut down at interpreter exit, before multiprocessing's
-    own exit handler: it would SIGTERM the workers, which ignore it, and wait for them forever."""
+    """Iterator over micro-batches that turns an ``{"error": ...}`` item into a DataError: one line, also when
+    the sample was read by a worker."""
 
-    live: weakref.WeakSet = weakref.WeakSet()
-
-    def __init__(self, items: Iterator[dict], loader: DataLoader | None = None) -> None:
+    def __init__(self, items: Iterator[dict]) -> None:
         self._items = items
-        if loader is not None:
-            _Batches.live.add(self)
 
     def __iter__(self) -> _Batches:
         return self
@@ -191,17 +205,6 @@ class _Batches:
         if "error" in b:
             raise DataError(b["error"])
         return b
-
-    def close(self) -> None:
-        shutdown = getattr(self._items, "_shutdown_workers", None)
-        if shutdown is not None:
-            shutdown()
-
-
-@atexit.register
-def _shutdown_live_workers() -> None:
-    for it in list(_Batches.live):
-        it.close()
 
 
 class PretrainLoader:
@@ -242,7 +245,7 @@ class PretrainLoader:
             return _Batches(ds[m] for m in count())
         dl = DataLoader(ds, batch_size=None, sampler=_Forever(), num_workers=self.num_workers,
                         worker_init_fn=ignore_stop_signals, persistent_workers=False)
-        return _Batches(iter(dl), dl)
+        return _Batches(iter(dl))
 
     def state_dict(self) -> dict:
         """The order's description (without the position: the trainer adds ``consumed_samples``)."""
