@@ -8,7 +8,6 @@ with the standard error combined over blocks (independent draws per block).
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from collections.abc import Callable, Sequence
@@ -28,25 +27,13 @@ def read_texts(path: str, field: str = "text") -> list[str]:
         EvalInputError: the file is missing or not UTF-8, or a jsonl line is not a JSON object with a
             string ``field``; the message names the file and line.
     """
-    from megatron_mdm.evaluation.loading import EvalInputError
+    from megatron_mdm.evaluation.loading import EvalInputError, iter_jsonl, read_data_lines
 
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except FileNotFoundError:
-        raise EvalInputError(f"--data {path}: no such file") from None
-    except UnicodeDecodeError as e:
-        raise EvalInputError(f"--data {path}: not UTF-8 text (byte {e.start})") from None
+    lines = read_data_lines(path)
     if not path.endswith(".jsonl"):
         return [ln for ln in lines if ln.strip()]
     texts = []
-    for k, ln in enumerate(lines, 1):
-        if not ln.strip():
-            continue
-        try:
-            row = json.loads(ln)
-        except json.JSONDecodeError as e:
-            raise EvalInputError(f"{path}:{k}: not valid JSON ({e.msg}, column {e.colno})") from None
+    for k, row in iter_jsonl(path, lines):
         if not isinstance(row, dict) or not isinstance(row.get(field), str):
             raise EvalInputError(f"{path}:{k}: expected a JSON object with a string {field!r} field")
         texts.append(row[field])

@@ -30,6 +30,28 @@ class EvalInputError(ValueError):
     """An input of mdm-eval / mdm-generate cannot be used; the one-line message names the flag or file."""
 
 
+def read_data_lines(path: str) -> list[str]:
+    """The lines of a ``--data`` file (UTF-8); a missing or undecodable file is an EvalInputError."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().splitlines()
+    except FileNotFoundError:
+        raise EvalInputError(f"--data {path}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise EvalInputError(f"--data {path}: not UTF-8 text (byte {e.start})") from None
+
+
+def iter_jsonl(path: str, lines: list[str]):
+    """``(line number, parsed value)`` of each non-empty line; invalid JSON is an EvalInputError naming file:line."""
+    for k, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            yield k, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise EvalInputError(f"{path}:{k}: not valid JSON ({e.msg}, column {e.colno})") from None
+
+
 @dataclass
 class HFTokenizer:
     """The few tokenizer attributes evaluation needs, over a ``transformers`` tokenizer."""

@@ -13,7 +13,6 @@ when the context tokenises as a prefix, else ``encode(choice)``.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -151,23 +150,10 @@ def load_jsonl_examples(path: str) -> list[Example]:
     Raises:
         EvalInputError: a missing file, or a line that is not such an object (the message names file:line).
     """
-    from megatron_mdm.evaluation.loading import EvalInputError
+    from megatron_mdm.evaluation.loading import EvalInputError, iter_jsonl, read_data_lines
 
     out = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except FileNotFoundError:
-        raise EvalInputError(f"--data {path}: no such file") from None
-    except UnicodeDecodeError as e:
-        raise EvalInputError(f"--data {path}: not UTF-8 text (byte {e.start})") from None
-    for k, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise EvalInputError(f"{path}:{k}: not valid JSON ({e.msg}, column {e.colno})") from None
+    for k, row in iter_jsonl(path, read_data_lines(path)):
         if not isinstance(row, dict) or not {"context", "choices", "gold"} <= set(row):
             raise EvalInputError(f"{path}:{k}: expected an object with context, choices and gold")
         context, choices, gold = row["context"], row["choices"], row["gold"]
