@@ -32,6 +32,8 @@ for _p in (str(REPO), str(Path(__file__).resolve().parent)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
+from bench_train import RandomTokens  # noqa: E402 - after the path set-up above
+
 
 class Recorder:
     """A dict mirrored to a JSON file after every update."""
@@ -45,27 +47,6 @@ class Recorder:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.data, indent=1, default=str))
         os.replace(tmp, self.path)
-
-
-class RandomTokens:
-    """Endless micro-batches of random tokens (stateful like the project's loaders)."""
-
-    def __init__(self, vocab: int, seq_length: int, micro_batch_size: int, seed: int, pool: int = 16):
-        g = torch.Generator().manual_seed(seed)
-        self.pool = torch.randint(0, vocab, (pool, micro_batch_size, seq_length), generator=g)
-        self.pos = 0
-
-    def __iter__(self):
-        while True:
-            batch = self.pool[self.pos % len(self.pool)]
-            self.pos += 1
-            yield {"tokens": batch.clone()}
-
-    def state_dict(self):
-        return {"pos": self.pos}
-
-    def load_state_dict(self, state):
-        self.pos = int(state["pos"])
 
 
 # ---- shared helpers ------------------------------------------------------------------------------
@@ -120,7 +101,7 @@ def make_trainer(cfg, vocab: int, seed: int = 100):
     from megatron_mdm.training import Trainer
 
     destroy_num_microbatches_calculator()
-    loader = RandomTokens(vocab - 2, cfg.data.seq_length, cfg.optim.micro_batch_size, seed)
+    loader = RandomTokens(vocab - 2, cfg.data.seq_length, cfg.optim.micro_batch_size, seed, pool=16)
     trainer = Trainer(cfg, vocab, vocab - 1, vocab - 2, loader)
     trainer._train_iter = iter(loader)
     for m in trainer.model:
@@ -370,7 +351,7 @@ def stage_max_micro_batch(p: dict, rec: Recorder) -> None:
     with fused_sdpa():
         for m in sizes:
             reset_memory()
-            trainer._train_iter = iter(RandomTokens(vocab - 2, p["seq"], m, seed=m))
+            trainer._train_iter = iter(RandomTokens(vocab - 2, p["seq"], m, seed=m, pool=16))
             try:
                 times = _timed_steps(trainer, 2)
             except Exception as e:  # noqa: BLE001 - OOM ends the search; anything else is a failure
