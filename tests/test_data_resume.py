@@ -1,53 +1,21 @@
 """The trainer's data position on the real loader: saved once (global) in the checkpoint's meta; a checkpoint
 without the global state (saved before it existed) resumes at its consumed samples with a warning."""
 
-import json
 import logging
-import random
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
 from dist import run_distributed
-
-REPO = Path(__file__).resolve().parents[1]
-CORPUS = REPO / "examples" / "data" / "tinyshakespeare.txt.zst"
+from real_data import WORDS, SampleIdRecorder, prepare_word_dataset
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from megatron_mdm.data.prepare import prepare
-    from megatron_mdm.tokenization import train_bpe_tokenizer
+    return prepare_word_dataset(tmp_path_factory.mktemp("resume"), 0, WORDS, 30, 200, 40)
 
-    d = tmp_path_factory.mktemp("resume")
-    rng = random.Random(0)
-    words = ["the", "of", "and", "to", "in", "a", "is", "that", "for", "it", "king", "queen", "sword", "rose"]
-    (d / "docs.jsonl").write_text("".join(json.dumps({"text": " ".join(rng.choice(words) for _ in range(30))}) + "\n"
-                                          for _ in range(200)))
-    train_bpe_tokenizer([str(CORPUS)], 400, d / "tok", max_docs=300)
-    prepare([str(d / "docs.jsonl")], str(d / "tok"), str(d / "shards"), 16, shard_tokens=16 * 40)
-    return d
-
-
-class _Recorder:
-    """The loader, recording the sample ids of every micro-batch it hands out."""
-
-    def __init__(self, loader):
-        self.loader, self.ids = loader, []
-
-    def __iter__(self):
-        for batch in self.loader:
-            self.ids.append(batch["sample_ids"].tolist())
-            yield batch
-
-    def state_dict(self):
-        return self.loader.state_dict()
-
-    def load_state_dict(self, state):
-        self.loader.load_state_dict(state)
 
 
 def resume_job(rank: int, world: int, data: str, overrides: dict) -> dict:
@@ -60,7 +28,7 @@ def resume_job(rank: int, world: int, data: str, overrides: dict) -> dict:
     cfg = tiny_cfg(tokenizer=f"{data}/tok", data_path=[f"{data}/shards"], num_workers=1, **overrides)
     runtime.init_distributed(cfg.parallel, cfg.model.num_layers)
     tok, loader, _ = build_data(cfg)
-    rec = _Recorder(loader)
+    rec = SampleIdRecorder(loader)
     trainer = Trainer(cfg, tok.vocab_size, tok.mask_id, tok.pad_id, rec)
     warnings = []
     handler = logging.Handler(logging.WARNING)

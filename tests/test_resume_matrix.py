@@ -26,15 +26,10 @@ ranks: the set of samples, and their order, is the uninterrupted run's.
 
 from __future__ import annotations
 
-import json
-import random
-from pathlib import Path
-
 import pytest
 from dist import run_distributed
+from real_data import WORDS, SampleIdRecorder, prepare_word_dataset
 
-REPO = Path(__file__).resolve().parents[1]
-CORPUS = REPO / "examples" / "data" / "tinyshakespeare.txt.zst"
 N = 2
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
@@ -56,36 +51,9 @@ LAYOUTS = {
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from megatron_mdm.data.prepare import prepare
-    from megatron_mdm.tokenization import train_bpe_tokenizer
+    words = WORDS + ["night", "crown", "love", "death", "speak", "lord"]
+    return prepare_word_dataset(tmp_path_factory.mktemp("matrix"), 1, words, 40, 160, 50)
 
-    d = tmp_path_factory.mktemp("matrix")
-    rng = random.Random(1)
-    words = ["the", "of", "and", "to", "in", "a", "is", "that", "for", "it", "king", "queen", "sword", "rose",
-             "night", "crown", "love", "death", "speak", "lord"]
-    (d / "docs.jsonl").write_text("".join(json.dumps({"text": " ".join(rng.choice(words) for _ in range(40))})
-                                          + "\n" for _ in range(160)))
-    train_bpe_tokenizer([str(CORPUS)], 400, d / "tok", max_docs=300)
-    prepare([str(d / "docs.jsonl")], str(d / "tok"), str(d / "shards"), 16, shard_tokens=16 * 50)
-    return d
-
-
-class _Recorder:
-    """The loader, recording the sample ids of every micro-batch it hands out."""
-
-    def __init__(self, loader):
-        self.loader, self.ids = loader, []
-
-    def __iter__(self):
-        for batch in self.loader:
-            self.ids.append(batch["sample_ids"].tolist())
-            yield batch
-
-    def state_dict(self):
-        return self.loader.state_dict()
-
-    def load_state_dict(self, state):
-        self.loader.load_state_dict(state)
 
 
 def _one_run(data: str, layout: str, extra: dict) -> dict:
@@ -101,7 +69,7 @@ def _one_run(data: str, layout: str, extra: dict) -> dict:
                    **LAYOUTS[layout], **extra)
     runtime.init_distributed(cfg.parallel, cfg.model.num_layers)
     tok, loader, _ = build_data(cfg)
-    rec = _Recorder(loader)
+    rec = SampleIdRecorder(loader)
     trainer = Trainer(cfg, tok.vocab_size, tok.mask_id, tok.pad_id, rec)
     try:
         trainer.load()
