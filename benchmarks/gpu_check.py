@@ -33,7 +33,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,6 +41,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES_SCRIPT = Path(__file__).resolve().parent / "gpu_check_stages.py"
+sys.path.insert(0, str(REPO))
+from megatron_mdm.ports import free_port  # noqa: E402 - standard library only, runs before any install
 
 # (stage, time limit on the GPU in s, time limit in a dry run in s)
 STAGES = [("env", 90, 240), ("correctness", 150, 300), ("throughput", 240, 300),
@@ -153,12 +154,6 @@ def install_wheels(wheel_dir: str, site: str, env: dict, required: str = "megatr
 
 
 # ---- stages ----------------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def run_stage(name: str, params: dict, out: Path, env: dict, limit: float) -> dict:
     """Run one stage in its own process group; kill it at ``limit`` seconds."""

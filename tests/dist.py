@@ -12,18 +12,13 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 import tempfile
 import traceback
 from typing import Any, Callable
 
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from megatron_mdm.ports import free_port  # noqa: F401 - re-exported for the tests
 
 
 def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, out_dir: str) -> None:
@@ -46,23 +41,32 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, ou
         pickle.dump(result, f)
 
 
-def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 600) -> list:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo processes; return the results."""
-    with tempfile.TemporaryDirectory() as out_dir:
-        ctx = mp.start_processes(
-            _worker, args=(world_size, free_port(), fn, args, out_dir), nprocs=world_size,
-            join=False, start_method="spawn",
-        )
-        while not ctx.join(timeout=timeout):
-            pass
-        results = []
-        for rank in range(world_size):
-            path = os.path.join(out_dir, f"{rank}.pkl")
-            if not os.path.exists(path):
-                raise RuntimeError(f"rank {rank} produced no result")
-            with open(path, "rb") as f:
-                status, value = pickle.load(f)
-            if status == "error":
-                raise RuntimeError(f"rank {rank} failed:\n{value}")
-            results.append(value)
-        return results
+def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 600,
+                    attempts: int = 3) -> list:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo processes; return the results.
+
+    A run whose rendezvous port was taken before rank 0 could bind it (``EADDRINUSE``, nothing has
+    run yet) starts again on another port, up to ``attempts`` times."""
+    for attempt in range(attempts):
+        with tempfile.TemporaryDirectory() as out_dir:
+            ctx = mp.start_processes(
+                _worker, args=(world_size, free_port(), fn, args, out_dir), nprocs=world_size,
+                join=False, start_method="spawn",
+            )
+            while not ctx.join(timeout=timeout):
+                pass
+            outcomes = []
+            for rank in range(world_size):
+                path = os.path.join(out_dir, f"{rank}.pkl")
+                if not os.path.exists(path):
+                    raise RuntimeError(f"rank {rank} produced no result")
+                with open(path, "rb") as f:
+                    outcomes.append(pickle.load(f))
+        errors = [(rank, value) for rank, (status, value) in enumerate(outcomes) if status == "error"]
+        if errors and attempt + 1 < attempts and any("EADDRINUSE" in value for _, value in errors):
+            continue
+        if errors:
+            rank, value = errors[0]
+            raise RuntimeError(f"rank {rank} failed:\n{value}")
+        return [value for _, value in outcomes]
+    raise AssertionError("unreachable")

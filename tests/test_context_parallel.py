@@ -171,20 +171,12 @@ def test_cp2_equals_cp1(runs, objective):
 
 @pytest.mark.dist
 @pytest.mark.slow
-def test_cp2_checkpoint_resumes_at_cp1(runs):
-    resumed, full = runs["cp2_to_cp1"], runs["cp2_mdm"]
-    assert resumed["iteration"] == ITERS and len(resumed["losses"]) == ITERS - 2
-    _close(resumed["losses"], full["losses"][2:])
-    _close(resumed["grad_norms"], full["grad_norms"][2:])
-
-
-@pytest.mark.dist
-@pytest.mark.slow
-def test_cp1_checkpoint_resumes_at_cp2(runs):
-    resumed, full = runs["cp1_to_cp2"], runs["cp1_mdm"]
-    assert resumed["iteration"] == ITERS and len(resumed["losses"]) == ITERS - 2
-    _close(resumed["losses"], full["losses"][2:])
-    _close(resumed["grad_norms"], full["grad_norms"][2:])
+@pytest.mark.parametrize("saved, resumed", [("cp2", "cp1"), ("cp1", "cp2")])
+def test_cp_checkpoint_resumes_at_the_other_cp_size(runs, saved, resumed):
+    got, full = runs[f"{saved}_to_{resumed}"], runs[f"{saved}_mdm"]
+    assert got["iteration"] == ITERS and len(got["losses"]) == ITERS - 2
+    _close(got["losses"], full["losses"][2:])
+    _close(got["grad_norms"], full["grad_norms"][2:])
 
 
 # ---- configuration (no processes) -------------------------------------------------------------------

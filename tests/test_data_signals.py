@@ -5,7 +5,6 @@ itself (the DataLoader's shutdown, and multiprocessing's at exit) still ends a w
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -14,15 +13,15 @@ from pathlib import Path
 
 import pytest
 
+from megatron_mdm.ports import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO / "examples" / "data" / "tinyshakespeare.txt.zst"
 
 
 
 def _port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
+    return str(free_port())
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from megatron_mdm.config import ConfigError, add_arguments, from_args
+from megatron_mdm.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "examples" / "configs"
@@ -104,9 +104,7 @@ def _records(run: Path) -> list[dict]:
 def test_short_pipeline_pretrain_and_resume(tmp_path):
     """tokenizer -> shards with a validation split -> TP=2 pretraining, 10 steps, saved -> resume to 15."""
     py = sys.executable
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
+    port = str(free_port())
     torchrun = [py, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port]
     tok, shards, run = tmp_path / "tok", tmp_path / "shards", tmp_path / "run"
     _run([py, str(REPO / "tokenizer/train_tokenizer.py"), "--input", str(CORPUS), "--vocab-size", "512",

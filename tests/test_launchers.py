@@ -6,12 +6,13 @@ variables (no RANK/WORLD_SIZE), so ``runtime.detect_launch_env`` must find rank,
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from megatron_mdm.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO / "examples" / "data" / "tinyshakespeare.txt.zst"
@@ -20,9 +21,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.dist]
 
 
 def _port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
+    return str(free_port())
 
 
 def _clean_env(**extra) -> dict:

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from megatron_mdm.config import Config
+from megatron_mdm.ports import free_port
 from megatron_mdm.sweep.curves import RunError, load_run, read_metrics, unigram_entropy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,7 +104,7 @@ def test_unigram_entropy_of_known_tokens(dataset, tmp_path):
 @pytest.mark.slow
 def test_mdm_plot_writes_a_png_for_a_real_run(dataset, tmp_path):
     run = tmp_path / "run"
-    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     cmd = [sys.executable, str(REPO / "pretrain/pretrain_mdm.py"), "--preset", "tiny", "--tokenizer",
            str(dataset / "tok"), "--data-path", str(dataset / "shards"), "--seq-length", str(S),
@@ -129,9 +130,3 @@ def test_mdm_plot_writes_a_png_for_a_real_run(dataset, tmp_path):
     assert main([str(run), "--label", "a", "--label", "b"]) == 2
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -45,3 +45,27 @@ def test_cpu_fallback_enable_disable_restores_torch():
         cpu_fallback.disable()
     assert (torch.cuda.current_device, torch.Tensor.cuda, torch.Tensor.type) == before
     assert torch.zeros(1).type() == "torch.FloatTensor"
+
+
+def test_free_port_is_bindable_and_outside_the_ephemeral_range(tmp_path, monkeypatch):
+    import socket
+
+    from megatron_mdm import ports
+
+    lo, hi = ports.ephemeral_range()
+    seen = set()
+    for _ in range(20):
+        port = ports.free_port()
+        assert not lo <= port <= hi and 1024 < port < 65536
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))  # free now
+        seen.add(port)
+    assert len(seen) > 10  # drawn at random, not a fixed sequence that concurrent callers would share
+    (tmp_path / "range").write_text(f"{10000 + 1001}\t65535\n")
+    assert ports.ephemeral_range(str(tmp_path / "range")) == (11001, 65535)
+    assert ports.ephemeral_range(str(tmp_path / "missing")) == (49152, 65535)
+    # where no band is free of the ephemeral range, the kernel chooses
+    monkeypatch.setattr(ports, "ephemeral_range", lambda: (1024, 65535))
+    port = ports.free_port()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -37,9 +36,9 @@ CORPUS = ROOT / "examples" / "data" / "tinyshakespeare.txt.zst"
 
 def sh(cmd: list[str], log: Path) -> None:
     """Run one command (this checkout on PYTHONPATH), its output to ``log``; stop with the log's tail on failure."""
-    with socket.socket() as s:  # a free rendezvous port: other jobs may hold the default 29500
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from megatron_mdm.ports import free_port
+
+    port = free_port()  # a free rendezvous port: other jobs may hold the default 29500
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"), MASTER_PORT=str(port))
     t0 = time.perf_counter()

@@ -41,7 +41,6 @@ import json
 import os
 import random
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -51,6 +50,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # run as a script from a clone without installing
     sys.path.insert(0, str(REPO))
+
+from megatron_mdm.ports import free_port  # noqa: E402 - after the checkout is on sys.path
 
 TRAIN_FILES = ("p2d_prompts_train", "d2p_prompts_train", "both_prompts_train")
 # test file -> (the training direction of its people, same/reverse direction)
@@ -386,12 +387,6 @@ def _checkpoint_dir(load: str) -> Path:
     return resolve_checkpoint(load)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def model_flags(args) -> list[str]:
     if args.load:  # the checkpoint decides the architecture
         import yaml
@@ -413,7 +408,7 @@ def training_command(args, objective: str, data_dir: Path, tok_dir: Path, save: 
     if mbs * args.nproc != args.global_batch_size:
         raise SystemExit(f"--global-batch-size {args.global_batch_size} is not divisible by --nproc {args.nproc}")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc),
-           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
            str(REPO / "pretrain" / "pretrain_mdm.py"),
            *model_flags(args), "--objective", objective, "--tokenizer", str(tok_dir),
            "--sft-data", str(data_dir / "*_prompts_train.jsonl"), "--seq-length", str(args.seq_length),

@@ -109,10 +109,8 @@ def ensure_single_process_world(cfg: Config, force_cpu: bool = True) -> bool:
         runtime.init_parallel_state(cfg.parallel, cfg.model.num_layers)
         return False
     if "RANK" not in os.environ and "MASTER_PORT" not in os.environ:
-        import socket
+        from megatron_mdm.ports import free_port
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+        os.environ["MASTER_PORT"] = str(free_port())
     runtime.init_distributed(cfg.parallel, cfg.model.num_layers, force_cpu=force_cpu)
     return True

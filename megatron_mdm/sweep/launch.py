@@ -13,12 +13,12 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from megatron_mdm.ports import free_port
 from megatron_mdm.sweep.plan import Plan, Run
 
 DONE = "sweep_done.json"
@@ -76,12 +76,6 @@ def model_flags(run: Run) -> list[str]:
     return [x for k, v in run.model.items() if v is not None for x in ("--" + k.replace("_", "-"), str(v))]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def local_command(plan: Plan, run: Run, out: str | Path, nproc: int = 1, python: str | None = None,
                   repo: str | Path | None = None, nice: int | None = None) -> list[str]:
     """The command line that trains one run here: python (one process) or torchrun (``nproc`` > 1)."""
@@ -89,7 +83,7 @@ def local_command(plan: Plan, run: Run, out: str | Path, nproc: int = 1, python:
     script = str(pretrain_script(repo))
     cmd = [py, script] if nproc == 1 else \
         [py, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
-         "--master-port", str(_free_port()), script]
+         "--master-port", str(free_port()), script]
     cmd += train_args(plan, run, out)
     d = run_dir(out, run)
     if checkpoint_iteration(d) is not None:
@@ -141,7 +135,7 @@ def launch_local(plan: Plan, out: str | Path, nproc: int = 1, python: str | None
         env = dict(os.environ)
         env.setdefault("OMP_NUM_THREADS", "1")
         if nproc == 1:
-            env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+            env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(repo or REPO)), env.get("PYTHONPATH")]))
         t0 = time.time()
         with open(d / "train.log", "a", encoding="utf-8") as logf:
