@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator, Optional
 
-from megatron_mdm.ckpt_files import OLD_TAG, CheckpointError, complete_iterations
+from megatron_mdm.ckpt_files import OLD_TAG, CheckpointError, complete_iterations, iteration_dir
 
 log = logging.getLogger(__name__)
 
@@ -241,13 +241,18 @@ def first_line(e: BaseException) -> str:
     return text[0][:300] if text else type(e).__name__
 
 
-def failure_line(e: BaseException) -> str:
-    """The first line of the underlying error (a torch CheckpointException's first rank failure)."""
-    failures = getattr(e, "failures", None)
+def first_failure(e: BaseException) -> BaseException:
+    """The underlying error: a torch CheckpointException's first rank failure, else ``e`` itself."""
+    failures = getattr(e, "failures", None)  # {rank: (exc, trace)}
     if isinstance(failures, dict) and failures:
         first = next(iter(failures.values()))
-        e = first[0] if isinstance(first, tuple) else first
-    return first_line(e)
+        return first[0] if isinstance(first, tuple) else first
+    return e
+
+
+def failure_line(e: BaseException) -> str:
+    """The first line of the underlying error (a torch CheckpointException's first rank failure)."""
+    return first_line(first_failure(e))
 
 
 def previous_complete(ckpt_dir: Path) -> Optional[int]:
@@ -259,8 +264,8 @@ def previous_complete(ckpt_dir: Path) -> Optional[int]:
     this = int(m.group(1))
     root = ckpt_dir.parent
     for it in reversed([i for i in complete_iterations(root) if i < this]):
-        candidates = [root / f"iter_{it:07d}"] + sorted(root.glob(f"iter_{it:07d}{OLD_TAG}*"))
-        for cand in candidates:
+        final = iteration_dir(root, it)
+        for cand in [final] + sorted(root.glob(f"{final.name}{OLD_TAG}*")):
             if not cand.is_dir():
                 continue
             try:
@@ -313,8 +318,5 @@ def save_error_reason(exc: BaseException, root: Optional[Path] = None) -> str:
             usage = None
         if usage is not None and usage.free < min(256 << 20, usage.total // 100):
             return f"disk full ({usage.free >> 20} MB free): {failure_line(exc)}"
-    failures = getattr(exc, "failures", None)
-    if isinstance(failures, dict) and failures:
-        first = next(iter(failures.values()))
-        exc = first[0] if isinstance(first, tuple) else first
+    exc = first_failure(exc)
     return f"{type(exc).__name__}: {first_line(exc)}"
