@@ -110,7 +110,8 @@ def main() -> int:
     rng = random.Random(args.seed)
     tok, shards = prepare(work)
     sys.path.insert(0, str(REPO))
-    from megatron_mdm import ckpt_files, ckpt_integrity
+    from megatron_mdm import ckpt_integrity
+    from megatron_mdm.checkpoint import layout
 
     ref_run = work / "reference"
     if ref_run.exists():
@@ -134,24 +135,24 @@ def main() -> int:
         trial_kills = trial_in_save = launches = 0
         seen: set[str] = set()
         while True:
-            load = ckpt_files.read_latest_iteration(run) is not None if run.exists() else False
+            load = layout.read_latest_iteration(run) is not None if run.exists() else False
             kill_after = rng.uniform(0, t_ref) if trial_kills < args.max_kills else None
             rc, _ = launch(command(args, tok, shards, run, load), log, kill_after)
             launches += 1
             if rc is None:
                 trial_kills += 1
-                left = {d.name for d in run.glob("iter_*") if ckpt_files.TMP_TAG in d.name or ckpt_files.OLD_TAG in d.name}
+                left = {d.name for d in run.glob("iter_*") if layout.TMP_TAG in d.name or layout.OLD_TAG in d.name}
                 trial_in_save += bool(left - seen)  # this kill cut a save short
                 seen |= left
                 continue
             break
         got = records(run)
         bad = [r["iteration"] for r in got if ref.get(r["iteration"]) != (r["loss"], r["grad_norm"])]
-        final = ckpt_files.read_latest_iteration(run)
+        final = layout.read_latest_iteration(run)
         try:
-            ckpt_integrity.verify_files(ckpt_files.resolve_checkpoint(run))
+            ckpt_integrity.verify_files(layout.resolve_checkpoint(run))
             intact = True
-        except ckpt_files.CheckpointError as e:
+        except layout.CheckpointError as e:
             intact, bad = False, bad + [str(e)]
         ok = rc == 0 and final == args.iters and intact and not bad and {r["iteration"] for r in got} == set(ref)
         exact += ok

@@ -17,7 +17,7 @@ TP/PP layout), the ``optimizer`` (fully reshardable, also the distributed optimi
 samples, layout, config, tokenizer hash, and ``data_state``: the loader's global state, the same on every
 rank, so it resumes on any layout).
 
-What a save promises (``ckpt_files``): it writes into a temporary directory and renames it into place
+What a save promises (``checkpoint.layout``): it writes into a temporary directory and renames it into place
 only after every rank has written and the checksums are on disk, then moves the marker, then prunes;
 the checkpoint the marker names is never removed or overwritten first, and a crash, kill or full
 disk at any point leaves the previous checkpoint in force. What a load checks: every file against
@@ -41,8 +41,9 @@ from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from torch.distributed.checkpoint.api import CheckpointException
 
-from megatron_mdm import ckpt_files, ckpt_integrity, ckpt_optimizer, compat
-from megatron_mdm.ckpt_files import (  # noqa: F401 - re-exported: the public names of checkpoints
+from megatron_mdm import ckpt_integrity, ckpt_optimizer, compat
+from megatron_mdm.checkpoint import layout
+from megatron_mdm.checkpoint.layout import (  # noqa: F401 - re-exported: the public names of checkpoints
     TRACKER,
     CheckpointError,
     iteration_dir,
@@ -156,7 +157,7 @@ def save_checkpoint(
 
     Every rank writes into ``iter_N.tmp-<nonce>``; once all have written, each hashes its own files,
     rank 0 adds config, tokenizer and ``checksums.json``, renames the directory to ``iter_N``, moves
-    the marker and prunes (``ckpt_files.commit``). A failure (disk full, ...) removes the temporary
+    the marker and prunes (``layout.commit``). A failure (disk full, ...) removes the temporary
     directory and raises one-line CheckpointError; the previous checkpoint stays in force.
 
     Args:
@@ -178,8 +179,8 @@ def save_checkpoint(
     if rank == 0:
         try:
             root.mkdir(parents=True, exist_ok=True)
-            ckpt_files.clean_leftovers(root)
-            tmp = ckpt_files.temp_dir(root, iteration, ckpt_files.new_nonce())
+            layout.clean_leftovers(root)
+            tmp = layout.temp_dir(root, iteration, layout.new_nonce())
             tmp.mkdir()
             names = [tmp.name]
         except OSError as e:
@@ -198,12 +199,12 @@ def save_checkpoint(
     def finalize() -> None:
         torch.distributed.barrier()  # every rank has written its files
         _commit_collective(root, tmp, iteration, keep_last, config_yaml, tokenizer_dir)
-        log.info("saved checkpoint iteration %d to %s", iteration, ckpt_files.iteration_dir(root, iteration))
+        log.info("saved checkpoint iteration %d to %s", iteration, layout.iteration_dir(root, iteration))
 
     def failed(e: BaseException) -> CheckpointError:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        latest = ckpt_files.read_latest_iteration(root)
+        latest = layout.read_latest_iteration(root)
         kept = (f"the previous checkpoint (iteration {latest}) stays in force" if latest is not None
                 else "no checkpoint was written")
         return CheckpointError(f"--save: checkpoint iteration {iteration} could not be written to {root} "
@@ -249,7 +250,7 @@ def _commit_collective(root: Path, tmp: Path, iteration: int, keep_last: int, co
     if rank == 0 and status[0] is None:
         try:
             ckpt_integrity.write_manifest_from(tmp, gathered)
-            ckpt_files.commit(root, tmp, iteration, keep_last)
+            layout.commit(root, tmp, iteration, keep_last)
         except OSError as e:
             status = [e]
     torch.distributed.broadcast_object_list(status, src=0)

@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator, Optional
 
-from megatron_mdm.ckpt_files import OLD_TAG, CheckpointError, complete_iterations, iteration_dir
+from megatron_mdm.checkpoint.layout import OLD_TAG, CheckpointError, complete_iterations, iteration_dir
 
 log = logging.getLogger(__name__)
 

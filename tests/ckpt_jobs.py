@@ -162,7 +162,8 @@ def kill_job(rank: int, world: int, overrides: dict, kill: Optional[dict], log_p
     asynchronous save of iteration k is writing, not finalised), ``{"swap": k}`` (a re-save of the
     marker's iteration k, between setting the old directory aside and renaming the new one in).
     """
-    from megatron_mdm import checkpointing, ckpt_files
+    from megatron_mdm import checkpointing
+    from megatron_mdm.checkpoint import layout
 
     kill = kill or {}
     die = lambda: os.kill(os.getpid(), signal.SIGKILL)  # noqa: E731
@@ -193,9 +194,9 @@ def kill_job(rank: int, world: int, overrides: dict, kill: Optional[dict], log_p
             real_rename, aside = os.rename, []
 
             def rename(src, dst):
-                if ckpt_files.OLD_TAG in Path(dst).name:
+                if layout.OLD_TAG in Path(dst).name:
                     aside.append(dst)
-                elif ckpt_files.TMP_TAG in Path(src).name and aside:
+                elif layout.TMP_TAG in Path(src).name and aside:
                     die()  # the old directory is set aside, the new one not yet in place
                 return real_rename(src, dst)
 

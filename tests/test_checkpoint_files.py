@@ -1,4 +1,4 @@
-"""The run directory (``ckpt_files``) and the checksum checks (``ckpt_integrity``), in one process.
+"""The run directory (``checkpoint.layout``) and the checksum checks (``ckpt_integrity``), in one process.
 
 Checkpoint directories here are made by hand (a ``metadata.json`` marks one complete) or by
 ``torch.distributed.checkpoint.save`` without a process group, so these tests need no gloo world.
@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_mdm import ckpt_files, ckpt_integrity
-from megatron_mdm.ckpt_files import CheckpointError
+from megatron_mdm import ckpt_integrity
+from megatron_mdm.checkpoint import layout
+from megatron_mdm.checkpoint.layout import CheckpointError
 
 
 def fake_ckpt(path: Path, payload: bytes = b"x") -> Path:
@@ -40,23 +41,23 @@ def real_ckpt(path: Path, seed: int = 0) -> Path:
     return path
 
 
-# ---- ckpt_files -------------------------------------------------------------------------------------
+# ---- checkpoint.layout ----------------------------------------------------------------------------------
 
 
 def test_commit_moves_into_place_then_marker_then_prunes(tmp_path):
     for it in (2, 4):
-        tmp = fake_ckpt(ckpt_files.temp_dir(tmp_path, it, "aa"))
-        ckpt_files.commit(tmp_path, tmp, it, keep_last=1)
-        assert ckpt_files.read_latest_iteration(tmp_path) == it
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000004", ckpt_files.TRACKER]
+        tmp = fake_ckpt(layout.temp_dir(tmp_path, it, "aa"))
+        layout.commit(tmp_path, tmp, it, keep_last=1)
+        assert layout.read_latest_iteration(tmp_path) == it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000004", layout.TRACKER]
 
 
 def test_resave_of_marker_iteration_replaces_it_whole(tmp_path):
-    fake_ckpt(ckpt_files.iteration_dir(tmp_path, 4), b"old")
-    ckpt_files.write_tracker(tmp_path, 4)
-    tmp = fake_ckpt(ckpt_files.temp_dir(tmp_path, 4, "bb"), b"new")
-    ckpt_files.commit(tmp_path, tmp, 4)
-    assert (ckpt_files.iteration_dir(tmp_path, 4) / "__0_0.distcp").read_bytes() == b"new"
+    fake_ckpt(layout.iteration_dir(tmp_path, 4), b"old")
+    layout.write_tracker(tmp_path, 4)
+    tmp = fake_ckpt(layout.temp_dir(tmp_path, 4, "bb"), b"new")
+    layout.commit(tmp_path, tmp, 4)
+    assert (layout.iteration_dir(tmp_path, 4) / "__0_0.distcp").read_bytes() == b"new"
     assert sorted(p.name for p in tmp_path.glob("iter_*")) == ["iter_0000004"]
 
 
@@ -65,33 +66,33 @@ def test_swap_cut_short_loads_the_set_aside_copy_and_cleanup_keeps_it(tmp_path):
     fake_ckpt(tmp_path / "iter_0000004.old-cc", b"old")
     fake_ckpt(tmp_path / "iter_0000004.tmp-dd", b"new")
     fake_ckpt(tmp_path / "iter_0000002")
-    ckpt_files.write_tracker(tmp_path, 4)
-    assert ckpt_files.resolve_checkpoint(tmp_path).name == "iter_0000004.old-cc"
-    assert ckpt_files.clean_leftovers(tmp_path) == ["iter_0000004.tmp-dd"]
+    layout.write_tracker(tmp_path, 4)
+    assert layout.resolve_checkpoint(tmp_path).name == "iter_0000004.old-cc"
+    assert layout.clean_leftovers(tmp_path) == ["iter_0000004.tmp-dd"]
     assert (tmp_path / "iter_0000004.old-cc").is_dir()
     # the next save moves the marker on; then the copy is no longer needed
-    ckpt_files.commit(tmp_path, fake_ckpt(ckpt_files.temp_dir(tmp_path, 6, "ee")), 6)
-    assert ckpt_files.clean_leftovers(tmp_path) == ["iter_0000004.old-cc"]
+    layout.commit(tmp_path, fake_ckpt(layout.temp_dir(tmp_path, 6, "ee")), 6)
+    assert layout.clean_leftovers(tmp_path) == ["iter_0000004.old-cc"]
 
 
 def test_prune_never_removes_the_marker_checkpoint(tmp_path):
     for it in (1, 2, 3, 5):  # 5: renamed into place, killed before the marker moved
-        fake_ckpt(ckpt_files.iteration_dir(tmp_path, it))
+        fake_ckpt(layout.iteration_dir(tmp_path, it))
     (tmp_path / "iter_0000004").mkdir()  # an incomplete directory of an older version
-    ckpt_files.write_tracker(tmp_path, 2)
-    assert ckpt_files.prune(tmp_path, keep_last=1) == [1]
-    assert ckpt_files.complete_iterations(tmp_path) == [2, 3, 5]
+    layout.write_tracker(tmp_path, 2)
+    assert layout.prune(tmp_path, keep_last=1) == [1]
+    assert layout.complete_iterations(tmp_path) == [2, 3, 5]
 
 
 def test_resolve_errors_name_the_complete_iterations(tmp_path):
-    fake_ckpt(ckpt_files.iteration_dir(tmp_path, 2))
+    fake_ckpt(layout.iteration_dir(tmp_path, 2))
     (tmp_path / "iter_0000004").mkdir()
-    ckpt_files.write_tracker(tmp_path, 4)
+    layout.write_tracker(tmp_path, 4)
     with pytest.raises(CheckpointError, match=r"iteration 4 .*complete iterations: \[2\]; pass --ckpt-iteration 2"):
-        ckpt_files.resolve_checkpoint(tmp_path)
-    (tmp_path / ckpt_files.TRACKER).write_text("four\n")
+        layout.resolve_checkpoint(tmp_path)
+    (tmp_path / layout.TRACKER).write_text("four\n")
     with pytest.raises(CheckpointError, match="expected an iteration number"):
-        ckpt_files.resolve_checkpoint(tmp_path)
+        layout.resolve_checkpoint(tmp_path)
 
 
 # ---- ckpt_integrity ---------------------------------------------------------------------------------
