@@ -2,7 +2,7 @@
 
     python benchmarks/bench_checksums.py [--size-mb 256] [--files 4] [--repeats 3]
 
-``ckpt_integrity`` hashes with sha256 (chosen from these figures; hashlib releases the GIL, so a rank
+``checkpoint.integrity`` hashes with sha256 (chosen from these figures; hashlib releases the GIL, so a rank
 hashes its shard files in threads). Prints one line per case; results go in docs/BENCHMARKS.md.
 """
 

@@ -110,8 +110,7 @@ def main() -> int:
     rng = random.Random(args.seed)
     tok, shards = prepare(work)
     sys.path.insert(0, str(REPO))
-    from megatron_mdm import ckpt_integrity
-    from megatron_mdm.checkpoint import layout
+    from megatron_mdm.checkpoint import integrity, layout
 
     ref_run = work / "reference"
     if ref_run.exists():
@@ -150,7 +149,7 @@ def main() -> int:
         bad = [r["iteration"] for r in got if ref.get(r["iteration"]) != (r["loss"], r["grad_norm"])]
         final = layout.read_latest_iteration(run)
         try:
-            ckpt_integrity.verify_files(layout.resolve_checkpoint(run))
+            integrity.verify_files(layout.resolve_checkpoint(run))
             intact = True
         except layout.CheckpointError as e:
             intact, bad = False, bad + [str(e)]

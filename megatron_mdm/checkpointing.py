@@ -6,7 +6,7 @@ Layout of a run directory (``--save``), the same names as Megatron-LM where one 
     RUN/iter_0000100/                       one torch_dist checkpoint
         config.yaml                         the resolved run config (also in the common state)
         tokenizer/                          a copy of the tokenizer (when known)
-        checksums.json                      size and sha256 of every other file (``ckpt_integrity``)
+        checksums.json                      size and sha256 of every other file (``checkpoint.integrity``)
         ...                                 dist_checkpointing files
     RUN/iter_0000200.tmp-<nonce>/           a save in progress (renamed to iter_0000200 when complete)
 
@@ -41,8 +41,8 @@ from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from torch.distributed.checkpoint.api import CheckpointException
 
-from megatron_mdm import ckpt_integrity, ckpt_optimizer, compat
-from megatron_mdm.checkpoint import layout
+from megatron_mdm import ckpt_optimizer, compat
+from megatron_mdm.checkpoint import integrity, layout
 from megatron_mdm.checkpoint.layout import (  # noqa: F401 - re-exported: the public names of checkpoints
     TRACKER,
     CheckpointError,
@@ -188,7 +188,7 @@ def save_checkpoint(
     torch.distributed.broadcast_object_list(names, src=0)
     if isinstance(names[0], BaseException):
         raise CheckpointError(f"--save: cannot create a checkpoint directory in {root}: "
-                              f"{ckpt_integrity.save_error_reason(names[0])}")
+                              f"{integrity.save_error_reason(names[0])}")
     tmp = root / names[0]
     meta = dict(meta, iteration=iteration, layout=_layout(),
                 megatron_core_version=compat.mcore_version())
@@ -208,7 +208,7 @@ def save_checkpoint(
         kept = (f"the previous checkpoint (iteration {latest}) stays in force" if latest is not None
                 else "no checkpoint was written")
         return CheckpointError(f"--save: checkpoint iteration {iteration} could not be written to {root} "
-                               f"({ckpt_integrity.save_error_reason(e, root)}); {kept}")
+                               f"({integrity.save_error_reason(e, root)}); {kept}")
 
     try:
         if async_queue is None:
@@ -241,7 +241,7 @@ def _commit_collective(root: Path, tmp: Path, iteration: int, keep_last: int, co
     try:
         if rank == 0:
             _write_extras(tmp, config_yaml, tokenizer_dir)
-        own: Any = ckpt_integrity.hash_files(tmp, ckpt_integrity.rank_files(tmp, rank))
+        own: Any = integrity.hash_files(tmp, integrity.rank_files(tmp, rank))
     except OSError as e:
         own = e
     gathered: list = [None] * torch.distributed.get_world_size()
@@ -249,7 +249,7 @@ def _commit_collective(root: Path, tmp: Path, iteration: int, keep_last: int, co
     status = [next((g for g in gathered if isinstance(g, BaseException)), None)]
     if rank == 0 and status[0] is None:
         try:
-            ckpt_integrity.write_manifest_from(tmp, gathered)
+            integrity.write_manifest_from(tmp, gathered)
             layout.commit(root, tmp, iteration, keep_last)
         except OSError as e:
             status = [e]
@@ -278,12 +278,12 @@ def load_meta(path: str | os.PathLike) -> dict:
     except CheckpointError:
         raise
     except (Exception, CheckpointException) as e:  # torch.load of a damaged file raises anything
-        found = ckpt_integrity.check_structure(path)  # megatron-core >= 0.17 reads it from the shards
+        found = integrity.check_structure(path)  # megatron-core >= 0.17 reads it from the shards
         if found is None:
             name = ".metadata" if (path / ".metadata").exists() and not (path / "common.pt").exists() \
                 else "common.pt"
-            found = (name, f"common state unreadable ({type(e).__name__}: {ckpt_integrity.failure_line(e)})")
-        raise CheckpointError(ckpt_integrity.damaged_message(path, *found)) from None
+            found = (name, f"common state unreadable ({type(e).__name__}: {integrity.failure_line(e)})")
+        raise CheckpointError(integrity.damaged_message(path, *found)) from None
     if "meta" not in common:
         raise CheckpointError(f"{path}: not a megatron-mdm checkpoint (no 'meta' in its common state)")
     return common["meta"]
@@ -341,7 +341,7 @@ def load_checkpoint(
         or for a checkpoint saved before the global data order, whose per-DP-rank state is not read).
     """
     path = resolve_checkpoint(root, iteration)
-    ckpt_integrity.verify_collective(path, verify_hash=verify)
+    integrity.verify_collective(path, verify_hash=verify)
     meta = load_meta(path)
     check_tokenizer(path, meta, tokenizer, finetune, allow_tokenizer_change)
     same_layout = meta.get("layout") == _layout()
@@ -354,7 +354,7 @@ def load_checkpoint(
         loaded = dist_checkpointing.load(template, str(path))
     except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
         raise CheckpointError(
-            f"{path}: could not load into this model ({type(e).__name__}: {ckpt_integrity.failure_line(e)}); "
+            f"{path}: could not load into this model ({type(e).__name__}: {integrity.failure_line(e)}); "
             "is it a checkpoint of the same architecture?"
         ) from None
     n = len(model_chunks)

@@ -82,7 +82,8 @@ def failed_saves_job(rank: int, world: int, run: str) -> dict:
     from megatron.core.dist_checkpointing.strategies import filesystem_async
     from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
-    from megatron_mdm import checkpointing, ckpt_integrity
+    from megatron_mdm import checkpointing
+    from megatron_mdm.checkpoint import integrity
 
     cfg = tiny_cfg(train_iters=3, save=run)
     trainer = make_trainer(cfg)
@@ -100,7 +101,7 @@ def failed_saves_job(rank: int, world: int, run: str) -> dict:
         except checkpointing.CheckpointError as e:
             out[name] = str(e)
         out[name + "_after"] = _snapshot(run)
-        ckpt_integrity.verify_files(ckpt3)  # the marker's checkpoint is intact
+        integrity.verify_files(ckpt3)  # the marker's checkpoint is intact
         out[name + "_same"] = (ckpt3 / "checksums.json").read_text() == before
 
     real_save = checkpointing.dist_checkpointing.save
@@ -125,7 +126,7 @@ def failed_saves_job(rank: int, world: int, run: str) -> dict:
     (Path(run) / "iter_0000002.tmp-0123abcd").mkdir()  # left by a killed save
     trainer.save()
     out["final"] = _snapshot(run)
-    ckpt_integrity.verify_files(Path(run) / "iter_0000004")
+    integrity.verify_files(Path(run) / "iter_0000004")
     return out
 
 

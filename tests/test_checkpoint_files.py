@@ -1,4 +1,4 @@
-"""The run directory (``checkpoint.layout``) and the checksum checks (``ckpt_integrity``), in one process.
+"""The run directory (``checkpoint.layout``) and the checksum checks (``checkpoint.integrity``), in one process.
 
 Checkpoint directories here are made by hand (a ``metadata.json`` marks one complete) or by
 ``torch.distributed.checkpoint.save`` without a process group, so these tests need no gloo world.
@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_mdm import ckpt_integrity
-from megatron_mdm.checkpoint import layout
+from megatron_mdm.checkpoint import integrity, layout
 from megatron_mdm.checkpoint.layout import CheckpointError
 
 
@@ -37,7 +36,7 @@ def real_ckpt(path: Path, seed: int = 0) -> Path:
     dcp.save(sd, storage_writer=writer, no_dist=True)
     torch.save({"meta": {"iteration": 1}}, path / "common.pt")
     (path / "metadata.json").write_text('{"sharded_backend": "torch_dist"}')
-    ckpt_integrity.write_manifest(path, ckpt_integrity.hash_files(path, ckpt_integrity.all_files(path)))
+    integrity.write_manifest(path, integrity.hash_files(path, integrity.all_files(path)))
     return path
 
 
@@ -95,7 +94,7 @@ def test_resolve_errors_name_the_complete_iterations(tmp_path):
         layout.resolve_checkpoint(tmp_path)
 
 
-# ---- ckpt_integrity ---------------------------------------------------------------------------------
+# ---- checkpoint.integrity ------------------------------------------------------------------------------
 
 
 def test_manifest_matches_an_independent_sha256(tmp_path):
@@ -108,7 +107,7 @@ def test_manifest_matches_an_independent_sha256(tmp_path):
     for name, entry in files.items():
         data = (ck / name).read_bytes()
         assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    ckpt_integrity.verify_files(ck)
+    integrity.verify_files(ck)
 
 
 def _damage(path: Path, how: str) -> None:
@@ -137,10 +136,10 @@ def test_damaged_file_is_named_with_the_previous_complete_iteration(tmp_path, ma
         (ck / "checksums.json").unlink()
     _damage(ck / name, how)
     if how == "flip" and not manifest:  # sizes are right: only a checksum can see this
-        ckpt_integrity.verify_files(ck)
+        integrity.verify_files(ck)
         return
     with pytest.raises(CheckpointError) as e:
-        ckpt_integrity.verify_files(ck)
+        integrity.verify_files(ck)
     msg = str(e.value)
     assert "\n" not in msg
     assert msg.startswith(f"{ck / name}: ") and expect in msg, msg
@@ -150,11 +149,11 @@ def test_damaged_file_is_named_with_the_previous_complete_iteration(tmp_path, ma
 def test_no_verify_skips_hashes_not_sizes_and_names_the_callers_flag(tmp_path):
     ck = real_ckpt(tmp_path / "iter_0000003")
     _damage(ck / "__0_0.distcp", "flip")
-    with ckpt_integrity.verification(False):
-        ckpt_integrity.verify_files(ck)
+    with integrity.verification(False):
+        integrity.verify_files(ck)
     _damage(ck / "__0_1.distcp", "truncate")
-    with ckpt_integrity.verification(False, iteration_flag="--iteration"), pytest.raises(CheckpointError) as e:
-        ckpt_integrity.verify_files(ck)
+    with integrity.verification(False, iteration_flag="--iteration"), pytest.raises(CheckpointError) as e:
+        integrity.verify_files(ck)
     assert "__0_1.distcp" in str(e.value) and f"no earlier complete checkpoint in {tmp_path}" in str(e.value)
 
 
@@ -162,7 +161,7 @@ def test_checkpoint_without_manifest_loads_with_a_warning(tmp_path, caplog):
     ck = real_ckpt(tmp_path / "iter_0000001")
     (ck / "checksums.json").unlink()
     with caplog.at_level(logging.WARNING):
-        ckpt_integrity.verify_files(ck)
+        integrity.verify_files(ck)
     assert "has no checksums.json" in caplog.text
 
 
@@ -172,7 +171,7 @@ def test_previous_complete_skips_damaged_and_incomplete_iterations(tmp_path):
     _damage(bad / "__0_0.distcp", "truncate")
     (tmp_path / "iter_0000003").mkdir()
     ck = real_ckpt(tmp_path / "iter_0000004", seed=4)
-    assert ckpt_integrity.previous_complete(ck) == 1
+    assert integrity.previous_complete(ck) == 1
 
 
 def test_save_error_reason_finds_disk_full_in_a_checkpoint_exception():
@@ -185,11 +184,11 @@ def test_save_error_reason_finds_disk_full_in_a_checkpoint_exception():
             raise RuntimeError("Worker failure: [Errno 28]") from inner
     except RuntimeError as e:
         exc = CheckpointException("write", {1: _wrap_exception(e)})
-    assert ckpt_integrity.save_error_reason(exc) == "disk full (No space left on device)"
+    assert integrity.save_error_reason(exc) == "disk full (No space left on device)"
     pickled = CheckpointException("write", {0: _wrap_exception(RuntimeError("Worker failure: [Errno 28] No sp"))})
-    assert ckpt_integrity.save_error_reason(pickled) == "disk full (No space left on device)"
+    assert integrity.save_error_reason(pickled) == "disk full (No space left on device)"
     other = CheckpointException("write", {0: _wrap_exception(ValueError("bad\nsecond line"))})
-    assert ckpt_integrity.save_error_reason(other) == "ValueError: bad"
+    assert integrity.save_error_reason(other) == "ValueError: bad"
 
 
 def test_save_error_reason_reports_a_full_file_system_when_the_errno_is_lost(tmp_path, monkeypatch):
@@ -199,6 +198,6 @@ def test_save_error_reason_reports_a_full_file_system_when_the_errno_is_lost(tmp
     usage = namedtuple("usage", "total used free")
     lost = RuntimeError("Worker failure: An error is caught while starting worker 0, error: <class 'OSError'>")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 << 30, (10 << 30) - (5 << 20), 5 << 20))
-    assert ckpt_integrity.save_error_reason(lost, tmp_path).startswith("disk full (5 MB free): Worker failure")
+    assert integrity.save_error_reason(lost, tmp_path).startswith("disk full (5 MB free): Worker failure")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 << 30, 1 << 30, 9 << 30))
-    assert ckpt_integrity.save_error_reason(lost, tmp_path).startswith("RuntimeError: Worker failure")
+    assert integrity.save_error_reason(lost, tmp_path).startswith("RuntimeError: Worker failure")

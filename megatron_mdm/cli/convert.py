@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.checkpoint.api import CheckpointException
 
     from megatron_mdm.checkpointing import CheckpointError
-    from megatron_mdm.ckpt_integrity import failure_line, verification
+    from megatron_mdm.checkpoint.integrity import failure_line, verification
     from megatron_mdm.config import ConfigError
     from megatron_mdm.hf import ConversionError, export_to_hf, import_from_hf
 

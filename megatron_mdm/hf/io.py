@@ -29,7 +29,7 @@ def read_checkpoint_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    from megatron_mdm.ckpt_integrity import verify_files
+    from megatron_mdm.checkpoint.integrity import verify_files
 
     verify_files(path)  # checksums and sizes; one-line CheckpointError naming a damaged file
     reader = dcp.FileSystemReader(str(path))
