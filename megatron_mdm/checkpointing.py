@@ -13,7 +13,7 @@ Layout of a run directory (``--save``), the same names as Megatron-LM where one 
 A checkpoint holds: ``model`` (or ``model0``, ``model1``, ... for virtual pipeline stages) as
 Megatron sharded tensors with layout-independent global keys (so a checkpoint loads on another
 TP/PP layout), the ``optimizer`` (fully reshardable, also the distributed optimizer: see
-``ckpt_optimizer``), the LR scheduler, per-rank RNG states, and the common ``meta`` (iteration, consumed
+``checkpoint.optimizer``), the LR scheduler, per-rank RNG states, and the common ``meta`` (iteration, consumed
 samples, layout, config, tokenizer hash, and ``data_state``: the loader's global state, the same on every
 rank, so it resumes on any layout).
 
@@ -41,8 +41,9 @@ from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from torch.distributed.checkpoint.api import CheckpointException
 
-from megatron_mdm import ckpt_optimizer, compat
+from megatron_mdm import compat
 from megatron_mdm.checkpoint import integrity, layout
+from megatron_mdm.checkpoint import optimizer as optimizer_state
 from megatron_mdm.checkpoint.layout import (  # noqa: F401 - re-exported: the public names of checkpoints
     TRACKER,
     CheckpointError,
@@ -124,7 +125,7 @@ def build_state_dict(model_chunks, optimizer=None, scheduler=None, rng=None,
     for i, chunk in enumerate(model_chunks):
         sd[_model_key(i, n)] = _unwrap(chunk).sharded_state_dict()
     if optimizer is not None:
-        ckpt_optimizer.init_optimizer_state(optimizer)
+        optimizer_state.init_optimizer_state(optimizer)
         # nested {model0: ..., model1: ...} under VPP, as Megatron-LM passes it: every chunk numbers its
         # layers from 0, so a flat merge of the chunks' dicts would drop the first chunks' parameters
         model_sd = {k: v for k, v in sd.items() if k.startswith("model")}
@@ -362,9 +363,9 @@ def load_checkpoint(
         _unwrap(chunk).load_state_dict(loaded[_model_key(i, n)], strict=True)
     if want_state:
         if optimizer is not None and "optimizer" in loaded:
-            ckpt_optimizer.keep_adam_step_on_load(optimizer)
+            optimizer_state.keep_adam_step_on_load(optimizer)
             optimizer.load_state_dict(loaded["optimizer"])
-            ckpt_optimizer.unshare_adam_steps(optimizer)
+            optimizer_state.unshare_adam_steps(optimizer)
         if scheduler is not None:
             common = dist_checkpointing.load_common_state_dict(str(path))
             if "opt_param_scheduler" in common:
