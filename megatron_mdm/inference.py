@@ -158,7 +158,8 @@ def load_megatron_for_inference(load_dir: str | os.PathLike, iteration: int | No
         ``(logits_fn, cfg, tokenizer)``: the ``LogitsFn`` (padded vocab), the checkpoint's ``Config``
         (with the parallel layout set to 1) and its ``MDMTokenizer`` or None when it has none.
     """
-    from megatron_mdm import checkpointing, runtime
+    from megatron_mdm import runtime
+    from megatron_mdm.checkpoint import checkpointing
     from megatron_mdm.hf import ensure_single_process_world
     from megatron_mdm.model import build_model
 

@@ -40,7 +40,8 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_batch_on_this_cp_rank
 
-from megatron_mdm import checkpointing, runtime
+from megatron_mdm import runtime
+from megatron_mdm.checkpoint import checkpointing
 from megatron_mdm.config import Config, ConfigError, num_train_iters
 from megatron_mdm.metrics import MetricsWriter, Throughput, format_line, memory_gib, peak_tflops
 from megatron_mdm.model import build_model, flops_per_sequence

@@ -46,7 +46,7 @@ def main(argv=None) -> int:
             _error(f"configuration error: {e}")
         return 2
     except Exception as e:  # clear one-line errors for the known failure kinds
-        from megatron_mdm.checkpointing import CheckpointError
+        from megatron_mdm.checkpoint.checkpointing import CheckpointError
         from megatron_mdm.training import TrainingError
 
         bad_input: tuple = (CheckpointError,)

@@ -27,7 +27,8 @@ def _snapshot(run: str) -> dict:
 
 def tiny_run_job(rank: int, world: int, root: str, tok_dir: Optional[str], iterations: list) -> list:
     """Save the weights of one tiny model (no optimizer) as checkpoints of ``iterations`` under ``root``."""
-    from megatron_mdm import checkpointing, runtime
+    from megatron_mdm import runtime
+    from megatron_mdm.checkpoint import checkpointing
     from megatron_mdm.model import build_model
 
     cfg = tiny_cfg()
@@ -44,7 +45,7 @@ def tiny_run_job(rank: int, world: int, root: str, tok_dir: Optional[str], itera
 
 def load_errors_job(rank: int, world: int, cases: list) -> list:
     """Try to load each checkpoint directory (weights only) into a tiny model; the errors, or 'ok'."""
-    from megatron_mdm import checkpointing
+    from megatron_mdm.checkpoint import checkpointing
 
     trainer = make_trainer(tiny_cfg())
     out = []
@@ -82,8 +83,7 @@ def failed_saves_job(rank: int, world: int, run: str) -> dict:
     from megatron.core.dist_checkpointing.strategies import filesystem_async
     from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
-    from megatron_mdm import checkpointing
-    from megatron_mdm.checkpoint import integrity
+    from megatron_mdm.checkpoint import checkpointing, integrity
 
     cfg = tiny_cfg(train_iters=3, save=run)
     trainer = make_trainer(cfg)
@@ -132,7 +132,7 @@ def failed_saves_job(rank: int, world: int, run: str) -> dict:
 
 def tokenizer_job(rank: int, world: int, run: str, tok_a: str, tok_b: str) -> dict:
     """Save with tokenizer A; resume / finetune with tokenizer B (same vocabulary size)."""
-    from megatron_mdm.checkpointing import CheckpointError
+    from megatron_mdm.checkpoint.checkpointing import CheckpointError
     from megatron_mdm.config import ConfigError
 
     cfg = tiny_cfg(train_iters=1, save=run)
@@ -163,8 +163,7 @@ def kill_job(rank: int, world: int, overrides: dict, kill: Optional[dict], log_p
     asynchronous save of iteration k is writing, not finalised), ``{"swap": k}`` (a re-save of the
     marker's iteration k, between setting the old directory aside and renaming the new one in).
     """
-    from megatron_mdm import checkpointing
-    from megatron_mdm.checkpoint import layout
+    from megatron_mdm.checkpoint import checkpointing, layout
 
     kill = kill or {}
     die = lambda: os.kill(os.getpid(), signal.SIGKILL)  # noqa: E731

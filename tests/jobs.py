@@ -181,7 +181,7 @@ def crash_during_save_job(rank: int, world: int, overrides: dict) -> str:
     """Train, and make the checkpoint save at the last iteration die halfway (files half written)."""
     from pathlib import Path
 
-    from megatron_mdm import checkpointing
+    from megatron_mdm.checkpoint import checkpointing
 
     real_save = checkpointing.dist_checkpointing.save
 

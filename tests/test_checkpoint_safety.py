@@ -89,7 +89,7 @@ def test_checkpoint_without_tokenizer_record_uses_its_tokenizer_copy(tmp_path):
     """Checkpoints saved before the hash was recorded: the hash of their ``tokenizer/`` copy."""
     import shutil
 
-    from megatron_mdm.checkpointing import CheckpointError, check_tokenizer
+    from megatron_mdm.checkpoint.checkpointing import CheckpointError, check_tokenizer
     from megatron_mdm.tokenization import MDMTokenizer
 
     ck = tmp_path / "iter_0000002"

@@ -54,7 +54,7 @@ def test_checkpoint_version_judgement(saved, running, level):
 
 
 def test_check_checkpoint_version_raises_checkpoint_error_unless_allowed(monkeypatch, caplog):
-    from megatron_mdm.checkpointing import CheckpointError
+    from megatron_mdm.checkpoint.checkpointing import CheckpointError
 
     newer = f"{compat.minor_release(compat.mcore_version())[0]}.999.0"
     monkeypatch.delenv(compat.ALLOW_MISMATCH_ENV, raising=False)

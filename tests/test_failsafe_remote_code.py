@@ -30,7 +30,8 @@ def save_and_export(rank: int, world_size: int, base: str) -> None:
     """A tiny MDM checkpoint with a word-level tokenizer, exported by the ``mdm-convert`` CLI."""
     from test_hf_convert import VOCAB, make_cfg, make_tokenizer
 
-    from megatron_mdm import checkpointing, runtime
+    from megatron_mdm import runtime
+    from megatron_mdm.checkpoint import checkpointing
     from megatron_mdm.cli.convert import main as convert
     from megatron_mdm.model import build_model
 

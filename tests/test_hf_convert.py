@@ -66,7 +66,8 @@ def save_and_forward(rank: int, world_size: int, root: str, tok_dir: str, tp: in
     """Build MDM and ARM models at TP/PP, save each, return the full logits [b, s, padded] of each."""
     from megatron.core import parallel_state as ps
 
-    from megatron_mdm import checkpointing, runtime
+    from megatron_mdm import runtime
+    from megatron_mdm.checkpoint import checkpointing
     from megatron_mdm.model import build_model
 
     runtime.init_distributed(make_cfg("mdm", tp, pp).parallel, 2)

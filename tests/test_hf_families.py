@@ -143,7 +143,8 @@ def _layout_logits(rank: int, ckpt: Path, family: str, tp: int, pp: int):
     """Build the checkpoint's model (config from the checkpoint) at TP/PP, load, forward; last stage's logits."""
     from megatron.core import parallel_state as ps
 
-    from megatron_mdm import checkpointing, runtime
+    from megatron_mdm import runtime
+    from megatron_mdm.checkpoint import checkpointing
     from megatron_mdm.config import Config
     from megatron_mdm.model import build_model
 

@@ -382,7 +382,7 @@ def train_seq_length(data_dir: Path, tok_dir: Path, multiple: int = 16) -> int:
 
 
 def _checkpoint_dir(load: str) -> Path:
-    from megatron_mdm.checkpointing import resolve_checkpoint
+    from megatron_mdm.checkpoint.checkpointing import resolve_checkpoint
 
     return resolve_checkpoint(load)
 

@@ -56,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from torch.distributed.checkpoint.api import CheckpointException
 
+    from megatron_mdm.checkpoint.checkpointing import CheckpointError
     from megatron_mdm.checkpoint.integrity import failure_line, verification
-    from megatron_mdm.checkpointing import CheckpointError
     from megatron_mdm.config import ConfigError
     from megatron_mdm.hf import ConversionError, export_to_hf, import_from_hf
 

@@ -212,7 +212,7 @@ def export_to_hf(load_dir: str | os.PathLike, output_dir: str | os.PathLike, ite
     Returns:
         ``output_dir``.
     """
-    from megatron_mdm.checkpointing import (
+    from megatron_mdm.checkpoint.checkpointing import (
         CheckpointError,
         load_meta,
         resolve_checkpoint,

@@ -49,7 +49,8 @@ def read_checkpoint_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def save_megatron(tensors: dict[str, torch.Tensor], cfg: Config, padded: int, out: Path, tok) -> Path:
     """Write ``tensors`` with ``checkpointing.save_checkpoint`` from a TP1/PP1 model (one-process world)."""
-    from megatron_mdm import checkpointing, runtime
+    from megatron_mdm import runtime
+    from megatron_mdm.checkpoint import checkpointing
     from megatron_mdm.model import build_model
 
     local = copy.deepcopy(cfg)
