@@ -24,8 +24,10 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from megatron_mdm.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration value is missing, unknown or inconsistent; the message names the field."""
 
 

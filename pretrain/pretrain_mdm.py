@@ -19,6 +19,7 @@ import sys
 
 def main(argv=None) -> int:
     from megatron_mdm.config import ConfigError, add_arguments, from_args, num_train_iters
+    from megatron_mdm.errors import UserError
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
@@ -45,21 +46,13 @@ def main(argv=None) -> int:
         if rank == 0:  # every rank reads the same flags: one message, not one per process
             _error(f"configuration error: {e}")
         return 2
-    except Exception as e:  # clear one-line errors for the known failure kinds
-        from megatron_mdm.checkpoint.checkpointing import CheckpointError
+    except UserError as e:  # the user can act on it: a path, a file, a flag
+        _error(f"{type(e).__name__}: {e}")
+        return 2
+    except Exception as e:
         from megatron_mdm.training import TrainingError
 
-        bad_input: tuple = (CheckpointError,)
-        try:
-            from megatron_mdm.data.loader import DataError
-
-            bad_input = bad_input + (DataError,)
-        except ImportError:
-            pass
-        if isinstance(e, bad_input):  # the user can act on it: a path, a file, a flag
-            _error(f"{type(e).__name__}: {e}")
-            return 2
-        if isinstance(e, TrainingError):
+        if isinstance(e, TrainingError):  # e.g. too many non-finite steps: not the user's input, exit 1
             _error(f"{type(e).__name__}: {e}")
             return 1
         raise
@@ -73,7 +66,9 @@ def main(argv=None) -> int:
 
 def _error(message: str) -> None:
     """One line on stderr, however many lines the message has (the log keeps the details)."""
-    print("pretrain_mdm.py: " + " ".join(message.split("\n")), file=sys.stderr)
+    from megatron_mdm.errors import one_line
+
+    print("pretrain_mdm.py: " + one_line(message), file=sys.stderr)
 
 
 if __name__ == "__main__":

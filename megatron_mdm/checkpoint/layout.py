@@ -25,6 +25,8 @@ import uuid
 from pathlib import Path
 from typing import Optional
 
+from megatron_mdm.errors import UserError
+
 log = logging.getLogger(__name__)
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -35,7 +37,7 @@ _ITER = re.compile(r"^iter_(\d{7,})$")
 _AUX = re.compile(r"^iter_(\d{7,})(\.tmp-|\.old-)[0-9a-f]+$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint is missing, incomplete or does not fit the model; the message says which."""
 
 

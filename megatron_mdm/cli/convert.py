@@ -21,6 +21,8 @@ import argparse
 import logging
 import sys
 
+from megatron_mdm.errors import UserError, report
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mdm-convert", description=__doc__.split("\n\n")[0])
@@ -56,10 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from torch.distributed.checkpoint.api import CheckpointException
 
-    from megatron_mdm.checkpoint.checkpointing import CheckpointError
     from megatron_mdm.checkpoint.integrity import failure_line, verification
-    from megatron_mdm.config import ConfigError
-    from megatron_mdm.hf import ConversionError, export_to_hf, import_from_hf
+    from megatron_mdm.hf import export_to_hf, import_from_hf
 
     try:
         if args.command == "to-hf":
@@ -72,13 +72,10 @@ def main(argv: list[str] | None = None) -> int:
                                  tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
                                  objective=args.objective, progress=args.progress)
             print(f"wrote {out}")
-    except (ConversionError, CheckpointError, ConfigError, FileNotFoundError) as e:
-        print(f"mdm-convert: error: {e}", file=sys.stderr)
-        return 2
+    except (UserError, FileNotFoundError) as e:
+        return report("mdm-convert", f"error: {e}")
     except CheckpointException as e:  # a BaseException: torch could not read the checkpoint
-        print(f"mdm-convert: error: {args.load}: the checkpoint could not be read ({failure_line(e)})",
-              file=sys.stderr)
-        return 2
+        return report("mdm-convert", f"error: {args.load}: the checkpoint could not be read ({failure_line(e)})")
     return 0
 
 

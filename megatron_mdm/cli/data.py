@@ -7,6 +7,8 @@ import json
 import logging
 import sys
 
+from megatron_mdm.errors import UserError, report
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mdm-data", description=__doc__)
@@ -77,8 +79,6 @@ def _inspect(path: str, tokenizer: str | None, sample: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from megatron_mdm.data.format import DataError
-    from megatron_mdm.data.readers import InputError
 
     try:
         if args.cmd == "prepare":
@@ -108,9 +108,8 @@ def main(argv: list[str] | None = None) -> int:
 
             for d, n in verify_dataset(args.path).items():
                 print(f"{d}: OK, {n} samples verified")
-    except (DataError, InputError, FileNotFoundError, ValueError, OSError, RuntimeError) as e:
-        print(f"mdm-data: error: {e}", file=sys.stderr)
-        return 1
+    except (UserError, FileNotFoundError, ValueError, OSError, RuntimeError) as e:
+        return report("mdm-data", f"error: {e}")
     return 0
 
 

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Any
 
 import torch
+
+from megatron_mdm.errors import UserError, report
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -141,13 +142,10 @@ def model_args(text: str, cls: type) -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from megatron_mdm.evaluation.loading import EvalInputError
-
     try:
         _run(args)
-    except EvalInputError as e:
-        print(f"mdm-eval: error: {e}", file=sys.stderr)
-        return 2
+    except UserError as e:
+        return report("mdm-eval", f"error: {e}")
     return 0
 
 

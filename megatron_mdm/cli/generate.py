@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 import torch
 
 from megatron_mdm.decoding import CACHE_MODES, REMASKING
+from megatron_mdm.errors import UserError, report
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,28 +58,25 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from megatron_mdm.decoding.loop import check_settings
-    from megatron_mdm.evaluation.loading import EvalInputError, load_logits_fn
+    from megatron_mdm.evaluation.loading import load_logits_fn
 
     try:  # inconsistent decoding flags: before the model loads
         check_settings(args.gen_length, args.steps, args.block_length, args.temperature, args.remasking, args.cache,
                        args.threshold, args.factor, args.refresh_interval)
     except ValueError as e:
-        print(f"mdm-generate: error: {e}", file=sys.stderr)
-        return 2
+        return report("mdm-generate", f"error: {e}")
 
     try:
         logits_fn, tok, mask_id, vocab_size = load_logits_fn(
             args.model, args.device, trust_remote_code=args.trust_remote_code, allow_download=args.allow_download)
-    except EvalInputError as e:
-        print(f"mdm-generate: error: {e}", file=sys.stderr)
-        return 2
+    except UserError as e:
+        return report("mdm-generate", f"error: {e}")
     prompts = args.prompt or [""]
     eos_id = None if args.no_eos_stop else getattr(tok, "eos_id", None)
     try:
         out = _generate(args, logits_fn, tok, prompts, mask_id, vocab_size, eos_id)
     except ValueError as e:  # e.g. --cache on a model without KV cache support
-        print(f"mdm-generate: error: {e}", file=sys.stderr)
-        return 2
+        return report("mdm-generate", f"error: {e}")
     for prompt, ids, n in zip(prompts, out.completions(), out.forwards_per_row):
         text = tok.decode(ids)
         print(json.dumps({"prompt": prompt, "completion": text, "ids": ids, "forwards": n}) if args.json

@@ -15,6 +15,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from megatron_mdm.errors import UserError, report
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mdm-plot", description=__doc__.split("\n\n")[0],
@@ -44,9 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         ref = unigram_entropy(args.unigram) if args.unigram else None
         out = args.output or (Path(args.runs[0]) / "curves.png" if len(args.runs) == 1 else "curves.png")
         path = plot_runs(runs, out, x=args.x, log_x=args.log_x, reference=ref, title=args.title)
-    except (RunError, ValueError, OSError) as e:
-        print(f"mdm-plot: error: {e}", file=sys.stderr)
-        return 2
+    except (UserError, ValueError, OSError) as e:
+        return report("mdm-plot", f"error: {e}")
     print(f"wrote {path}")
     return 0
 

@@ -21,6 +21,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from megatron_mdm.errors import UserError, report
+
 
 def _csv_list(s: str) -> list[str]:
     return [x.strip() for x in s.split(",") if x.strip()]
@@ -165,16 +167,10 @@ def _plot(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from megatron_mdm.sweep.curves import RunError
-    from megatron_mdm.sweep.fit import FitError
-    from megatron_mdm.sweep.launch import LaunchError
-    from megatron_mdm.sweep.plan import PlanError
-
     try:
         {"plan": _plan, "launch": _launch, "collect": _collect, "fit": _fit, "plot": _plot}[args.command](args)
-    except (PlanError, LaunchError, FitError, RunError, FileNotFoundError) as e:
-        print(f"mdm-sweep: error: {e}", file=sys.stderr)
-        return 2
+    except (UserError, FileNotFoundError) as e:
+        return report("mdm-sweep", f"error: {e}")
     return 0
 
 

@@ -7,6 +7,8 @@ import json
 import logging
 import sys
 
+from megatron_mdm.errors import UserError, report
+
 SAMPLE = "Masked diffusion models unmask tokens in any order."
 
 
@@ -32,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from megatron_mdm.data.readers import InputError, expand_inputs
+    from megatron_mdm.data.readers import expand_inputs
     from megatron_mdm.tokenization import MDMTokenizer, train_bpe_tokenizer
 
     try:
@@ -50,9 +52,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(info, indent=1, ensure_ascii=False))
             return 0
         print(json.dumps(tok.describe() | {"output": args.output}, indent=1))
-    except (InputError, FileNotFoundError, ValueError, OSError) as e:
-        print(f"mdm-tokenizer: error: {e}", file=sys.stderr)
-        return 1
+    except (UserError, FileNotFoundError, ValueError, OSError) as e:
+        return report("mdm-tokenizer", f"error: {e}")
     return 0
 
 

@@ -30,13 +30,15 @@ from __future__ import annotations
 
 import numpy as np
 
+from megatron_mdm.errors import UserError
+
 ROLES = ("system", "user", "assistant")
 CONTEXT, COMPLETION, PAD_IN_LOSS = 0, 1, 2
 TEMPLATES = ("auto", "default")
 KINDS = ("missing_keys", "unknown_role", "empty_completion", "too_long", "mask_token", "template")
 
 
-class ExampleError(ValueError):
+class ExampleError(UserError, ValueError):
     """A record that cannot become an example; ``kind`` is one of ``KINDS``."""
 
     def __init__(self, kind: str, detail: str) -> None:

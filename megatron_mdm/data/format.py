@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from megatron_mdm.errors import UserError
+
 FORMAT_NAME = "megatron-mdm-shards"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -39,7 +41,7 @@ ZSTD_LEVEL = 3
 DOCS_DTYPE = np.dtype("<u4")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Prepared data is missing, corrupt or inconsistent with the run; the message names the file."""
 
 

@@ -24,13 +24,15 @@ from dataclasses import dataclass, field
 
 import zstandard
 
+from megatron_mdm.errors import UserError
+
 log = logging.getLogger(__name__)
 
 SUFFIXES = (".jsonl", ".jsonl.zst", ".json", ".parquet", ".txt", ".txt.zst")
 KINDS = ("malformed_json", "missing_text", "non_utf8", "truncated_zst", "mask_token")
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """Bad input in strict mode, or an unreadable input file; the message names file and line."""
 
 

@@ -23,10 +23,11 @@ from typing import Any
 
 import torch
 
+from megatron_mdm.errors import UserError
 from megatron_mdm.guidance import LogitsFn
 
 
-class EvalInputError(ValueError):
+class EvalInputError(UserError, ValueError):
     """An input of mdm-eval / mdm-generate cannot be used; the one-line message names the flag or file."""
 
 

@@ -23,12 +23,13 @@ from pathlib import Path
 import torch
 
 from megatron_mdm.config import Config
+from megatron_mdm.errors import UserError
 
 HfNames = str | tuple[str, ...]
 MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.", "lm_head.")
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
     """A checkpoint or HF model cannot be converted; the message says what and why."""
 
 

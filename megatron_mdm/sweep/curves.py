@@ -19,10 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
+from megatron_mdm.errors import UserError
+
 X_AXES = ("iterations", "tokens", "flops")
 
 
-class RunError(ValueError):
+class RunError(UserError, ValueError):
     """A run directory lacks what is needed (metrics.jsonl, config.yaml); the message names the file."""
 
 

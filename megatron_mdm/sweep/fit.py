@@ -28,11 +28,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from megatron_mdm.errors import UserError
+
 HUBER_DELTA = 1e-3
 MIN_BUDGETS = 3  # IsoFLOP minima needed for the power laws (two points would fit any law exactly)
 
 
-class FitError(ValueError):
+class FitError(UserError, ValueError):
     """Too few or unusable runs for a fit; the message says what is missing."""
 
 

@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from megatron_mdm.errors import UserError
 from megatron_mdm.ports import free_port
 from megatron_mdm.sweep.plan import Plan, Run
 
@@ -25,7 +26,7 @@ DONE = "sweep_done.json"
 REPO = Path(__file__).resolve().parents[2]
 
 
-class LaunchError(RuntimeError):
+class LaunchError(UserError, RuntimeError):
     """A run failed; the message names its log file."""
 
 

@@ -24,11 +24,13 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from megatron_mdm.errors import UserError
+
 PLAN_VERSION = 1
 MODEL_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size")
 
 
-class PlanError(ValueError):
+class PlanError(UserError, ValueError):
     """An impossible or inconsistent plan request, or an unreadable plan file; the message says which."""
 
 
