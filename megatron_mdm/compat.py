@@ -26,6 +26,8 @@ import os
 import re
 from typing import Any, Optional
 
+from megatron_mdm.checkpoint.layout import CheckpointError
+
 log = logging.getLogger(__name__)
 
 #: setting it to 1 turns the refusal of a checkpoint of a newer megatron-core into a warning
@@ -106,8 +108,6 @@ def load_common_state(path: Any) -> dict:
         common = dist_checkpointing.load_common_state_dict(str(path))
     except Exception as e:  # noqa: BLE001 - re-raised unless it is the known format mismatch
         if (path / ".metadata").is_file() and not (path / "common.pt").exists():
-            from megatron_mdm.checkpoint.checkpointing import CheckpointError  # noqa: PLC0415 - the caller's module
-
             raise CheckpointError(
                 f"{path}: this megatron-core ({mcore_version()}) cannot read the checkpoint's common state "
                 f"({type(e).__name__}); it has no common.pt, so it was written by megatron-core >= 0.17, whose "
@@ -130,7 +130,5 @@ def check_checkpoint_version(meta: dict, path: Any) -> None:
     if level == "ok":
         return
     if level == "error" and os.environ.get(ALLOW_MISMATCH_ENV, "0") != "1":
-        from megatron_mdm.checkpoint.checkpointing import CheckpointError  # noqa: PLC0415 - the caller's module
-
         raise CheckpointError(f"{path}: {message}")
     log.warning("%s: %s", path, message)
