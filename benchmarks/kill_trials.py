@@ -27,6 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO / "examples" / "data" / "tinyshakespeare.txt.zst"
 sys.path.insert(0, str(REPO))
+from megatron_mdm.checkpoint import integrity, layout  # noqa: E402
 from megatron_mdm.ports import free_port  # noqa: E402
 
 
@@ -81,7 +82,7 @@ def launch(cmd: list[str], log: Path, kill_after: float | None) -> tuple[int | N
 
 def records(run: Path) -> list[dict]:
     out = []
-    path = run / "metrics.jsonl"
+    path = layout.metrics_file(run)
     if not path.exists():
         return out
     for line in path.read_text().splitlines():
@@ -109,9 +110,6 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     rng = random.Random(args.seed)
     tok, shards = prepare(work)
-    sys.path.insert(0, str(REPO))
-    from megatron_mdm.checkpoint import integrity, layout
-
     ref_run = work / "reference"
     if ref_run.exists():
         import shutil

@@ -519,23 +519,16 @@ def checkpoint_config(load: str | Path, iteration: Optional[int] = None) -> Opti
     ``load`` is a run directory (the marker file names the newest complete iteration) or an ``iter_*``
     directory. A missing checkpoint returns None: the loader reports it later, naming ``--load``.
     """
-    root = Path(load)
-    if iteration is None and (root / "metadata.json").is_file():
-        path = root
-    else:
-        if iteration is None:
-            marker = root / "latest_checkpointed_iteration.txt"
-            text = marker.read_text().strip() if marker.is_file() else ""
-            if not text.isdigit():
-                return None
-            iteration = int(text)
-        path = root / f"iter_{iteration:07d}"
-    if not (path / "config.yaml").is_file():
+    from megatron_mdm.checkpoint import layout  # noqa: PLC0415 - file names only (no torch)
+
+    path = layout.latest_checkpoint_dir(load) if iteration is None else layout.iteration_dir(load, iteration)
+    cfg_file = layout.config_file(path) if path is not None else None
+    if cfg_file is None or not cfg_file.is_file():
         return None
     try:
-        data = yaml.safe_load((path / "config.yaml").read_text()) or {}
+        data = yaml.safe_load(cfg_file.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"--load: {path / 'config.yaml'} is not valid YAML: {e}") from None
+        raise ConfigError(f"--load: {cfg_file} is not valid YAML: {e}") from None
     return data if isinstance(data, dict) else None
 
 

@@ -16,6 +16,8 @@ from typing import Optional
 
 import torch
 
+from megatron_mdm.checkpoint import layout
+
 log = logging.getLogger(__name__)
 
 # dense BF16 peak TFLOP/s (no sparsity) by device name fragment
@@ -93,8 +95,8 @@ class MetricsWriter:
 
     def __init__(self, save_dir: Optional[str], tensorboard_dir: Optional[str], enabled: bool):
         self.enabled = enabled
-        self._path = Path(save_dir) / "metrics.jsonl" if save_dir else None
-        self._tb_dir = tensorboard_dir or (str(Path(save_dir) / "tensorboard") if save_dir else None)
+        self._path = layout.metrics_file(save_dir) if save_dir else None
+        self._tb_dir = tensorboard_dir or (str(layout.tensorboard_dir(save_dir)) if save_dir else None)
         self._file = None
         self._tb = None
         self._started = False

@@ -41,7 +41,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_batch_on_this_cp_rank
 
 from megatron_mdm import runtime
-from megatron_mdm.checkpoint import checkpointing
+from megatron_mdm.checkpoint import checkpointing, layout
 from megatron_mdm.config import Config, ConfigError, num_train_iters
 from megatron_mdm.metrics import MetricsWriter, Throughput, format_line, memory_gib, peak_tflops
 from megatron_mdm.model import build_model, flops_per_sequence
@@ -568,7 +568,7 @@ def pretrain(cfg: Config, train_loader=None, valid_loader=None) -> dict:
             log.info("resolved config:\n%s", cfg.to_yaml())
             if cfg.checkpoint.save:
                 Path(cfg.checkpoint.save).mkdir(parents=True, exist_ok=True)
-                (Path(cfg.checkpoint.save) / "config.yaml").write_text(cfg.to_yaml())
+                layout.config_file(cfg.checkpoint.save).write_text(cfg.to_yaml())
         trainer = Trainer(cfg, tokenizer.vocab_size, tokenizer.mask_id, tokenizer.pad_id,
                           train_loader, valid_loader, tokenizer_dir=cfg.data.tokenizer)
         trainer.load()

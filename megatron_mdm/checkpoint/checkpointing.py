@@ -261,7 +261,7 @@ def _commit_collective(root: Path, tmp: Path, iteration: int, keep_last: int, co
 
 def _write_extras(path: Path, config_yaml: Optional[str], tokenizer_dir: Optional[str]) -> None:
     if config_yaml is not None:
-        (path / "config.yaml").write_text(config_yaml)
+        layout.config_file(path).write_text(config_yaml)
     if tokenizer_dir is not None and Path(tokenizer_dir).exists():
         src = Path(tokenizer_dir)
         if src.is_dir():

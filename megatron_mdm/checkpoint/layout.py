@@ -1,4 +1,12 @@
-"""The files of a run directory: iteration directories, the marker, saves in progress, pruning.
+"""The files of a run directory (``--save``): the one place that names them, and how saves replace them.
+
+::
+
+    RUN/config.yaml                          the resolved config of the latest start (``CONFIG_FILE``)
+    RUN/metrics.jsonl                        one JSON record per logged step / evaluation (``METRICS_FILE``)
+    RUN/tensorboard/                         TensorBoard event files (``TENSORBOARD_DIR``)
+    RUN/latest_checkpointed_iteration.txt    the marker: the newest complete checkpoint (``TRACKER``)
+    RUN/iter_0000040/                        one checkpoint (``iteration_dir``), with its own config.yaml
 
 A save never removes or overwrites the checkpoint the marker names::
 
@@ -33,6 +41,9 @@ TRACKER = "latest_checkpointed_iteration.txt"
 TMP_TAG = ".tmp-"
 OLD_TAG = ".old-"
 COMPLETE_FILE = "metadata.json"  # written last by dist_checkpointing.save
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
 _ITER = re.compile(r"^iter_(\d{7,})$")
 _AUX = re.compile(r"^iter_(\d{7,})(\.tmp-|\.old-)[0-9a-f]+$")
 
@@ -43,6 +54,32 @@ class CheckpointError(UserError, RuntimeError):
 
 def iteration_dir(root: str | os.PathLike, iteration: int) -> Path:
     return Path(root) / f"iter_{iteration:07d}"
+
+
+def config_file(directory: str | os.PathLike) -> Path:
+    """The resolved config of a run directory or of one of its checkpoints."""
+    return Path(directory) / CONFIG_FILE
+
+
+def metrics_file(root: str | os.PathLike) -> Path:
+    return Path(root) / METRICS_FILE
+
+
+def tensorboard_dir(root: str | os.PathLike) -> Path:
+    return Path(root) / TENSORBOARD_DIR
+
+
+def latest_checkpoint_dir(load: str | os.PathLike) -> Optional[Path]:
+    """The directory of the newest checkpoint ``load`` names without checking it: ``load`` itself when it is a
+    checkpoint directory, else the iteration directory the marker names; None without a readable marker."""
+    root = Path(load)
+    if is_complete(root):
+        return root
+    try:
+        iteration = read_latest_iteration(root)
+    except CheckpointError:
+        return None
+    return None if iteration is None else iteration_dir(root, iteration)
 
 
 def new_nonce() -> str:

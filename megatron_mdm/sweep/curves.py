@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from megatron_mdm.checkpoint import layout
 from megatron_mdm.errors import UserError
 
 X_AXES = ("iterations", "tokens", "flops")
@@ -82,7 +83,7 @@ class RunCurves:
 def read_metrics(path: str | Path) -> tuple[list[dict], list[dict]]:
     """(training records, evaluation records) of ``path/metrics.jsonl``, each sorted by iteration with
     one record per iteration (the last written wins). Unparseable lines (a crash mid-write) are skipped."""
-    f = Path(path) / "metrics.jsonl"
+    f = layout.metrics_file(path)
     if not f.is_file():
         raise RunError(f"{f}: no such file (is {path} a run directory written with --save?)")
     train: dict[int, dict] = {}
@@ -108,7 +109,7 @@ def load_run(path: str | Path, label: str | None = None) -> RunCurves:
     path = Path(path)
     train, val = read_metrics(path)
     run = RunCurves(path=path, label=label or path.resolve().name, train=train, val=val)
-    cfg_file = path / "config.yaml"
+    cfg_file = layout.config_file(path)
     if cfg_file.is_file():
         from megatron_mdm.config import Config
 

@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from megatron_mdm.checkpoint import layout
 from megatron_mdm.errors import UserError
 from megatron_mdm.ports import free_port
 from megatron_mdm.sweep.plan import Plan, Run
@@ -49,10 +50,9 @@ def is_done(out: str | Path, run: Run) -> bool:
 
 def checkpoint_iteration(directory: Path) -> int | None:
     """The latest checkpointed iteration of a run directory, or None."""
-    f = directory / "latest_checkpointed_iteration.txt"
     try:
-        return int(f.read_text().strip())
-    except (OSError, ValueError):
+        return layout.read_latest_iteration(directory)
+    except (OSError, layout.CheckpointError):
         return None
 
 
@@ -198,7 +198,7 @@ if [ -f "$RUN_DIR/{done}" ]; then
 fi
 mkdir -p "$RUN_DIR"
 LOAD=()
-if [ -f "$RUN_DIR/latest_checkpointed_iteration.txt" ]; then
+if [ -f "$RUN_DIR/{tracker}" ]; then
   LOAD=(--load "$RUN_DIR")
 fi
 echo "$NAME: ${{#ARGS[@]}} arguments, steps $ITERS"
@@ -212,7 +212,7 @@ while true; do
   if kill -0 "$SRUN_PID" 2>/dev/null; then continue; fi
   break
 done
-if [ "$status" -eq 0 ] && [ "$(cat "$RUN_DIR/latest_checkpointed_iteration.txt" 2>/dev/null)" = "$ITERS" ]; then
+if [ "$status" -eq 0 ] && [ "$(cat "$RUN_DIR/{tracker}" 2>/dev/null)" = "$ITERS" ]; then
   printf '{{"run": "%s", "iters": %s, "finished": "%s"}}\\n' "$NAME" "$ITERS" "$(date '+%F %T')" > "$RUN_DIR/{done}"
 fi
 exit "$status"
@@ -232,7 +232,7 @@ def write_slurm(plan: Plan, out: str | Path, script: str | Path, nproc: int = 1,
         args = " ".join(shlex.quote(a) for a in train_args(plan, run, out))
         cases.append(f"  {i}) NAME={shlex.quote(run.name)}; RUN_DIR={shlex.quote(str(run_dir(out, run)))}; "
                      f"ITERS={run.iters}\n     ARGS=({args}) ;;")
-    text = SLURM_TEMPLATE.format(plan=plan_path, script=script, n=len(plan.runs), done=DONE,
+    text = SLURM_TEMPLATE.format(plan=plan_path, script=script, n=len(plan.runs), done=DONE, tracker=layout.TRACKER,
                                  last=len(plan.runs) - 1, nproc=nproc, gpus=nproc if gpus is None else gpus,
                                  time=time_limit, out=out, repo=shlex.quote(str(Path(repo or REPO).resolve())),
                                  cases="\n".join(cases), python=python)
