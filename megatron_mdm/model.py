@@ -27,9 +27,9 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_mdm.attention import SDPAttention
 from megatron_mdm.config import Config, ConfigError, virtual_pipeline_size
 from megatron_mdm.encoder import EncoderMLM, encoder_block_spec, post_ln_layer_spec
+from megatron_mdm.models.attention import SDPAttention
 from megatron_mdm.tokenization import padded_vocab_size
 
 log = logging.getLogger(__name__)

@@ -154,8 +154,8 @@ def sdpa_vs_megatron_job(rank: int, world: int) -> dict:
     from megatron.core.transformer.enums import AttnMaskType
 
     from megatron_mdm import runtime
-    from megatron_mdm.attention import SDPAttention
     from megatron_mdm.model import transformer_config
+    from megatron_mdm.models.attention import SDPAttention
 
     cfg = tiny_cfg()
     runtime.init_distributed(cfg.parallel, cfg.model.num_layers)

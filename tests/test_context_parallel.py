@@ -51,8 +51,8 @@ def attention_and_rope_job(rank: int, world: int) -> dict:
     from megatron.core.transformer.enums import AttnMaskType
 
     from megatron_mdm import runtime
-    from megatron_mdm.attention import SDPAttention
     from megatron_mdm.model import build_model, transformer_config
+    from megatron_mdm.models.attention import SDPAttention
 
     cfg = tiny_cfg(context_parallel_size=world)
     runtime.init_distributed(cfg.parallel, cfg.model.num_layers)

@@ -146,7 +146,7 @@ def test_sequence_parallel_head_selection_tp2():
 def _local_spec_has_context_parallelism() -> bool:
     import inspect
 
-    from megatron_mdm.attention import SDPAttention
+    from megatron_mdm.models.attention import SDPAttention
 
     return "context parallelism needs" not in inspect.getsource(SDPAttention.__init__)
 
