@@ -42,7 +42,7 @@ import torch
 from megatron_mdm.config import Config
 from megatron_mdm.decoding.cache import KVCache
 from megatron_mdm.decoding.logits import ModelForward, Select
-from megatron_mdm.output_head import Positions, select_output, unwrap
+from megatron_mdm.models.output_head import Positions, select_output, unwrap
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 

@@ -88,7 +88,7 @@ def sequence_parallel_head_job(rank: int, world: int) -> dict:
 
     from megatron_mdm import runtime
     from megatron_mdm.config import ParallelConfig
-    from megatron_mdm.output_head import Positions, loss_position_multiple, select_output
+    from megatron_mdm.models.output_head import Positions, loss_position_multiple, select_output
 
     runtime.init_distributed(ParallelConfig(tensor_model_parallel_size=2), 2)
     conf = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=2, tensor_model_parallel_size=2,
