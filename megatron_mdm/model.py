@@ -8,7 +8,7 @@ with **no causal mask**. That is a spec change, not a fork: the layer spec's sel
 * Local spec (CPU, or GPU without TE): Megatron's local layers with ``SDPAttention`` as the core
   attention (memory linear in sequence length).
 
-``--architecture bert`` builds the BERT-family encoder of ``megatron_mdm.encoder`` (post-LN blocks,
+``--architecture bert`` builds the BERT-family encoder of ``megatron_mdm.models.encoder`` (post-LN blocks,
 learned positions, the MLM head) for diffusive adaptation of masked LMs; Qwen2's q/k/v biases and Llama 3's
 RoPE scaling are options of the Llama stack. ``transformer_config`` is the one place where our config names
 become Megatron's ``TransformerConfig``.
@@ -28,8 +28,8 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_mdm.config import Config, ConfigError, virtual_pipeline_size
-from megatron_mdm.encoder import EncoderMLM, encoder_block_spec, post_ln_layer_spec
 from megatron_mdm.models.attention import SDPAttention
+from megatron_mdm.models.encoder import EncoderMLM, encoder_block_spec, post_ln_layer_spec
 from megatron_mdm.tokenization import padded_vocab_size
 
 log = logging.getLogger(__name__)
