@@ -216,7 +216,7 @@ def stage_correctness(p: dict, rec: Recorder) -> None:
     from llama_reference import reference_logits
 
     from megatron_mdm import runtime
-    from megatron_mdm.model import build_model
+    from megatron_mdm.models.build import build_model
 
     init_world(p["corr_layers"])
     torch.backends.cuda.matmul.allow_tf32 = False  # the float32 comparison is float32, not TF32
@@ -291,7 +291,7 @@ def _timed_steps(trainer, n: int) -> list:
 def _variant_figures(cfg, vocab: int, objective: str, times: list, peak_value) -> dict:
     import statistics
 
-    from megatron_mdm.model import flops_per_sequence
+    from megatron_mdm.models.build import flops_per_sequence
 
     med = statistics.median(times)
     gbs, seq = cfg.optim.global_batch_size, cfg.data.seq_length
@@ -422,7 +422,7 @@ def stage_checkpoint(p: dict, rec: Recorder) -> None:
 def stage_compile(p: dict, rec: Recorder) -> None:
     """Forward+backward of the MDM model, eager vs ``torch.compile`` (optional: reported, never required)."""
     from megatron_mdm import runtime
-    from megatron_mdm.model import build_model
+    from megatron_mdm.models.build import build_model
 
     init_world(2)
     dev = runtime.device()

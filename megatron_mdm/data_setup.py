@@ -67,7 +67,7 @@ def sft_layout(loader) -> str | None:
 def check_packing(cfg: Config) -> None:
     """Packed examples need the block-diagonal mask of the local spec, on one context-parallel rank and one
     pipeline stage (the stages without data would not see it); one line naming the option otherwise."""
-    from megatron_mdm.model import use_te_for
+    from megatron_mdm.models.build import use_te_for
 
     p = cfg.parallel
     if p.context_parallel_size > 1:

@@ -161,7 +161,7 @@ def load_megatron_for_inference(load_dir: str | os.PathLike, iteration: int | No
     from megatron_mdm import runtime
     from megatron_mdm.checkpoint import checkpointing
     from megatron_mdm.hf import ensure_single_process_world
-    from megatron_mdm.model import build_model
+    from megatron_mdm.models.build import build_model
 
     path = checkpointing.resolve_checkpoint(load_dir, iteration)
     meta = checkpointing.load_meta(path)

@@ -29,7 +29,7 @@ def tiny_run_job(rank: int, world: int, root: str, tok_dir: Optional[str], itera
     """Save the weights of one tiny model (no optimizer) as checkpoints of ``iterations`` under ``root``."""
     from megatron_mdm import runtime
     from megatron_mdm.checkpoint import checkpointing
-    from megatron_mdm.model import build_model
+    from megatron_mdm.models.build import build_model
 
     cfg = tiny_cfg()
     cfg.model.vocab_size = 100

@@ -121,7 +121,7 @@ def model_checks_job(rank: int, world: int, tp: int) -> dict:
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     from megatron_mdm import runtime
-    from megatron_mdm.model import build_model
+    from megatron_mdm.models.build import build_model
 
     cfg = tiny_cfg(tensor_model_parallel_size=tp)
     runtime.init_distributed(cfg.parallel, cfg.model.num_layers)
@@ -154,8 +154,8 @@ def sdpa_vs_megatron_job(rank: int, world: int) -> dict:
     from megatron.core.transformer.enums import AttnMaskType
 
     from megatron_mdm import runtime
-    from megatron_mdm.model import transformer_config
     from megatron_mdm.models.attention import SDPAttention
+    from megatron_mdm.models.build import transformer_config
 
     cfg = tiny_cfg()
     runtime.init_distributed(cfg.parallel, cfg.model.num_layers)

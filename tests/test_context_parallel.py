@@ -51,8 +51,8 @@ def attention_and_rope_job(rank: int, world: int) -> dict:
     from megatron.core.transformer.enums import AttnMaskType
 
     from megatron_mdm import runtime
-    from megatron_mdm.model import build_model, transformer_config
     from megatron_mdm.models.attention import SDPAttention
+    from megatron_mdm.models.build import build_model, transformer_config
 
     cfg = tiny_cfg(context_parallel_size=world)
     runtime.init_distributed(cfg.parallel, cfg.model.num_layers)
@@ -195,7 +195,7 @@ def test_cp_comm_type_flag_reaches_the_te_config_only():
     import argparse
 
     from megatron_mdm.config import ConfigError, add_arguments, from_args
-    from megatron_mdm.model import transformer_config
+    from megatron_mdm.models.build import transformer_config
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)

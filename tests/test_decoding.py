@@ -393,7 +393,7 @@ def megatron_decoding_job(rank: int, world: int, seed: int) -> dict:
     from megatron_mdm import runtime
     from megatron_mdm.config import Config
     from megatron_mdm.inference import MegatronForward
-    from megatron_mdm.model import build_model
+    from megatron_mdm.models.build import build_model
 
     cfg = Config()
     cfg.model.num_query_groups = 2

@@ -33,7 +33,7 @@ def save_and_export(rank: int, world_size: int, base: str) -> None:
     from megatron_mdm import runtime
     from megatron_mdm.checkpoint import checkpointing
     from megatron_mdm.cli.convert import main as convert
-    from megatron_mdm.model import build_model
+    from megatron_mdm.models.build import build_model
 
     root = Path(base)
     make_tokenizer(root / "tok")

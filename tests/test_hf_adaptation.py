@@ -111,8 +111,8 @@ def anneal_model_job(rank: int, world_size: int) -> dict:
 
     from megatron_mdm import runtime
     from megatron_mdm.config import Config
-    from megatron_mdm.model import build_model, transformer_config
     from megatron_mdm.models.attention import SDPAttention
+    from megatron_mdm.models.build import build_model, transformer_config
     from megatron_mdm.objective import anneal_generator, annealed_attention_mask
 
     cfg = Config()

@@ -68,7 +68,7 @@ def save_and_forward(rank: int, world_size: int, root: str, tok_dir: str, tp: in
 
     from megatron_mdm import runtime
     from megatron_mdm.checkpoint import checkpointing
-    from megatron_mdm.model import build_model
+    from megatron_mdm.models.build import build_model
 
     runtime.init_distributed(make_cfg("mdm", tp, pp).parallel, 2)
     out = {}

@@ -175,7 +175,7 @@ def test_loader_streams_examples_with_their_masks_and_ids(tok, tokdir, tmp_path)
 
 
 def test_packing_refuses_what_it_cannot_do(monkeypatch):
-    from megatron_mdm import model
+    from megatron_mdm.models import build
     from megatron_mdm.config import Config, ConfigError
     from megatron_mdm.data_setup import check_packing
 
@@ -187,7 +187,7 @@ def test_packing_refuses_what_it_cannot_do(monkeypatch):
             check_packing(cfg)
     cfg = Config()
     cfg.model.transformer_impl = "transformer_engine"
-    monkeypatch.setattr(model, "te_available", lambda: True)
+    monkeypatch.setattr(build, "te_available", lambda: True)
     with pytest.raises(ConfigError, match="THD"):
         check_packing(cfg)
 
@@ -199,7 +199,7 @@ def packing_job(rank: int, world: int) -> dict:
     from jobs import MASK_ID, PAD_ID, VOCAB, tiny_cfg
 
     from megatron_mdm import runtime
-    from megatron_mdm.model import build_model
+    from megatron_mdm.models.build import build_model
     from megatron_mdm.objective import build_objective, document_attention_mask, mask_generator
 
     cfg = tiny_cfg()

@@ -355,7 +355,7 @@ def import_from_hf(hf_dir: str | os.PathLike, output_dir: str | os.PathLike,
 
 def _import(hf_sd: dict[str, torch.Tensor], hf_dir: Path, hf_cfg: dict, cfg: Config, family: Family, out: Path,
             tokenizer_dir: str | os.PathLike | None, tp: int, stage: _Stages) -> Path:
-    from megatron_mdm.model import padded_vocab_size
+    from megatron_mdm.models.build import padded_vocab_size
 
     tok_dir = Path(tokenizer_dir) if tokenizer_dir is not None else hf_dir
     try:

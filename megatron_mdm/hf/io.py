@@ -51,7 +51,7 @@ def save_megatron(tensors: dict[str, torch.Tensor], cfg: Config, padded: int, ou
     """Write ``tensors`` with ``checkpointing.save_checkpoint`` from a TP1/PP1 model (one-process world)."""
     from megatron_mdm import runtime
     from megatron_mdm.checkpoint import checkpointing
-    from megatron_mdm.model import build_model
+    from megatron_mdm.models.build import build_model
 
     local = copy.deepcopy(cfg)
     local.parallel.tensor_model_parallel_size = 1
