@@ -175,9 +175,9 @@ def test_loader_streams_examples_with_their_masks_and_ids(tok, tokdir, tmp_path)
 
 
 def test_packing_refuses_what_it_cannot_do(monkeypatch):
-    from megatron_mdm.models import build
     from megatron_mdm.config import Config, ConfigError
     from megatron_mdm.data_setup import check_packing
+    from megatron_mdm.models import build
 
     for field, value, msg in (("context_parallel_size", 2, "--context-parallel-size"),
                               ("pipeline_model_parallel_size", 2, "--pipeline-model-parallel-size")):
