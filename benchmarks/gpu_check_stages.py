@@ -291,7 +291,7 @@ def _timed_steps(trainer, n: int) -> list:
 def _variant_figures(cfg, vocab: int, objective: str, times: list, peak_value) -> dict:
     import statistics
 
-    from megatron_mdm.models.build import flops_per_sequence
+    from megatron_mdm.models.flops import flops_per_sequence
 
     med = statistics.median(times)
     gbs, seq = cfg.optim.global_batch_size, cfg.data.seq_length

@@ -31,7 +31,8 @@ class ConfigError(UserError, ValueError):
     """A configuration value is missing, unknown or inconsistent; the message names the field."""
 
 
-def _check(cond: bool, name: str, msg: str) -> None:
+def check(cond: bool, name: str, msg: str) -> None:
+    """Raise ``ConfigError`` naming the flag of field ``name`` unless ``cond``."""
     if not cond:
         raise ConfigError(f"--{name.replace('_', '-')}: {msg}")
 
@@ -624,62 +625,62 @@ def _check_ranges(cfg: Config) -> None:
         value = getattr(getattr(cfg, sec), name)
         if value is not None:
             err = _range_error(value, interval)
-            _check(err is None, name, err or "")
+            check(err is None, name, err or "")
 
 
 def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     m, p, opt, ck, lg = cfg.model, cfg.parallel, cfg.optim, cfg.checkpoint, cfg.logging
     _check_ranges(cfg)
-    _check(m.hidden_size % m.num_attention_heads == 0, "hidden_size",
-           f"{m.hidden_size} is not divisible by --num-attention-heads {m.num_attention_heads}")
+    check(m.hidden_size % m.num_attention_heads == 0, "hidden_size",
+          f"{m.hidden_size} is not divisible by --num-attention-heads {m.num_attention_heads}")
     groups = m.num_query_groups or m.num_attention_heads
-    _check(m.num_attention_heads % groups == 0, "num_query_groups",
-           f"--num-attention-heads {m.num_attention_heads} is not divisible by {groups}")
+    check(m.num_attention_heads % groups == 0, "num_query_groups",
+          f"--num-attention-heads {m.num_attention_heads} is not divisible by {groups}")
     _validate_architecture(cfg)
     _validate_data(cfg.data)
     tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
-    _check(m.num_attention_heads % tp == 0, "tensor_model_parallel_size",
-           f"--num-attention-heads {m.num_attention_heads} is not divisible by TP={tp}")
-    _check(groups % tp == 0, "tensor_model_parallel_size",
-           f"the {groups} query groups are not divisible by TP={tp}")
-    _check(m.ffn_hidden_size % tp == 0, "tensor_model_parallel_size",
-           f"--ffn-hidden-size {m.ffn_hidden_size} is not divisible by TP={tp}")
-    _check(m.num_layers % pp == 0, "pipeline_model_parallel_size",
-           f"--num-layers {m.num_layers} is not divisible by PP={pp}")
+    check(m.num_attention_heads % tp == 0, "tensor_model_parallel_size",
+          f"--num-attention-heads {m.num_attention_heads} is not divisible by TP={tp}")
+    check(groups % tp == 0, "tensor_model_parallel_size",
+          f"the {groups} query groups are not divisible by TP={tp}")
+    check(m.ffn_hidden_size % tp == 0, "tensor_model_parallel_size",
+          f"--ffn-hidden-size {m.ffn_hidden_size} is not divisible by TP={tp}")
+    check(m.num_layers % pp == 0, "pipeline_model_parallel_size",
+          f"--num-layers {m.num_layers} is not divisible by PP={pp}")
     if p.num_layers_per_virtual_pipeline_stage is not None:
         vl = p.num_layers_per_virtual_pipeline_stage
-        _check(pp > 1, "num_layers_per_virtual_pipeline_stage", "needs --pipeline-model-parallel-size > 1")
-        _check((m.num_layers // pp) % vl == 0, "num_layers_per_virtual_pipeline_stage",
-               f"layers per pipeline stage ({m.num_layers // pp}) is not divisible by {vl}")
+        check(pp > 1, "num_layers_per_virtual_pipeline_stage", "needs --pipeline-model-parallel-size > 1")
+        check((m.num_layers // pp) % vl == 0, "num_layers_per_virtual_pipeline_stage",
+              f"layers per pipeline stage ({m.num_layers // pp}) is not divisible by {vl}")
     if p.sequence_parallel:
-        _check(tp > 1, "sequence_parallel", "needs --tensor-model-parallel-size > 1")
+        check(tp > 1, "sequence_parallel", "needs --tensor-model-parallel-size > 1")
     if cp > 1:
-        _check(cfg.data.seq_length % (2 * cp) == 0, "seq_length",
-               f"{cfg.data.seq_length} is not divisible by 2 x --context-parallel-size = {2 * cp} "
-               "(each CP rank holds 2 of 2 x CP equal chunks)")
+        check(cfg.data.seq_length % (2 * cp) == 0, "seq_length",
+              f"{cfg.data.seq_length} is not divisible by 2 x --context-parallel-size = {2 * cp} "
+              "(each CP rank holds 2 of 2 x CP equal chunks)")
     if m.fp8_format is not None:
-        _check(m.transformer_impl != "local", "fp8_format",
-               "FP8 needs the Transformer Engine spec (--transformer-impl transformer_engine or auto on GPU)")
-        _check(not (m.first_last_layers_bf16 and m.fp8_recipe == "delayed"), "first_last_layers_bf16",
-               "is not supported with --fp8-recipe delayed; use tensorwise or blockwise")
-    _check(opt.global_batch_size >= opt.micro_batch_size, "global_batch_size",
-           f"{opt.global_batch_size} is smaller than --micro-batch-size {opt.micro_batch_size}")
-    _check(opt.min_lr <= opt.lr, "min_lr", f"{opt.min_lr} is larger than --lr {opt.lr}")
-    _check(not (opt.train_iters is not None and opt.train_tokens is not None), "train_tokens",
-           "give either --train-iters or --train-tokens, not both")
+        check(m.transformer_impl != "local", "fp8_format",
+              "FP8 needs the Transformer Engine spec (--transformer-impl transformer_engine or auto on GPU)")
+        check(not (m.first_last_layers_bf16 and m.fp8_recipe == "delayed"), "first_last_layers_bf16",
+              "is not supported with --fp8-recipe delayed; use tensorwise or blockwise")
+    check(opt.global_batch_size >= opt.micro_batch_size, "global_batch_size",
+          f"{opt.global_batch_size} is smaller than --micro-batch-size {opt.micro_batch_size}")
+    check(opt.min_lr <= opt.lr, "min_lr", f"{opt.min_lr} is larger than --lr {opt.lr}")
+    check(not (opt.train_iters is not None and opt.train_tokens is not None), "train_tokens",
+          "give either --train-iters or --train-tokens, not both")
     if ck.save_interval is not None:
-        _check(ck.save is not None, "save_interval", "needs --save")
+        check(ck.save is not None, "save_interval", "needs --save")
     if lg.eval_interval is not None:
-        _check(lg.eval_iters >= 1, "eval_iters",
-               f"is {lg.eval_iters} with --eval-interval {lg.eval_interval}: validation needs at least one "
-               "micro-batch (leave out --eval-interval to train without validation)")
+        check(lg.eval_iters >= 1, "eval_iters",
+              f"is {lg.eval_iters} with --eval-interval {lg.eval_interval}: validation needs at least one "
+              "micro-batch (leave out --eval-interval to train without validation)")
     if world_size is not None:
         _check_world_size(tp, pp, cp, world_size)
         model_parallel = tp * pp * cp
         dp = world_size // model_parallel
-        _check(opt.global_batch_size % (opt.micro_batch_size * dp) == 0, "global_batch_size",
-               f"{opt.global_batch_size} is not divisible by --micro-batch-size x DP = "
-               f"{opt.micro_batch_size} x {dp}")
+        check(opt.global_batch_size % (opt.micro_batch_size * dp) == 0, "global_batch_size",
+              f"{opt.global_batch_size} is not divisible by --micro-batch-size x DP = "
+              f"{opt.micro_batch_size} x {dp}")
 
 
 def _check_world_size(tp: int, pp: int, cp: int, world_size: int) -> None:
@@ -687,49 +688,36 @@ def _check_world_size(tp: int, pp: int, cp: int, world_size: int) -> None:
     sizes = (("tensor_model_parallel_size", "TP", tp), ("pipeline_model_parallel_size", "PP", pp),
              ("context_parallel_size", "CP", cp))
     for name, short, v in sizes:
-        _check(v <= world_size, name, f"{short}={v} is larger than the world size {world_size} "
-               "(the number of processes the launcher started)")
+        check(v <= world_size, name, f"{short}={v} is larger than the world size {world_size} "
+              "(the number of processes the launcher started)")
     first = next((name for name, _, v in sizes if v > 1), "tensor_model_parallel_size")
-    _check(world_size % (tp * pp * cp) == 0, first,
-           f"world size {world_size} is not divisible by TP x PP x CP = {tp} x {pp} x {cp} = {tp * pp * cp}")
+    check(world_size % (tp * pp * cp) == 0, first,
+          f"world size {world_size} is not divisible by TP x PP x CP = {tp} x {pp} x {cp} = {tp * pp * cp}")
 
 
 def _validate_architecture(cfg: Config) -> None:
-    """Family-specific options: each only where it applies, with the flag named."""
+    """Family-specific options (the family's own checks, from its registry record), then the shared ones."""
+    from megatron_mdm.models.registry import family  # noqa: PLC0415 - the records import this module
+
     m, o = cfg.model, cfg.objective
-    if m.architecture == "bert":
-        _check(m.rope_scaling is None, "rope_scaling", "needs --architecture llama (bert has learned positions)")
-        _check(not m.add_qkv_bias, "add_qkv_bias", "needs --architecture llama (bert has biases everywhere)")
-        _check(m.num_query_groups in (None, m.num_attention_heads), "num_query_groups",
-               "--architecture bert has multi-head attention (no query groups)")
-        _check(m.fp8_format is None, "fp8_format", "--architecture bert runs on the local spec (no FP8)")
-        rows = m.max_position_embeddings or cfg.data.seq_length
-        offset = 0 if m.position_padding_idx is None else m.position_padding_idx + 1
-        _check(cfg.data.seq_length + offset <= rows, "seq_length",
-               f"{cfg.data.seq_length} positions (+ offset {offset}) do not fit --max-position-embeddings {rows}")
-        _check(not o.shift_logits and o.attention_anneal_iters == 0,
-               "shift_logits" if o.shift_logits else "attention_anneal_iters",
-               "is for starts from autoregressive models (--architecture llama)")
-    else:
-        _check(m.position_padding_idx is None, "position_padding_idx", "needs --architecture bert")
-        _check(m.num_tokentypes == 0, "num_tokentypes", "needs --architecture bert")
+    family(cfg).validate(cfg)
     if m.rope_scaling is not None:
-        _check(0 < m.rope_low_freq_factor < m.rope_high_freq_factor, "rope_high_freq_factor",
-               "need 0 < --rope-low-freq-factor < --rope-high-freq-factor")
-        _check(m.rope_original_max_position_embeddings > 0, "rope_original_max_position_embeddings", "must be > 0")
+        check(0 < m.rope_low_freq_factor < m.rope_high_freq_factor, "rope_high_freq_factor",
+              "need 0 < --rope-low-freq-factor < --rope-high-freq-factor")
+        check(m.rope_original_max_position_embeddings > 0, "rope_original_max_position_embeddings", "must be > 0")
     for name, on in (("shift_logits", o.shift_logits), ("attention_anneal_iters", o.attention_anneal_iters > 0)):
         if on:
-            _check(o.objective == "mdm", name, "needs --objective mdm")
+            check(o.objective == "mdm", name, "needs --objective mdm")
     if o.attention_anneal_iters > 0:
-        _check(cfg.parallel.context_parallel_size == 1, "attention_anneal_iters",
-               "is not supported with context parallelism")
-        _check(m.fp8_format is None, "attention_anneal_iters", "needs an arbitrary attention mask (no FP8)")
+        check(cfg.parallel.context_parallel_size == 1, "attention_anneal_iters",
+              "is not supported with context parallelism")
+        check(m.fp8_format is None, "attention_anneal_iters", "needs an arbitrary attention mask (no FP8)")
 
 
 def _validate_data(d: DataConfig) -> None:
-    _check(d.shuffle_buffer is None, "shuffle_buffer",
-           "was removed: the loader now shuffles all samples of each epoch (--data-shuffle global, the default); "
-           "drop the option")
+    check(d.shuffle_buffer is None, "shuffle_buffer",
+          "was removed: the loader now shuffles all samples of each epoch (--data-shuffle global, the default); "
+          "drop the option")
     parse_data_path(d.data_path)
     parse_data_path(d.valid_data_path, "valid_data_path")
 

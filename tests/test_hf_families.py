@@ -264,7 +264,7 @@ def test_llama3_rope_frequencies_match_transformers(original, low, high):
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     from megatron_mdm.config import Config
-    from megatron_mdm.models.build import _rescale_rope, _rope_kwargs
+    from megatron_mdm.models.llama import _rescale_rope, _rope_kwargs
 
     rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": low,
             "high_freq_factor": high, "original_max_position_embeddings": original}

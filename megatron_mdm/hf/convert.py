@@ -32,6 +32,7 @@ from megatron_mdm.hf.bert import BERT, ROBERTA, XLM_ROBERTA
 from megatron_mdm.hf.io import read_checkpoint_tensors, save_megatron
 from megatron_mdm.hf.llama import LLAMA
 from megatron_mdm.hf.qwen2 import QWEN2
+from megatron_mdm.models.registry import family as model_family
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +59,8 @@ def family_for_hf(hf_cfg: dict) -> Family:
 
 
 def family_of(cfg: Config) -> Family:
-    """The family a checkpoint exports to: the one it was imported from, else Llama (or BERT/RoBERTa)."""
-    m = cfg.model
-    if m.architecture == "bert":
-        if m.hf_model_type == "xlm-roberta":
-            return XLM_ROBERTA
-        return BERT if m.position_padding_idx is None else ROBERTA
-    return QWEN2 if m.add_qkv_bias else LLAMA
+    """The HF family a checkpoint exports to: the one it was imported from, else its architecture's default."""
+    return model_family(cfg).hf_family(cfg)
 
 
 def _load_tokenizer(path: Path | None):
@@ -83,20 +79,8 @@ def _special_ids(tok) -> dict[str, int | None]:
 
 # ---- export -------------------------------------------------------------------------------------
 
-def _architecture(cfg: Config, family: Family) -> str:
-    m = cfg.model
-    if m.architecture == "bert":
-        return (f"{family.name} encoder ({m.num_layers} post-LayerNorm layers, hidden {m.hidden_size}, "
-                f"{m.num_attention_heads} heads, GELU {m.ffn_hidden_size}, learned positions "
-                f"{m.max_position_embeddings}, MLM head tied to the embeddings)")
-    rope = f"RoPE base {m.rotary_base}" + (f", llama3 scaling x{m.rope_scaling_factor}" if m.rope_scaling else "")
-    return (f"{family.name} ({m.num_layers} layers, hidden {m.hidden_size}, {m.num_attention_heads} heads, "
-            f"{m.num_query_groups or m.num_attention_heads} key/value heads{', q/k/v biases' if m.add_qkv_bias else ''}, "
-            f"SwiGLU {m.ffn_hidden_size}, RMSNorm, {rope})")
-
-
 def _model_card(cfg: Config, family: Family, mdm: bool, special: dict, vocab_size: int, source: str) -> str:
-    remote = mdm and cfg.model.architecture != "bert"  # our bidirectional Llama class ships as remote code
+    remote = mdm and model_family(cfg).ships_modeling_code  # our bidirectional class ships as remote code
     kind = ("a masked diffusion language model (MDM, bidirectional attention)" if mdm
             else "an autoregressive baseline (causal attention)")
     if mdm and cfg.objective.shift_logits:
@@ -119,7 +103,7 @@ Converted from the Megatron checkpoint `{source}` by `mdm-convert to-hf`.
 
 - **Objective**: `{cfg.objective.objective}`: {kind}
 - **Mask token id**: `{special.get('mask')}`; end-of-sequence id `{special.get('eos')}`
-- **Architecture**: {_architecture(cfg, family)}, vocabulary {vocab_size}, trained with sequence length
+- **Architecture**: {model_family(cfg).describe(cfg)}, vocabulary {vocab_size}, trained with sequence length
   {cfg.data.seq_length}
 
 ## Load
@@ -270,7 +254,7 @@ def _export(path: Path, meta: dict, cfg: Config, family: Family, out: Path, run:
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         if tok is not None:
             tok.save(tmp)
-        if mdm and cfg.model.architecture != "bert":
+        if mdm and model_family(cfg).ships_modeling_code:
             src = Path(__file__).parent.parent / "hf_modeling"
             for name in ("configuration_mdm.py", "modeling_mdm.py"):
                 shutil.copy2(src / name, tmp / name)
@@ -341,7 +325,7 @@ def import_from_hf(hf_dir: str | os.PathLike, output_dir: str | os.PathLike,
     hf_cfg = json.loads((hf_dir / "config.json").read_text())
     family = family_for_hf(hf_cfg)
     cfg = family.config_from_hf(hf_cfg)
-    if cfg.model.architecture == "bert" and objective != "mdm":
+    if objective not in model_family(cfg).objectives:
         raise ConversionError(f"--objective {objective}: a {family.name} masked LM is bidirectional and adapts "
                               "as an MDM only (--objective mdm)")
     cfg.objective.objective = objective

@@ -1,17 +1,16 @@
-"""Model construction: Megatron-core ``GPTModel`` with the attention mask chosen by the objective.
+"""Model construction: the family's Megatron model with the attention mask chosen by the objective.
 
-The masked diffusion model is a Llama-style transformer (RMSNorm, RoPE, GQA, SwiGLU, untied head)
-with **no causal mask**. That is a spec change, not a fork: the layer spec's self-attention
-``attn_mask_type`` becomes ``AttnMaskType.no_mask`` for MDM and stays ``causal`` for the ARM baseline.
+The masked diffusion model is its family's transformer with **no causal mask**. That is a spec change, not a
+fork: the layer spec's self-attention ``attn_mask_type`` becomes ``AttnMaskType.no_mask`` for MDM and stays
+``causal`` for the ARM baseline (``layer_spec``), whatever the family.
 
-* Transformer Engine spec (GPU, TE importable): ``TEDotProductAttention`` with no_mask, FP8 options.
-* Local spec (CPU, or GPU without TE): Megatron's local layers with ``SDPAttention`` as the core
-  attention (memory linear in sequence length).
+* Transformer Engine spec (GPU, TE importable, a family that supports it): ``TEDotProductAttention`` with
+  no_mask, FP8 options.
+* Local spec (CPU, or GPU without TE): Megatron's local layers with ``SDPAttention`` as the core attention.
 
-``--architecture bert`` builds the BERT-family encoder of ``megatron_mdm.models.encoder`` (post-LN blocks,
-learned positions, the MLM head) for diffusive adaptation of masked LMs; Qwen2's q/k/v biases and Llama 3's
-RoPE scaling are options of the Llama stack. ``transformer_config`` is the one place where our config names
-become Megatron's ``TransformerConfig``.
+What differs between families (norms, MLP, biases, positions, the module built) comes from their registry
+record (``models.registry``). ``transformer_config`` is the one place where our config names become Megatron's
+``TransformerConfig``.
 """
 
 from __future__ import annotations
@@ -19,17 +18,14 @@ from __future__ import annotations
 import logging
 
 import torch
-import torch.nn.functional as F
 from megatron.core import parallel_state as ps
-from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_mdm.config import Config, ConfigError, virtual_pipeline_size
-from megatron_mdm.models.attention import SDPAttention
-from megatron_mdm.models.encoder import EncoderMLM, encoder_block_spec, post_ln_layer_spec
+from megatron_mdm.models.registry import family
 from megatron_mdm.tokenization import padded_vocab_size
 
 log = logging.getLogger(__name__)
@@ -64,7 +60,6 @@ def transformer_config(cfg: Config, use_te: bool | None = None) -> TransformerCo
     """Our config -> Megatron ``TransformerConfig`` (the single mapping)."""
     m, p = cfg.model, cfg.parallel
     use_te = use_te_for(cfg, use_te)
-    bert = m.architecture == "bert"
     on_gpu = torch.cuda.is_available()
     bf16 = cfg.optim.bf16
     vpp = virtual_pipeline_size(p, m.num_layers)
@@ -75,13 +70,8 @@ def transformer_config(cfg: Config, use_te: bool | None = None) -> TransformerCo
         num_query_groups=m.num_query_groups or m.num_attention_heads,
         ffn_hidden_size=m.ffn_hidden_size,
         kv_channels=m.hidden_size // m.num_attention_heads,
-        # llama: RMSNorm, SwiGLU, no biases (q/k/v biases for Qwen2); bert: LayerNorm, GELU, biases everywhere
-        normalization="LayerNorm" if bert else "RMSNorm",
+        **family(cfg).transformer_kwargs(cfg),  # the norm, the MLP, the biases
         layernorm_epsilon=m.norm_epsilon,
-        gated_linear_unit=not bert,
-        activation_func=F.gelu if bert else F.silu,
-        add_bias_linear=bert,
-        add_qkv_bias=bert or m.add_qkv_bias,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=m.init_method_std,
@@ -147,18 +137,7 @@ def layer_spec(cfg: Config, causal: bool, use_te: bool | None = None) -> ModuleS
     No mask for the MDM, causal for the ARM, and ``arbitrary`` for an MDM whose attention is annealed from
     causal to bidirectional (``--attention-anneal-iters``): the mask then comes with every forward.
     """
-    use_te = use_transformer_engine(cfg) if use_te is None else use_te
-    if cfg.model.architecture == "bert":  # post-LN blocks: the local spec, SDPA attention
-        spec = post_ln_layer_spec(SDPAttention)
-    elif use_te:
-        from megatron.core.models.gpt.gpt_layer_specs import (
-            get_gpt_layer_with_transformer_engine_spec,
-        )
-
-        spec = get_gpt_layer_with_transformer_engine_spec()
-    else:
-        spec = get_gpt_layer_local_spec(normalization="RMSNorm")
-        spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    spec = family(cfg).layer_spec(cfg, use_te_for(cfg, use_te))
     mask = AttnMaskType.causal if causal else AttnMaskType.no_mask
     if not causal and cfg.objective.attention_anneal_iters > 0:
         mask = AttnMaskType.arbitrary
@@ -167,37 +146,10 @@ def layer_spec(cfg: Config, causal: bool, use_te: bool | None = None) -> ModuleS
 
 
 def use_te_for(cfg: Config, use_te: bool | None = None) -> bool:
-    """Whether the model is built on the TE spec (never for the post-LN encoders, which use the local spec)."""
-    if cfg.model.architecture == "bert":
+    """Whether the model is built on the TE spec (never for a family without TE support: the local spec)."""
+    if not family(cfg).supports_te:
         return False
     return use_transformer_engine(cfg) if use_te is None else use_te
-
-
-MEGATRON_LLAMA3 = (1.0, 4.0, 8192)
-"""(low_freq_factor, high_freq_factor, original_max_position_embeddings) that Megatron's ``RotaryEmbedding``
-fixes when built with ``rope_scaling=True`` (Llama 3.1/3.2/3.3 use exactly these); only the factor is free."""
-
-
-def _rope_kwargs(cfg: Config) -> dict:
-    m = cfg.model
-    fits = (m.rope_low_freq_factor, m.rope_high_freq_factor, m.rope_original_max_position_embeddings) == MEGATRON_LLAMA3
-    return {"rope_scaling": m.rope_scaling == "llama3" and fits, "rope_scaling_factor": m.rope_scaling_factor}
-
-
-def _rescale_rope(model: GPTModel, cfg: Config) -> None:
-    """llama3 scaling with other constants than Megatron's fixed ones: its own rule, all four parameters.
-
-    Megatron's ``RotaryEmbedding._apply_scaling`` is transformers' ``_compute_llama3_parameters`` (the same
-    wavelength bands and smooth ramp, float32); its constructor only fixes three of the four parameters.
-    """
-    m = cfg.model
-    rotary = getattr(model, "rotary_pos_emb", None)
-    if m.rope_scaling != "llama3" or _rope_kwargs(cfg)["rope_scaling"] or rotary is None:
-        return
-    rotary.inv_freq = rotary._apply_scaling(
-        rotary.inv_freq, factor=m.rope_scaling_factor, low_freq_factor=m.rope_low_freq_factor,
-        high_freq_factor=m.rope_high_freq_factor,
-        original_max_position_embeddings=m.rope_original_max_position_embeddings)
 
 
 def build_model(
@@ -205,7 +157,7 @@ def build_model(
     vocab_size: int,
     causal: bool,
     use_te: bool | None = None,
-) -> list[GPTModel]:
+) -> list[MegatronModule]:
     """Build this rank's model chunks (one, or one per virtual pipeline stage).
 
     Args:
@@ -222,7 +174,7 @@ def build_model(
     padded = padded_vocab_size(vocab_size, cfg.model.make_vocab_size_divisible_by,
                                cfg.parallel.tensor_model_parallel_size)
     vpp = tconf.virtual_pipeline_model_parallel_size
-    m = cfg.model
+    m, fam = cfg.model, family(cfg)
     chunks = []
     for vp_stage in range(vpp or 1):
         stage = vp_stage if vpp else None
@@ -235,67 +187,10 @@ def build_model(
             share_embeddings_and_output_weights=not m.untie_embeddings_and_output_weights,
             vp_stage=stage,
         )
-        if m.architecture == "bert":
-            model = EncoderMLM(
-                transformer_layer_spec=encoder_block_spec(tconf, spec, stage),
-                max_sequence_length=m.max_position_embeddings or cfg.data.seq_length,
-                position_embedding_type="learned_absolute",
-                num_tokentypes=m.num_tokentypes,
-                position_padding_idx=m.position_padding_idx,
-                **common,
-            )
-        else:
-            model = GPTModel(
-                transformer_layer_spec=spec,
-                max_sequence_length=cfg.data.seq_length,
-                position_embedding_type="rope",
-                rotary_base=m.rotary_base,
-                **_rope_kwargs(cfg),
-                **common,
-            )
-            _rescale_rope(model, cfg)
+        model = fam.construct(cfg, tconf, spec, common)
         if torch.cuda.is_available():
             model.cuda(torch.cuda.current_device())
         if cfg.optim.bf16:
             model.bfloat16()
         chunks.append(model)
     return chunks
-
-
-def count_parameters(cfg: Config, vocab_size: int) -> dict[str, int]:
-    """Parameter counts of the full (unsharded) model: total, embedding, non-embedding (N of C=6ND)."""
-    m = cfg.model
-    h, f, L = m.hidden_size, m.ffn_hidden_size, m.num_layers
-    groups = m.num_query_groups or m.num_attention_heads
-    head_dim = h // m.num_attention_heads
-    qkv = h + 2 * groups * head_dim
-    attn = h * qkv + h * h
-    if m.architecture == "bert":  # biases everywhere, GELU MLP, LayerNorm (weight and bias), MLM head
-        per_layer = attn + qkv + h + 2 * h * f + f + h + 4 * h
-        non_embedding = L * per_layer + (h * h + h + 2 * h)  # + the head's dense and norm
-        positions = (m.max_position_embeddings or cfg.data.seq_length) + m.num_tokentypes
-        emb = (vocab_size + positions) * h + 2 * h + vocab_size  # + embedding norm, output bias
-        emb += vocab_size * h if m.untie_embeddings_and_output_weights else 0
-        return {"total": non_embedding + emb, "embedding": emb, "non_embedding": non_embedding}
-    mlp = 3 * h * f
-    norms = 2 * h
-    per_layer = attn + mlp + norms + (qkv if m.add_qkv_bias else 0)
-    non_embedding = L * per_layer + h  # + final norm
-    emb = vocab_size * h * (2 if m.untie_embeddings_and_output_weights else 1)
-    return {"total": non_embedding + emb, "embedding": emb, "non_embedding": non_embedding}
-
-
-def flops_per_sequence(cfg: Config, vocab_size: int, causal: bool) -> float:
-    """Training FLOPs (forward + backward) of one sequence.
-
-    6·N·S for the non-embedding matmuls (the paper's C = 6ND), plus the output head 6·S·h·V, plus
-    attention scores and values: 12·L·S²·h for full (bidirectional) attention, the work an MDM
-    really does. The causal baseline's kernels skip the masked half, so it counts half of that term
-    (Megatron-LM's convention); the 6·N·D part, the paper's compute measure, is the same for both.
-    """
-    m = cfg.model
-    s = cfg.data.seq_length
-    n = count_parameters(cfg, vocab_size)["non_embedding"]
-    head = 6 * s * m.hidden_size * vocab_size
-    attention = 12 * m.num_layers * s * s * m.hidden_size // (2 if causal else 1)
-    return float(6 * n * s + head + attention)

@@ -128,7 +128,7 @@ def _yaml(path: Path) -> dict:
 
 
 def non_embedding_params(model_cfg) -> int:
-    """N (non-embedding parameters) of a ModelConfig, by ``megatron_mdm.models.build.count_parameters``."""
+    """N (non-embedding parameters) of a ModelConfig, by ``megatron_mdm.models.flops.count_parameters``."""
     from megatron_mdm.sweep.plan import Shape, shape_params
 
     return shape_params(Shape("run", {k: getattr(model_cfg, k) for k in

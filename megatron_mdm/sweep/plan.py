@@ -1,7 +1,7 @@
 """IsoFLOP plans: from FLOP budgets and model shapes to the list of runs, written as YAML or JSON.
 
 Compute is counted as the scaling paper does, C = 6·N·D, with N the non-embedding parameters
-(``megatron_mdm.models.build.count_parameters``) and D the training tokens. For a budget C and a shape of N
+(``megatron_mdm.models.flops.count_parameters``) and D the training tokens. For a budget C and a shape of N
 parameters, D = C / (6·N) and the run trains ``iters = round(D / (global_batch_size * seq_length))``
 steps; the planned compute 6·N·iters·gbs·seq must lie within ``tolerance`` (default 5 %) of C, else
 the shape is left out of that budget (too few steps to hit it) and the plan says so.
@@ -185,14 +185,14 @@ def parse_shape(text: str, head_dim: int = 32) -> Shape:
 
 
 def shape_params(shape: Shape) -> int:
-    """N (non-embedding parameters) of a shape, by ``megatron_mdm.models.build.count_parameters``."""
+    """N (non-embedding parameters) of a shape, by ``megatron_mdm.models.flops.count_parameters``."""
     import warnings
 
     from megatron_mdm.config import Config
 
     with warnings.catch_warnings():  # megatron-core's "Apex / TE not installed" notes on import
         warnings.simplefilter("ignore")
-        from megatron_mdm.models.build import count_parameters
+        from megatron_mdm.models.flops import count_parameters
 
     cfg = Config()
     for k, v in shape.model.items():
