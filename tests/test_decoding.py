@@ -28,7 +28,7 @@ from legacy_sampling import generate as legacy_generate
 from test_sampling import MASK, Recorder, TinyBidirectional, V
 
 from megatron_mdm.decoding import generate
-from megatron_mdm.decoding.backends import HFForward
+from megatron_mdm.decoding.backends.hf import HFForward
 from megatron_mdm.decoding.unmasking import count_factor, count_threshold
 
 REPO = Path(__file__).resolve().parents[1]

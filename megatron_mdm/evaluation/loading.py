@@ -237,6 +237,6 @@ def load_logits_fn(
     vocab_size = max(int(tokenizer.vocab_size), int(mask_id) + 1)
     vocab_size = min(vocab_size, int(getattr(model.config, "vocab_size", vocab_size)))
 
-    from megatron_mdm.decoding.backends import HFForward  # KV cache and selected logits for our export
+    from megatron_mdm.decoding.backends.hf import HFForward  # KV cache and selected logits for our export
 
     return HFForward(model, device), tokenizer, int(mask_id), vocab_size
