@@ -5,7 +5,7 @@ draw randomness only from the ``torch.Generator`` passed in, and mask exactly as
 (``objective.sample_t`` and ``objective.forward_mask``: the project's single masking function).
 Logits at ids >= ``vocab_size`` are ignored and the mask token is never a prediction
 (``guidance.model_logits``). Logits are asked for the scored positions only, so a model that supports
-it (``decoding.logits.ModelForward``: the HF export, ``inference.MegatronForward``) runs its output head
+it (``decoding.logits.ModelForward``: the HF export, ``decoding.backends.megatron.MegatronForward``) runs its output head
 there only, as training does with ``--masked-only-logits``.
 
 **ELBO** (SMDM Eq. 3; the training loss): for x_0 with n eligible positions,

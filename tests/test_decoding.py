@@ -392,7 +392,7 @@ def megatron_decoding_job(rank: int, world: int, seed: int) -> dict:
     """MegatronForward: window logits and K/V vs a fresh forward, refresh-every-step = no cache, legacy."""
     from megatron_mdm import runtime
     from megatron_mdm.config import Config
-    from megatron_mdm.inference import MegatronForward
+    from megatron_mdm.decoding.backends.megatron import MegatronForward
     from megatron_mdm.models.build import build_model
 
     cfg = Config()

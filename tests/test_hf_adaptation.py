@@ -229,8 +229,8 @@ def adapt_train_job(rank: int, world_size: int, base: str) -> dict:
     from synthetic import SyntheticLoader
 
     from megatron_mdm import runtime
+    from megatron_mdm.decoding.backends.megatron import load_megatron_for_inference
     from megatron_mdm.hf import import_from_hf
-    from megatron_mdm.inference import load_megatron_for_inference
     from megatron_mdm.tokenization import MDMTokenizer
     from megatron_mdm.training import Trainer
 

@@ -109,8 +109,8 @@ def import_and_infer(rank: int, world_size: int, jobs: dict) -> dict:
     """One process: HF -> Megatron imports, then ``load_megatron_for_inference`` logits."""
     from megatron_mdm import runtime
     from megatron_mdm.config import ParallelConfig
+    from megatron_mdm.decoding.backends.megatron import load_megatron_for_inference
     from megatron_mdm.hf_io import import_from_hf
-    from megatron_mdm.inference import load_megatron_for_inference
 
     runtime.init_distributed(ParallelConfig(), 2)
     for hf_dir, out_dir, objective in jobs["imports"]:
@@ -363,7 +363,7 @@ GEN_KW = {"gen_length": 8, "steps": 8, "block_length": 4, "temperature": 0.0,
 
 
 def megatron_generate(rank: int, world_size: int, ckpt: str, prompts: list, cfg_scale: float) -> list:
-    from megatron_mdm.inference import load_megatron_for_inference
+    from megatron_mdm.decoding.backends.megatron import load_megatron_for_inference
     from megatron_mdm.sampling import generate
 
     logits_fn, cfg, tok = load_megatron_for_inference(ckpt)

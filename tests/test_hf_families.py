@@ -113,8 +113,8 @@ def import_job(rank: int, world_size: int, base: str) -> dict:
     """One process: import every family, TP1 logits through ``load_megatron_for_inference``, export back."""
     from megatron_mdm import runtime
     from megatron_mdm.config import ParallelConfig
+    from megatron_mdm.decoding.backends.megatron import load_megatron_for_inference
     from megatron_mdm.hf import export_to_hf, import_from_hf
-    from megatron_mdm.inference import load_megatron_for_inference
 
     runtime.init_distributed(ParallelConfig(), 2)
     out = {}

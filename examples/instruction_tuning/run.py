@@ -124,7 +124,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from megatron_mdm.data.prepare_sft import mixture_weights, prepare_sft
-    from megatron_mdm.inference import load_megatron_for_inference
+    from megatron_mdm.decoding.backends.megatron import load_megatron_for_inference
     from megatron_mdm.tokenization import MDMTokenizer, train_bpe_tokenizer
 
     t_start = time.time()

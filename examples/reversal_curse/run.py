@@ -469,7 +469,7 @@ def checkpoint_iterations(run_dir: Path) -> list[int]:
 def learning_curves(out: Path, models: list[str], tokenizer, data_dir: Path, max_test: int | None,
                     mc_samples: int, seed: int, log=print) -> list[dict]:
     """Score every saved checkpoint of each model on the name files (same and reverse direction)."""
-    from megatron_mdm.inference import load_megatron_for_inference
+    from megatron_mdm.decoding.backends.megatron import load_megatron_for_inference
 
     sets = [load_test_set(data_dir, n, max_test, seed) for n in CURVE_FILES]
     rows = []
@@ -604,7 +604,7 @@ def main(argv=None) -> int:
         timings["train_s"] = time.time() - t0
         losses = {m: _last_loss(out / f"train_{m}.log") for m in models}
 
-    from megatron_mdm.inference import load_megatron_for_inference
+    from megatron_mdm.decoding.backends.megatron import load_megatron_for_inference
     from megatron_mdm.tokenization import MDMTokenizer
 
     tokenizer = MDMTokenizer.load(tok_dir)

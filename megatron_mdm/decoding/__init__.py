@@ -2,7 +2,7 @@
 
 * ``logits``: the model interface (``LogitsFn``, ``ModelForward``), vocabulary clipping, CFG;
 * ``backends``: ``HFForward``, the Hugging Face model behind that interface (the Megatron one is
-  ``megatron_mdm.inference.MegatronForward``);
+  ``megatron_mdm.decoding.backends.megatron.MegatronForward``);
 * ``cache``: the prefix / dual KV cache of block decoding (``KVCache``);
 * ``unmasking``: candidates, scores and how many to unmask (schedule, threshold, factor);
 * ``loop``: ``generate``, the iteration over blocks and steps.

@@ -19,7 +19,7 @@ layer_idx, ...)`` method of transformers' ``Cache`` protocol: an attention layer
 values it just computed (after RoPE) and attends to what it returns. The exported Hugging Face model
 (``hf_modeling/modeling_mdm.py``) passes it to transformers' attention layers, which call ``update``
 themselves; the Megatron path calls it from a forward pre-hook on each layer's core attention
-(``inference.MegatronForward``). The two layouts differ only in where the sequence dimension is
+(``decoding.backends.megatron.MegatronForward``). The two layouts differ only in where the sequence dimension is
 (``seq_dim``: 2 for HF ``[b, heads, s, d]``, 0 for Megatron ``[s, b, heads, d]``).
 """
 

@@ -5,7 +5,7 @@ Everything in ``decoding`` and ``likelihood`` is written against one model-agnos
     LogitsFn = Callable[[LongTensor [b, s]], Tensor [b, s, V_padded]]   # bidirectional for an MDM
 
 so the same code drives a Hugging Face model and a Megatron model. A model may do more than that
-by being a :class:`ModelForward` (``decoding.backends.HFForward``, ``inference.MegatronForward``):
+by being a :class:`ModelForward` (``decoding.backends.hf.HFForward``, ``decoding.backends.megatron.MegatronForward``):
 
 * **logits only where needed** (``select``): the output head runs on a slice of positions or on the
   positions of a boolean mask only (the head is V x h per position; an MDM needs the masked ones);

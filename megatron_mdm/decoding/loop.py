@@ -123,7 +123,7 @@ class _BlockForward:
         if s.cache != "none":
             if not isinstance(model, ModelForward) or not model.supports_cache:
                 raise ValueError(f"cache={s.cache!r}: this model has no KV cache support (use cache='none', "
-                                 "or a model from decoding.backends / inference.MegatronForward)")
+                                 "or a model from decoding.backends.hf / decoding.backends.megatron.MegatronForward)")
             self.cache = model.new_cache()
 
     def logits(self, x: torch.Tensor, lo: int, hi: int, refresh: bool) -> torch.Tensor:

@@ -26,7 +26,7 @@ only after the decoder, on the last pipeline stage: pipeline p2p shapes stay sta
 
 Padding rows (to a multiple of TP, and at least one row so that no tensor is empty) repeat position
 (0, 0) with weight 0. Inference uses the same hook with a slice (a decoding block) or a bool mask (the
-masked positions of a likelihood estimate): ``inference.MegatronForward``.
+masked positions of a likelihood estimate): ``decoding.backends.megatron.MegatronForward``.
 """
 
 from __future__ import annotations

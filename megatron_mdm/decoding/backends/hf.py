@@ -4,7 +4,7 @@
 plain ``LogitsFn``; the exported MDM (``hf_modeling/modeling_mdm.py``, which accepts
 ``past_key_values`` and ``logits_to_keep``) also gets the KV cache and head-only-where-needed. Its K/V
 layout is transformers' ``[b, kv_heads, s, head_dim]``. The Megatron model has the same interface in
-``megatron_mdm.inference.MegatronForward``.
+``megatron_mdm.decoding.backends.megatron.MegatronForward``.
 """
 
 from __future__ import annotations
