@@ -4,7 +4,7 @@ All functions are pure, take a model-agnostic ``LogitsFn`` (input_ids [b, s] -> 
 draw randomness only from the ``torch.Generator`` passed in, and mask exactly as training does
 (``objective.sample_t`` and ``objective.forward_mask``: the project's single masking function).
 Logits at ids >= ``vocab_size`` are ignored and the mask token is never a prediction
-(``guidance.model_logits``). Logits are asked for the scored positions only, so a model that supports
+(``decoding.logits.model_logits``). Logits are asked for the scored positions only, so a model that supports
 it (``decoding.logits.ModelForward``: the HF export, ``decoding.backends.megatron.MegatronForward``) runs its output head
 there only, as training does with ``--masked-only-logits``.
 
@@ -33,7 +33,7 @@ log p(true token at that position | current context), and write the true token t
 
 Both give the exact log-probability of the completion under that unmasking order's factorisation.
 Unsupervised CFG (``cfg_scale``) applies to both estimators and to the MC one, with the prompt masked
-in the unconditional input (``guidance.apply_cfg``).
+in the unconditional input (``decoding.logits.apply_cfg``).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_mdm.guidance import LogitsFn, model_logits
+from megatron_mdm.decoding.logits import LogitsFn, model_logits
 from megatron_mdm.objective import forward_mask, sample_t
 
 T_SAMPLING = ("uniform", "antithetic")

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from megatron_mdm.guidance import apply_cfg, model_logits
+from megatron_mdm.decoding.logits import apply_cfg, model_logits
 from megatron_mdm.sampling import generate, num_transfer_tokens
 
 V, MASK = 11, 10  # ids 0..9 are words, 10 is the mask token

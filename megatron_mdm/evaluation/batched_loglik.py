@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_mdm.guidance import LogitsFn, model_logits
+from megatron_mdm.decoding.logits import LogitsFn, model_logits
 from megatron_mdm.objective import forward_mask, sample_t
 
 

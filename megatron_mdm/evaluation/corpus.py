@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from megatron_mdm.guidance import LogitsFn
+from megatron_mdm.decoding.logits import LogitsFn
 from megatron_mdm.likelihood import mc_elbo
 
 

@@ -42,11 +42,11 @@ from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
 from megatron_mdm.decoding import generate
+from megatron_mdm.decoding.logits import LogitsFn
 from megatron_mdm.decoding.loop import check_settings
 from megatron_mdm.evaluation.batched_loglik import Scorer, chain_rows, mc_rows, request_seed, run_batched
 from megatron_mdm.evaluation.loading import EvalInputError
 from megatron_mdm.evaluation.multiple_choice import conditional_loglik, encode_pair
-from megatron_mdm.guidance import LogitsFn
 
 eval_logger = logging.getLogger(__name__)
 

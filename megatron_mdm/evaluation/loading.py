@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
+from megatron_mdm.decoding.logits import LogitsFn
 from megatron_mdm.errors import UserError
-from megatron_mdm.guidance import LogitsFn
 
 
 class EvalInputError(UserError, ValueError):

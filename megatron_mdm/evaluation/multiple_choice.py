@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from megatron_mdm.guidance import LogitsFn
+from megatron_mdm.decoding.logits import LogitsFn
 from megatron_mdm.likelihood import chain_rule_loglik, mc_conditional_loglik
 
 NORMALIZATIONS = ("none", "token", "char")
