@@ -364,7 +364,7 @@ GEN_KW = {"gen_length": 8, "steps": 8, "block_length": 4, "temperature": 0.0,
 
 def megatron_generate(rank: int, world_size: int, ckpt: str, prompts: list, cfg_scale: float) -> list:
     from megatron_mdm.decoding.backends.megatron import load_megatron_for_inference
-    from megatron_mdm.sampling import generate
+    from megatron_mdm.decoding.loop import generate
 
     logits_fn, cfg, tok = load_megatron_for_inference(ckpt)
     out = generate(logits_fn, prompts, mask_id=tok.mask_id, vocab_size=tok.vocab_size,
@@ -374,9 +374,9 @@ def megatron_generate(rank: int, world_size: int, ckpt: str, prompts: list, cfg_
 
 @pytest.mark.parametrize("cfg_scale", [0.0, 1.5])
 def test_hf_and_megatron_generate_identical_samples(world, tmp_path, cfg_scale):
+    from megatron_mdm.decoding.loop import generate
     from megatron_mdm.evaluation.loading import load_logits_fn
     from megatron_mdm.hf_io import export_to_hf
-    from megatron_mdm.sampling import generate
 
     ckpt = world["base"] / "tp2" / "mdm"
     g = torch.Generator().manual_seed(int(torch.randint(0, 2**30, (1,))))

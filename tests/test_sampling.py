@@ -1,4 +1,4 @@
-"""Tests of megatron_mdm.sampling: schedule, blocks, prompt, CFG, determinism, EOS, sampling law."""
+"""Tests of megatron_mdm.decoding.loop (the sampler): schedule, blocks, prompt, CFG, determinism, EOS, sampling law."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from megatron_mdm.decoding.logits import apply_cfg, model_logits
-from megatron_mdm.sampling import generate, num_transfer_tokens
+from megatron_mdm.decoding.loop import generate
+from megatron_mdm.decoding.unmasking import num_transfer_tokens
 
 V, MASK = 11, 10  # ids 0..9 are words, 10 is the mask token
 

@@ -292,7 +292,7 @@ def evaluate(logits_fn, objective: str, tokenizer, test_sets: list[TestSet], mc_
 
     ``tokenizer`` needs ``encode``, ``decode``, ``mask_id``, ``eos_id`` and ``vocab_size``.
     """
-    from megatron_mdm.sampling import generate
+    from megatron_mdm.decoding.loop import generate
 
     rows = []
     for ts in test_sets:

@@ -90,7 +90,7 @@ def _model_card(cfg: Config, family: Family, mdm: bool, special: dict, vocab_siz
     sample = (
         "Sample by reverse diffusion from a prompt followed by mask tokens:\n\n"
         "```bash\nmdm-generate --model PATH --prompt \"Once upon a time\" --gen-length 64 --steps 64\n```\n\n"
-        "or in Python with `megatron_mdm.sampling.generate(logits_fn, ...)`, where `logits_fn(input_ids)` returns\n"
+        "or in Python with `megatron_mdm.decoding.generate(logits_fn, ...)`, where `logits_fn(input_ids)` returns\n"
         "`model(input_ids).logits`. Plain left-to-right `model.generate()` does not apply to this model."
         if mdm else "Sample with `model.generate(...)` as for any causal language model.")
     return f"""---
