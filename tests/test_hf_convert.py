@@ -110,7 +110,7 @@ def import_and_infer(rank: int, world_size: int, jobs: dict) -> dict:
     from megatron_mdm import runtime
     from megatron_mdm.config import ParallelConfig
     from megatron_mdm.decoding.backends.megatron import load_megatron_for_inference
-    from megatron_mdm.hf_io import import_from_hf
+    from megatron_mdm.hf import import_from_hf
 
     runtime.init_distributed(ParallelConfig(), 2)
     for hf_dir, out_dir, objective in jobs["imports"]:
@@ -172,7 +172,7 @@ def _hf_logits(hf_dir: Path, mdm: bool) -> torch.Tensor:
 @pytest.mark.parametrize("layout", ["tp2", "pp2"])
 @pytest.mark.parametrize("objective", ["mdm", "arm"])
 def test_megatron_vs_exported_hf_logits(world, layout, objective, tmp_path):
-    from megatron_mdm.hf_io import export_to_hf
+    from megatron_mdm.hf import export_to_hf
 
     out = export_to_hf(world["base"] / layout / objective, tmp_path / "hf", shard_size="40KB")
     cfg = json.loads((out / "config.json").read_text())
@@ -188,7 +188,7 @@ def test_megatron_vs_exported_hf_logits(world, layout, objective, tmp_path):
 def test_export_directory_contents(world, tmp_path):
     from transformers import AutoModel, AutoTokenizer
 
-    from megatron_mdm.hf_io import export_to_hf
+    from megatron_mdm.hf import export_to_hf
 
     out = export_to_hf(world["base"] / "tp2" / "mdm", tmp_path / "hf")
     tok = AutoTokenizer.from_pretrained(str(out))
@@ -210,7 +210,7 @@ def test_export_directory_contents(world, tmp_path):
 def test_exported_attention_direction(world, objective, tmp_path):
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
-    from megatron_mdm.hf_io import export_to_hf
+    from megatron_mdm.hf import export_to_hf
 
     out = export_to_hf(world["base"] / "tp2" / objective, tmp_path / "hf")
     mdm = objective == "mdm"
@@ -236,7 +236,7 @@ def _hf_tensors(d: Path) -> dict[str, torch.Tensor]:
 
 
 def test_round_trip_hf_megatron_hf_is_bitwise(world, tmp_path):
-    from megatron_mdm.hf_io import export_to_hf
+    from megatron_mdm.hf import export_to_hf
 
     out = export_to_hf(world["base"] / "imported", tmp_path / "back")
     a, b = _hf_tensors(world["base"] / "llama"), _hf_tensors(out)
@@ -258,7 +258,7 @@ def test_imported_megatron_matches_hf_llama(world):
 
 def test_inference_helper_matches_export(world, tmp_path):
     """``load_megatron_for_inference`` on a TP2 checkpoint (one process, TP1) == exported HF logits."""
-    from megatron_mdm.hf_io import export_to_hf
+    from megatron_mdm.hf import export_to_hf
 
     meg, mask_id = world["infer"]["tp2_mdm"]
     hf = _hf_logits(export_to_hf(world["base"] / "tp2" / "mdm", tmp_path / "hf"), mdm=True)
@@ -267,7 +267,7 @@ def test_inference_helper_matches_export(world, tmp_path):
 
 
 def test_import_adds_mask_token_row(world, tmp_path):
-    from megatron_mdm.hf_io import export_to_hf
+    from megatron_mdm.hf import export_to_hf
     from megatron_mdm.tokenization import MDMTokenizer
 
     out = export_to_hf(world["base"] / "imported_nomask", tmp_path / "hf")
@@ -284,7 +284,7 @@ def test_import_adds_mask_token_row(world, tmp_path):
 # ---- (4) clear errors ---------------------------------------------------------------------------
 
 def test_missing_iteration_and_checkpoint(world, tmp_path):
-    from megatron_mdm.hf_io import ConversionError, export_to_hf
+    from megatron_mdm.hf import ConversionError, export_to_hf
 
     with pytest.raises(ConversionError, match="iteration 99"):
         export_to_hf(world["base"] / "tp2" / "mdm", tmp_path / "x", iteration=99)
@@ -296,7 +296,7 @@ def test_missing_iteration_and_checkpoint(world, tmp_path):
 def test_checkpoint_of_another_architecture(world, tmp_path):
     import torch.distributed.checkpoint as dcp
 
-    from megatron_mdm.hf_io import ConversionError, export_to_hf, read_checkpoint_tensors
+    from megatron_mdm.hf import ConversionError, export_to_hf, read_checkpoint_tensors
 
     src = world["base"] / "tp2" / "mdm" / "iter_0000003"
     # (a) extra tensors (learned absolute positions, GPT-2 style)
@@ -324,7 +324,7 @@ def test_hf_model_not_llama_shaped(tmp_path, capsys):
     from transformers import GPT2Config
 
     from megatron_mdm.cli.convert import main
-    from megatron_mdm.hf_io import ConversionError, import_from_hf
+    from megatron_mdm.hf import ConversionError, import_from_hf
 
     d = tmp_path / "gpt2"
     d.mkdir()
@@ -376,7 +376,7 @@ def megatron_generate(rank: int, world_size: int, ckpt: str, prompts: list, cfg_
 def test_hf_and_megatron_generate_identical_samples(world, tmp_path, cfg_scale):
     from megatron_mdm.decoding.loop import generate
     from megatron_mdm.evaluation.loading import load_logits_fn
-    from megatron_mdm.hf_io import export_to_hf
+    from megatron_mdm.hf import export_to_hf
 
     ckpt = world["base"] / "tp2" / "mdm"
     g = torch.Generator().manual_seed(int(torch.randint(0, 2**30, (1,))))

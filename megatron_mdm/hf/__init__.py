@@ -6,8 +6,6 @@
 * ``llama``: Llama and Mistral (``PARAM_MAP``, q/k/v and gate/up fusion, config translation);
 * ``io``: the Megatron side (read a checkpoint's tensors in one process, save a checkpoint from tensors);
 * ``convert``: ``export_to_hf`` and ``import_from_hf``.
-
-The old module names ``megatron_mdm.hf_convert`` and ``megatron_mdm.hf_io`` re-export from here.
 """
 
 from megatron_mdm.hf.base import ConversionError, Family
