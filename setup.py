@@ -15,7 +15,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_mdm", "megatron_mdm.*"]),
-    package_data={"megatron_mdm": ["hf_modeling/*.py"]},
+    package_data={"megatron_mdm": ["hf/modeling/*.py"]},
     install_requires=[
         # torch 2.13.0 (the CPU dev machines) and the CUDA builds of NGC containers satisfy this.
         "torch>=2.6,<2.14",

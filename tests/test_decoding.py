@@ -36,8 +36,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def tiny_mdm(seed: int, vocab: int = 16, mask_id: int = MASK, sharp: float = 1.0):
     """A random 2-layer GQA bidirectional Llama (the exported class), head scaled by ``sharp``."""
-    from megatron_mdm.hf_modeling.configuration_mdm import MDMConfig
-    from megatron_mdm.hf_modeling.modeling_mdm import MDMForMaskedLM
+    from megatron_mdm.hf.modeling.configuration_mdm import MDMConfig
+    from megatron_mdm.hf.modeling.modeling_mdm import MDMForMaskedLM
 
     torch.manual_seed(seed)
     cfg = MDMConfig(mask_token_id=mask_id, vocab_size=vocab, hidden_size=32, intermediate_size=64,
@@ -349,7 +349,7 @@ def make_mdm_dir(path: Path, seed: int) -> Path:
                              "AutoModelForMaskedLM": "modeling_mdm.MDMForMaskedLM"}
     model.save_pretrained(path)
     for name in ("configuration_mdm.py", "modeling_mdm.py"):
-        shutil.copy(REPO / "megatron_mdm" / "hf_modeling" / name, path / name)
+        shutil.copy(REPO / "megatron_mdm" / "hf" / "modeling" / name, path / name)
     tok.save_pretrained(path)
     return path
 

@@ -17,7 +17,7 @@ A cache refreshed at every step is exactly the uncached computation.
 **One mechanism for every backend.** :class:`KVCache` implements the ``update(key, value,
 layer_idx, ...)`` method of transformers' ``Cache`` protocol: an attention layer hands it the keys and
 values it just computed (after RoPE) and attends to what it returns. The exported Hugging Face model
-(``hf_modeling/modeling_mdm.py``) passes it to transformers' attention layers, which call ``update``
+(``hf/modeling/modeling_mdm.py``) passes it to transformers' attention layers, which call ``update``
 themselves; the Megatron path calls it from a forward pre-hook on each layer's core attention
 (``decoding.backends.megatron.MegatronForward``). The two layouts differ only in where the sequence dimension is
 (``seq_dim``: 2 for HF ``[b, heads, s, d]``, 0 for Megatron ``[s, b, heads, d]``).

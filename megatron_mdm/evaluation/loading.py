@@ -1,7 +1,7 @@
 """Load a Hugging Face model directory as a model-agnostic ``LogitsFn``, running no code it ships unasked.
 
 * Our own exports (``mdm-convert to-hf``, ``model_type`` ``mdm_llama``) load with this package's classes
-  (``hf_modeling.register_auto_classes``), never with the ``modeling_mdm.py`` copy in the directory.
+  (``hf.modeling.register_auto_classes``), never with the ``modeling_mdm.py`` copy in the directory.
 * Any bidirectional masked LM that transformers knows (``AutoModelForMaskedLM``, e.g. a BERT) loads as is.
 * A directory that asks for its own Python code (``auto_map`` in ``config.json`` or
   ``tokenizer_config.json``) is refused unless ``trust_remote_code`` is given (``--trust-remote-code``).
@@ -210,7 +210,7 @@ def load_logits_fn(
         EvalInputError: a missing directory, a malformed config, custom code without the flag, a model
             that does not load; the message is one line.
     """
-    from megatron_mdm import hf_modeling
+    from megatron_mdm.hf import modeling as hf_modeling
 
     model_dir = resolve_model_dir(str(path), allow_download)
     if not (model_dir / "config.json").is_file():

@@ -1,7 +1,7 @@
 """Hugging Face directories <-> Megatron distributed checkpoints: export and import.
 
 ``export_to_hf`` writes a Hugging Face directory (safetensors shards, config, tokenizer, generation
-config, model card; an MDM of the Llama family also gets ``megatron_mdm/hf_modeling`` copied in for
+config, model card; an MDM of the Llama family also gets ``megatron_mdm/hf/modeling`` copied in for
 ``trust_remote_code``) from a checkpoint of any TP/PP layout, read in one process without a process group.
 ``import_from_hf`` writes a Megatron checkpoint through ``checkpointing.save_checkpoint`` from a
 TP1/PP1 model in a one-process gloo world. The family (its map and config translation) comes from the
@@ -255,7 +255,7 @@ def _export(path: Path, meta: dict, cfg: Config, family: Family, out: Path, run:
         if tok is not None:
             tok.save(tmp)
         if mdm and model_family(cfg).ships_modeling_code:
-            src = Path(__file__).parent.parent / "hf_modeling"
+            src = Path(__file__).parent / "modeling"
             for name in ("configuration_mdm.py", "modeling_mdm.py"):
                 shutil.copy2(src / name, tmp / name)
         (tmp / "README.md").write_text(_model_card(cfg, family, mdm, special, vocab_size, str(path)))

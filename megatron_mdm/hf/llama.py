@@ -6,7 +6,7 @@ Fused Megatron tensors map to a tuple of HF names and have a named split/merge p
 * ``linear_fc1``: ``cat[gate, up]`` <-> ``gate_proj, up_proj``.
 
 Both RoPE implementations are rotate-half, so no permutation is needed. An exported MDM uses the
-bidirectional ``MDMForMaskedLM`` shipped from ``megatron_mdm/hf_modeling``; an ARM the plain causal class.
+bidirectional ``MDMForMaskedLM`` shipped from ``megatron_mdm/hf/modeling``; an ARM the plain causal class.
 """
 
 from __future__ import annotations

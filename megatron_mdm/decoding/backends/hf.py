@@ -1,7 +1,7 @@
 """The Hugging Face model behind the decoding interface (``ModelForward``).
 
 ``HFForward(model, device)`` wraps a loaded masked LM. Any model returning ``.logits`` works as a
-plain ``LogitsFn``; the exported MDM (``hf_modeling/modeling_mdm.py``, which accepts
+plain ``LogitsFn``; the exported MDM (``hf/modeling/modeling_mdm.py``, which accepts
 ``past_key_values`` and ``logits_to_keep``) also gets the KV cache and head-only-where-needed. Its K/V
 layout is transformers' ``[b, kv_heads, s, head_dim]``. The Megatron model has the same interface in
 ``megatron_mdm.decoding.backends.megatron.MegatronForward``.
