@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     from megatron_mdm.data.loader import build_pretrain_loader
     from megatron_mdm.presets import get_preset
     from megatron_mdm.tokenization import MDMTokenizer
-    from megatron_mdm.training import Trainer
+    from megatron_mdm.training.loop import Trainer
 
     logging.basicConfig(level=logging.WARNING)
     tmp = None if args.workdir else tempfile.TemporaryDirectory()

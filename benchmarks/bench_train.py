@@ -125,7 +125,7 @@ def main(argv=None) -> int:
     from megatron_mdm import runtime
     from megatron_mdm.metrics import peak_tflops
     from megatron_mdm.models.flops import flops_per_sequence
-    from megatron_mdm.training import Trainer
+    from megatron_mdm.training.loop import Trainer
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cfg = build_config(args, world)

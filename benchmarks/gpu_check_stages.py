@@ -98,7 +98,7 @@ def init_world(num_layers: int = 2) -> None:
 def make_trainer(cfg, vocab: int, seed: int = 100):
     from megatron.core.num_microbatches_calculator import destroy_num_microbatches_calculator
 
-    from megatron_mdm.training import Trainer
+    from megatron_mdm.training.loop import Trainer
 
     destroy_num_microbatches_calculator()
     loader = RandomTokens(vocab - 2, cfg.data.seq_length, cfg.optim.micro_batch_size, seed, pool=16)

@@ -39,7 +39,7 @@ def main(argv=None) -> int:
         from megatron_mdm.runtime import detect_launch_env  # torch, not yet Megatron
 
         cfg.validate(world_size=detect_launch_env().world_size)
-        from megatron_mdm.training import pretrain
+        from megatron_mdm.training.loop import pretrain
 
         result = pretrain(cfg)
     except ConfigError as e:
@@ -50,7 +50,7 @@ def main(argv=None) -> int:
         _error(f"{type(e).__name__}: {e}")
         return 2
     except Exception as e:
-        from megatron_mdm.training import TrainingError
+        from megatron_mdm.training.loop import TrainingError
 
         if isinstance(e, TrainingError):  # e.g. too many non-finite steps: not the user's input, exit 1
             _error(f"{type(e).__name__}: {e}")

@@ -45,7 +45,7 @@ def make_trainer(cfg: Config, loader=None):
     from synthetic import SyntheticLoader
 
     from megatron_mdm import runtime
-    from megatron_mdm.training import Trainer
+    from megatron_mdm.training.loop import Trainer
 
     runtime.init_distributed(cfg.parallel, cfg.model.num_layers)
     if loader is None:

@@ -178,7 +178,7 @@ def test_pretrain_checks_the_layout_before_megatron():
     """``training.pretrain`` itself (not only the script) names our flag, before any process group."""
     import torch
 
-    from megatron_mdm.training import pretrain
+    from megatron_mdm.training.loop import pretrain
 
     cfg = _parse(["--tensor-model-parallel-size", "2", "--train-iters", "1"])
     with pytest.raises(ConfigError, match="^--tensor-model-parallel-size: TP=2 is larger than the world size 1"):

@@ -91,7 +91,7 @@ def test_training_batches_carry_the_schedule():
     middle pipeline stages (``stage_masks``) draw the same masks; validation never anneals."""
     from megatron_mdm.config import ObjectiveConfig
     from megatron_mdm.objective import build_objective
-    from megatron_mdm.training import prepared_batches, stage_masks
+    from megatron_mdm.training.loop import prepared_batches, stage_masks
 
     obj = build_objective(ObjectiveConfig(attention_anneal_iters=4, random_length_prob=0.0), 9, 8)
     raw = iter(lambda: {"tokens": torch.randint(0, 8, (2, 6))}, None)
@@ -232,7 +232,7 @@ def adapt_train_job(rank: int, world_size: int, base: str) -> dict:
     from megatron_mdm.decoding.backends.megatron import load_megatron_for_inference
     from megatron_mdm.hf import import_from_hf
     from megatron_mdm.tokenization import MDMTokenizer
-    from megatron_mdm.training import Trainer
+    from megatron_mdm.training.loop import Trainer
 
     base = Path(base)
     import_from_hf(base / "hf", base / "ckpt0", objective="mdm")

@@ -21,7 +21,7 @@ def masked_vs_full_job(rank: int, world: int, overrides: dict) -> dict:
     """One training step's micro-batches (forward + backward) and a validation pass, full vs masked-only."""
     from jobs import make_trainer, tiny_cfg
 
-    from megatron_mdm.training import run_microbatches
+    from megatron_mdm.training.loop import run_microbatches
 
     cfg = tiny_cfg(**overrides)
     trainer = make_trainer(cfg)

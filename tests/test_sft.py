@@ -283,7 +283,7 @@ def sft_train_job(rank: int, world: int, data: str, overrides: dict) -> dict:
 
     from megatron_mdm import runtime
     from megatron_mdm.data_setup import build_data
-    from megatron_mdm.training import Trainer
+    from megatron_mdm.training.loop import Trainer
 
     cfg = tiny_cfg(tokenizer=f"{data}/tok", data_path=[f"{data}/sft"], num_workers=0, seq_length=S, **overrides)
     cfg.objective.random_length_prob = None  # resolved by build_data: off for instruction data
