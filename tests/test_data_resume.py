@@ -22,7 +22,7 @@ def resume_job(rank: int, world: int, data: str, overrides: dict) -> dict:
     from jobs import tiny_cfg
 
     from megatron_mdm import runtime
-    from megatron_mdm.data_setup import build_data
+    from megatron_mdm.training.data import build_data
     from megatron_mdm.training.loop import Trainer
 
     cfg = tiny_cfg(tokenizer=f"{data}/tok", data_path=[f"{data}/shards"], num_workers=1, **overrides)

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from megatron_mdm.config import ObjectiveConfig
-from megatron_mdm.data_setup import WholeSequence
 from megatron_mdm.objective import MDMObjective
+from megatron_mdm.training.data import WholeSequence
 
 
 class _FakeSFT:

@@ -62,7 +62,7 @@ def _one_run(data: str, layout: str, extra: dict) -> dict:
     from megatron.core import parallel_state as ps
 
     from megatron_mdm import runtime
-    from megatron_mdm.data_setup import build_data
+    from megatron_mdm.training.data import build_data
     from megatron_mdm.training.loop import Trainer
 
     cfg = tiny_cfg(tokenizer=f"{data}/tok", data_path=[f"{data}/shards"], num_workers=0, train_iters=2 * N,

@@ -176,8 +176,8 @@ def test_loader_streams_examples_with_their_masks_and_ids(tok, tokdir, tmp_path)
 
 def test_packing_refuses_what_it_cannot_do(monkeypatch):
     from megatron_mdm.config import Config, ConfigError
-    from megatron_mdm.data_setup import check_packing
     from megatron_mdm.models import build
+    from megatron_mdm.training.data import check_packing
 
     for field, value, msg in (("context_parallel_size", 2, "--context-parallel-size"),
                               ("pipeline_model_parallel_size", 2, "--pipeline-model-parallel-size")):
@@ -282,7 +282,7 @@ def sft_train_job(rank: int, world: int, data: str, overrides: dict) -> dict:
     from jobs import tiny_cfg
 
     from megatron_mdm import runtime
-    from megatron_mdm.data_setup import build_data
+    from megatron_mdm.training.data import build_data
     from megatron_mdm.training.loop import Trainer
 
     cfg = tiny_cfg(tokenizer=f"{data}/tok", data_path=[f"{data}/sft"], num_workers=0, seq_length=S, **overrides)

@@ -562,7 +562,7 @@ def pretrain(cfg: Config, train_loader=None, valid_loader=None) -> dict:
     num_train_iters(cfg)
     launch = runtime.init_distributed(cfg.parallel, cfg.model.num_layers)
     try:
-        from megatron_mdm.data_setup import build_data  # noqa: PLC0415 - imports the data stack
+        from megatron_mdm.training.data import build_data  # noqa: PLC0415 - imports the data stack
 
         tokenizer, train_loader, valid_loader = build_data(cfg, train_loader, valid_loader)
         if launch.rank == 0:
