@@ -123,9 +123,9 @@ def main(argv=None) -> int:
     from megatron.core.num_microbatches_calculator import destroy_num_microbatches_calculator
 
     from megatron_mdm import runtime
-    from megatron_mdm.metrics import peak_tflops
     from megatron_mdm.models.flops import flops_per_sequence
     from megatron_mdm.training.loop import Trainer
+    from megatron_mdm.training.metrics import peak_tflops
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cfg = build_config(args, world)

@@ -152,7 +152,7 @@ def reset_memory() -> None:
 
 
 def peak() -> tuple:
-    from megatron_mdm.metrics import peak_tflops
+    from megatron_mdm.training.metrics import peak_tflops
 
     value = peak_tflops(None)
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"

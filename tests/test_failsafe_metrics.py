@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_mdm.metrics import DROPPED_NAME, MetricsWriter
+from megatron_mdm.training.metrics import DROPPED_NAME, MetricsWriter
 
 
 def _records(path: Path) -> list[dict]:

@@ -43,7 +43,6 @@ from megatron.core.utils import get_batch_on_this_cp_rank
 from megatron_mdm import runtime
 from megatron_mdm.checkpoint import checkpointing, layout
 from megatron_mdm.config import Config, ConfigError, num_train_iters
-from megatron_mdm.metrics import MetricsWriter, Throughput, format_line, memory_gib, peak_tflops
 from megatron_mdm.models.build import build_model
 from megatron_mdm.models.flops import flops_per_sequence
 from megatron_mdm.models.output_head import forward_at_loss_positions
@@ -54,6 +53,7 @@ from megatron_mdm.objective import (
     document_attention_mask,
     mask_generator,
 )
+from megatron_mdm.training.metrics import MetricsWriter, Throughput, format_line, memory_gib, peak_tflops
 
 log = logging.getLogger(__name__)
 
