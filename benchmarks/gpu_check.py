@@ -42,7 +42,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 STAGES_SCRIPT = Path(__file__).resolve().parent / "gpu_check_stages.py"
 sys.path.insert(0, str(REPO))
-from megatron_mdm.ports import free_port  # noqa: E402 - standard library only, runs before any install
+from megatron_mdm.launch import free_port  # noqa: E402 - standard library only, runs before any install
 
 # (stage, time limit on the GPU in s, time limit in a dry run in s)
 STAGES = [("env", 90, 240), ("correctness", 150, 300), ("throughput", 240, 300),

@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO / "examples" / "data" / "tinyshakespeare.txt.zst"
 sys.path.insert(0, str(REPO))
 from megatron_mdm.checkpoint import integrity, layout  # noqa: E402
-from megatron_mdm.ports import free_port  # noqa: E402
+from megatron_mdm.launch import free_port  # noqa: E402
 
 
 def _port() -> str:

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import torch.multiprocessing as mp
 
-from megatron_mdm.ports import free_port  # noqa: F401 - re-exported for the tests
+from megatron_mdm.launch import free_port  # noqa: F401 - re-exported for the tests
 
 
 def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, out_dir: str) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from megatron_mdm.config import ConfigError, add_arguments, from_args
-from megatron_mdm.ports import free_port
+from megatron_mdm.launch import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "examples" / "configs"

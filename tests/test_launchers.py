@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_mdm.ports import free_port
+from megatron_mdm.launch import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO / "examples" / "data" / "tinyshakespeare.txt.zst"

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from megatron_mdm.config import Config
-from megatron_mdm.ports import free_port
+from megatron_mdm.launch import free_port
 from megatron_mdm.sweep.curves import RunError, load_run, read_metrics, unigram_entropy
 
 REPO = Path(__file__).resolve().parents[1]

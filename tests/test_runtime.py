@@ -50,7 +50,7 @@ def test_cpu_fallback_enable_disable_restores_torch():
 def test_free_port_is_bindable_and_outside_the_ephemeral_range(tmp_path, monkeypatch):
     import socket
 
-    from megatron_mdm import ports
+    from megatron_mdm import launch as ports
 
     lo, hi = ports.ephemeral_range()
     seen = set()

@@ -36,7 +36,7 @@ CORPUS = ROOT / "examples" / "data" / "tinyshakespeare.txt.zst"
 
 def sh(cmd: list[str], log: Path) -> None:
     """Run one command (this checkout on PYTHONPATH), its output to ``log``; stop with the log's tail on failure."""
-    from megatron_mdm.ports import free_port
+    from megatron_mdm.launch import free_port
 
     port = free_port()  # a free rendezvous port: other jobs may hold the default 29500
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),

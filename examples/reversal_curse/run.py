@@ -51,7 +51,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # run as a script from a clone without installing
     sys.path.insert(0, str(REPO))
 
-from megatron_mdm.ports import free_port  # noqa: E402 - after the checkout is on sys.path
+from megatron_mdm.launch import free_port  # noqa: E402 - after the checkout is on sys.path
 
 TRAIN_FILES = ("p2d_prompts_train", "d2p_prompts_train", "both_prompts_train")
 # test file -> (the training direction of its people, same/reverse direction)

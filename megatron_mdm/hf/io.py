@@ -110,7 +110,7 @@ def ensure_single_process_world(cfg: Config, force_cpu: bool = True) -> bool:
         runtime.init_parallel_state(cfg.parallel, cfg.model.num_layers)
         return False
     if "RANK" not in os.environ and "MASTER_PORT" not in os.environ:
-        from megatron_mdm.ports import free_port
+        from megatron_mdm.launch import free_port
 
         os.environ["MASTER_PORT"] = str(free_port())
     runtime.init_distributed(cfg.parallel, cfg.model.num_layers, force_cpu=force_cpu)

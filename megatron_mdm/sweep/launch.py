@@ -20,7 +20,7 @@ from pathlib import Path
 
 from megatron_mdm.checkpoint import layout
 from megatron_mdm.errors import UserError
-from megatron_mdm.ports import free_port
+from megatron_mdm.launch import free_port
 from megatron_mdm.sweep.plan import Plan, Run
 
 DONE = "sweep_done.json"
