@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO / "examples" / "data" / "tinyshakespeare.txt.zst"
 sys.path.insert(0, str(REPO))
 from megatron_mdm.checkpoint import integrity, layout  # noqa: E402
-from megatron_mdm.launch import free_port  # noqa: E402
+from megatron_mdm.launch import free_port, pretrain_command  # noqa: E402
 
 
 def _port() -> str:
@@ -48,16 +48,11 @@ def prepare(work: Path) -> tuple[Path, Path]:
 
 
 def command(args, tok: Path, shards: Path, run: Path, load: bool) -> list[str]:
-    if args.nproc > 1:
-        launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc),
-                  "--master-port", _port()]
-    else:
-        launch = [sys.executable]
-    cmd = launch + [str(REPO / "pretrain/pretrain_mdm.py"), "--preset", "tiny", "--tokenizer", str(tok),
-                    "--data-path", str(shards), "--seq-length", "64", "--micro-batch-size", "2",
-                    "--global-batch-size", str(4 * args.nproc), "--train-iters", str(args.iters),
-                    "--save-interval", str(args.save_interval), "--log-interval", "1", "--save", str(run),
-                    "--keep-last", "2", "--num-workers", "1"]
+    cmd = pretrain_command(["--preset", "tiny", "--tokenizer", str(tok), "--data-path", str(shards), "--seq-length",
+                            "64", "--micro-batch-size", "2", "--global-batch-size", str(4 * args.nproc),
+                            "--train-iters", str(args.iters), "--save-interval", str(args.save_interval),
+                            "--log-interval", "1", "--save", str(run), "--keep-last", "2", "--num-workers", "1"],
+                           args.nproc)
     if args.async_save:
         cmd.append("--async-save")
     if load:

@@ -120,10 +120,10 @@ ln -sfn "$(basename "$RUN")" "$WORK/latest"
 LOG="$RUN/pretrain.log"
 TOTAL=$((ITERS + RESUME_ITERS))
 # a free port for the rendezvous (several quickstarts or tests may run on one machine)
-PORT=$("$PY" -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+PORT=$("$PY" -c "from megatron_mdm.launch import free_port; print(free_port())")
 SEED_FLAG=()
 [ -n "${MDM_QUICKSTART_SEED:-}" ] && SEED_FLAG=(--seed "$MDM_QUICKSTART_SEED")
-LAUNCH=("$PY" -m torch.distributed.run --nproc-per-node "$NPROC" --master-port "$PORT" pretrain/pretrain_mdm.py
+LAUNCH=("$PY" -m torch.distributed.run --nproc-per-node "$NPROC" --master-port "$PORT" -m megatron_mdm.cli.pretrain
         --config "$CONFIG" --tokenizer "$TOK" --data-path "$SHARDS" --seq-length "$SEQ"
         --micro-batch-size "$MBS" --global-batch-size "$GBS" "${LAYOUT[@]}" "${SEED_FLAG[@]}")
 

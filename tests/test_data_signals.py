@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_mdm.launch import free_port
+from megatron_mdm.launch import free_port, pretrain_command
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO / "examples" / "data" / "tinyshakespeare.txt.zst"
@@ -100,10 +100,10 @@ def test_sigterm_to_the_process_group_saves_and_exits_0(data, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_",
                                                                       "OMPI_", "PMI"))}
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", MASTER_PORT=_port(), PYTHONPATH=str(REPO))
-    cmd = [sys.executable, str(REPO / "pretrain/pretrain_mdm.py"), "--preset", "tiny", "--tokenizer",
+    cmd = pretrain_command(["--preset", "tiny", "--tokenizer",
            str(data / "tok"), "--data-path", str(data / "shards"), "--seq-length", "64", "--micro-batch-size", "2",
            "--global-batch-size", "4", "--train-iters", "100000", "--log-interval", "1", "--num-workers", "2",
-           "--save", str(run)]
+           "--save", str(run)])
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                          start_new_session=True)  # its own process group, as a batch job's
     lines: list[str] = []

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from megatron_mdm.config import ConfigError, add_arguments, from_args
-from megatron_mdm.launch import free_port
+from megatron_mdm.launch import pretrain_command
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "examples" / "configs"
@@ -104,27 +104,25 @@ def _records(run: Path) -> list[dict]:
 def test_short_pipeline_pretrain_and_resume(tmp_path):
     """tokenizer -> shards with a validation split -> TP=2 pretraining, 10 steps, saved -> resume to 15."""
     py = sys.executable
-    port = str(free_port())
-    torchrun = [py, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port]
     tok, shards, run = tmp_path / "tok", tmp_path / "shards", tmp_path / "run"
     _run([py, str(REPO / "tokenizer/train_tokenizer.py"), "--input", str(CORPUS), "--vocab-size", "512",
           "--max-docs", "1500", "--output", str(tok)], tmp_path)
     _run([py, str(REPO / "data_prep/prepare_data.py"), "--input", str(CORPUS), "--tokenizer", str(tok),
           "--output", str(shards), "--seq-length", "64", "--val-fraction", "0.05", "--workers", "1"], tmp_path)
     assert (shards / "valid" / "manifest.json").is_file()
-    common = [str(REPO / "pretrain/pretrain_mdm.py"), "--config", str(CONFIGS / "quickstart.yaml"),
+    common = ["--config", str(CONFIGS / "quickstart.yaml"),
               "--preset", "tiny", "--tokenizer", str(tok), "--data-path", str(shards), "--seq-length", "64",
               "--micro-batch-size", "4", "--global-batch-size", "8", "--tensor-model-parallel-size", "2",
               "--lr-warmup-iters", "2", "--log-interval", "5", "--eval-interval", "5", "--eval-iters", "2",
               "--save-interval", "10"]
-    _run(torchrun + common + ["--train-iters", "10", "--save", str(run)], tmp_path)
+    _run(pretrain_command(common + ["--train-iters", "10", "--save", str(run)], 2), tmp_path)
     assert (run / "latest_checkpointed_iteration.txt").read_text().strip() == "10"
     assert (run / "iter_0000010" / "metadata.json").is_file()
     first = _records(run)
     assert [r["iteration"] for r in first if "loss" in r] == [5, 10]
     assert [r["iteration"] for r in first if "val_loss" in r] == [0, 5, 10]  # 0: untrained baseline
 
-    out = _run(torchrun + common + ["--train-iters", "15", "--save", str(run), "--load", str(run)], tmp_path)
+    out = _run(pretrain_command(common + ["--train-iters", "15", "--save", str(run), "--load", str(run)], 2), tmp_path)
     assert "iterations 10 -> 15" in out, out[-2000:]
     assert (run / "latest_checkpointed_iteration.txt").read_text().strip() == "15"
     records = _records(run)

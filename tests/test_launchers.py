@@ -1,4 +1,4 @@
-"""pretrain_mdm.py launched the way clusters launch it: mpirun (OpenMPI env) and SLURM (srun env).
+"""The training entry (python -m megatron_mdm.cli.pretrain) launched the way clusters launch it: mpirun (OpenMPI env) and SLURM (srun env).
 
 torchrun is covered by test_examples.py. Here two processes get only the launcher's own environment
 variables (no RANK/WORLD_SIZE), so ``runtime.detect_launch_env`` must find rank, size and master.
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_mdm.launch import free_port
+from megatron_mdm.launch import PRETRAIN_MODULE, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO / "examples" / "data" / "tinyshakespeare.txt.zst"
@@ -43,7 +43,7 @@ def data(tmp_path_factory):
 
 
 def _args(data: Path, run: Path) -> list[str]:
-    return [str(REPO / "pretrain/pretrain_mdm.py"), "--preset", "tiny", "--tokenizer", str(data / "tok"),
+    return ["-m", PRETRAIN_MODULE, "--preset", "tiny", "--tokenizer", str(data / "tok"),
             "--data-path", str(data / "shards"), "--seq-length", "64", "--micro-batch-size", "2",
             "--global-batch-size", "4", "--train-iters", "3", "--log-interval", "1",
             "--tensor-model-parallel-size", "2", "--save", str(run)]

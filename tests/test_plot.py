@@ -7,7 +7,6 @@ import json
 import math
 import os
 import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 
 from megatron_mdm.config import Config
-from megatron_mdm.launch import free_port
+from megatron_mdm.launch import free_port, pretrain_command
 from megatron_mdm.sweep.curves import RunError, load_run, read_metrics, unigram_entropy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -106,10 +105,10 @@ def test_mdm_plot_writes_a_png_for_a_real_run(dataset, tmp_path):
     run = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    cmd = [sys.executable, str(REPO / "pretrain/pretrain_mdm.py"), "--preset", "tiny", "--tokenizer",
+    cmd = pretrain_command(["--preset", "tiny", "--tokenizer",
            str(dataset / "tok"), "--data-path", str(dataset / "shards"), "--seq-length", str(S),
            "--micro-batch-size", "4", "--global-batch-size", "4", "--train-iters", "6", "--log-interval", "2",
-           "--eval-interval", "3", "--eval-iters", "2", "--save", str(run), "--transformer-impl", "local"]
+           "--eval-interval", "3", "--eval-iters", "2", "--save", str(run), "--transformer-impl", "local"])
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     from megatron_mdm.cli.plot import main

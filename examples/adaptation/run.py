@@ -164,7 +164,9 @@ def main(argv=None) -> int:
               "--lr-decay-style", "cosine", "--t-sampling", "antithetic", "--eval-interval", str(args.eval_interval),
               "--eval-iters", str(args.eval_iters), "--log-interval", "25", "--num-workers", "1", "--seed", str(args.seed)]
     fresh = ["--make-vocab-size-divisible-by", "64"]  # runs from a checkpoint take it (and all shapes) from it
-    pretrain = [py, "pretrain/pretrain_mdm.py"]
+    from megatron_mdm.launch import pretrain_command
+
+    pretrain = pretrain_command(python=py)
 
     def mdm(name: str, extra: list) -> None:
         run = runs / name

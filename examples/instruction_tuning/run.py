@@ -60,15 +60,16 @@ def train(args, name: str, objective: str, data_path: list[str], tok: Path, out:
     save = out / "runs" / f"{name}_{objective}"
     if (save / f"iter_{args.steps:07d}" / "metadata.json").is_file():  # a re-run keeps finished models
         return save
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-addr", "127.0.0.1",
-           "--master-port", str(29600 + random.Random(name + objective).randint(0, 300)),
-           str(REPO / "pretrain" / "pretrain_mdm.py"), "--preset", args.preset, "--objective", objective,
-           "--tokenizer", str(tok), "--data-path", *data_path, "--seq-length", str(args.seq_length),
-           "--micro-batch-size", str(args.batch), "--global-batch-size", str(args.batch),
-           "--train-iters", str(args.steps), "--lr", str(args.lr), "--min-lr", str(args.lr / 10),
-           "--lr-warmup-iters", str(args.steps // 10), "--lr-decay-style", "cosine", "--log-interval",
-           str(max(1, args.steps // 5)), "--seed", str(args.seed), "--save", str(save), "--transformer-impl", "local",
-           "--num-workers", "0"]
+    from megatron_mdm.launch import pretrain_command
+
+    cmd = pretrain_command([
+        "--preset", args.preset, "--objective", objective,
+        "--tokenizer", str(tok), "--data-path", *data_path, "--seq-length", str(args.seq_length),
+        "--micro-batch-size", str(args.batch), "--global-batch-size", str(args.batch),
+        "--train-iters", str(args.steps), "--lr", str(args.lr), "--min-lr", str(args.lr / 10),
+        "--lr-warmup-iters", str(args.steps // 10), "--lr-decay-style", "cosine", "--log-interval",
+        str(max(1, args.steps // 5)), "--seed", str(args.seed), "--save", str(save), "--transformer-impl", "local",
+        "--num-workers", "0"], torchrun=True)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     log = out / "runs" / f"{name}_{objective}.log"

@@ -51,7 +51,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # run as a script from a clone without installing
     sys.path.insert(0, str(REPO))
 
-from megatron_mdm.launch import free_port  # noqa: E402 - after the checkout is on sys.path
+from megatron_mdm.launch import pretrain_command  # noqa: E402 - after the checkout is on sys.path
 
 TRAIN_FILES = ("p2d_prompts_train", "d2p_prompts_train", "both_prompts_train")
 # test file -> (the training direction of its people, same/reverse direction)
@@ -403,14 +403,11 @@ def model_flags(args) -> list[str]:
 
 
 def training_command(args, objective: str, data_dir: Path, tok_dir: Path, save: Path) -> list[str]:
-    """The torchrun command line that trains one model with ``pretrain/pretrain_mdm.py --sft-data``."""
+    """The torchrun command line that trains one model with ``megatron_mdm.cli.pretrain --sft-data``."""
     mbs = args.global_batch_size // args.nproc
     if mbs * args.nproc != args.global_batch_size:
         raise SystemExit(f"--global-batch-size {args.global_batch_size} is not divisible by --nproc {args.nproc}")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc),
-           "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-           str(REPO / "pretrain" / "pretrain_mdm.py"),
-           *model_flags(args), "--objective", objective, "--tokenizer", str(tok_dir),
+    flags = [*model_flags(args), "--objective", objective, "--tokenizer", str(tok_dir),
            "--sft-data", str(data_dir / "*_prompts_train.jsonl"), "--seq-length", str(args.seq_length),
            "--micro-batch-size", str(mbs), "--global-batch-size", str(args.global_batch_size),
            "--train-iters", str(args.steps), "--lr", str(args.lr), "--min-lr", str(args.lr / 10),
@@ -418,12 +415,12 @@ def training_command(args, objective: str, data_dir: Path, tok_dir: Path, save: 
            "--log-interval", str(max(1, min(50, args.steps // 10))), "--seed", str(args.seed),
            "--save", str(save), "--transformer-impl", "local"]
     if getattr(args, "curve_interval", None):  # every checkpoint kept: the learning curves score each
-        cmd += ["--save-interval", str(args.curve_interval), "--keep-last", "0"]
+        flags += ["--save-interval", str(args.curve_interval), "--keep-last", "0"]
     if not args.prompt_out_of_loss:
-        cmd += ["--sft-train-on-prompt"]
+        flags += ["--sft-train-on-prompt"]
     if args.load:
-        cmd += ["--load", str(args.load), "--finetune"]
-    return cmd
+        flags += ["--load", str(args.load), "--finetune"]
+    return pretrain_command(flags, args.nproc, torchrun=True)
 
 
 def start_training(args, objective: str, data_dir: Path, tok_dir: Path, save: Path):
@@ -441,7 +438,7 @@ def wait_training(objective: str, proc, logf, log_path: Path) -> None:
     logf.close()
     if rc != 0:
         lines = log_path.read_text(errors="replace").splitlines()
-        ours = [x for x in lines if "pretrain_mdm.py:" in x and "Error" in x]  # the one-line known errors
+        ours = [x for x in lines if "mdm-pretrain:" in x and "Error" in x]  # the one-line known errors
         tail = "\n".join(ours or lines[-25:])
         raise SystemExit(f"reversal_curse: training the {objective} model failed (exit {rc}); {log_path}:\n{tail}")
 

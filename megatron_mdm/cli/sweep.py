@@ -63,7 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     la.add_argument("--max-runs", type=int, default=None, help="train at most this many runs now")
     la.add_argument("--only", type=_csv_list, default=None, help="comma list of run names to train")
     la.add_argument("--keep-going", action="store_true", help="go on after a failed run")
-    la.add_argument("--repo", default=None, help="megatron-mdm checkout holding pretrain/ (default: this one)")
+    la.add_argument("--repo", default=None,
+                    help="megatron-mdm checkout whose package the runs use (default: the installed one)")
     la.add_argument("--dry-run", action="store_true", help="print the command lines only")
     la.add_argument("--slurm", default=None, metavar="SCRIPT", help="write a SLURM job-array script instead")
     la.add_argument("--gpus", type=int, default=None, help="SLURM: GPUs per run (default: --nproc)")
@@ -117,7 +118,7 @@ def _launch(args) -> None:
     if args.dry_run:
         for run in plan.runs:
             if args.only is None or run.name in args.only:
-                print(shlex.join(local_command(plan, run, args.out, args.nproc, args.python, args.repo, args.nice)))
+                print(shlex.join(local_command(plan, run, args.out, args.nproc, args.python, args.nice)))
         return
     res = launch_local(plan, args.out, args.nproc, args.python, args.repo, args.nice, args.max_runs,
                        args.keep_going, args.only)

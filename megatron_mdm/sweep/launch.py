@@ -1,11 +1,11 @@
 """Launch a plan's runs: locally one after another (resumable), or as a SLURM job array script.
 
-Each run trains with ``pretrain/pretrain_mdm.py`` into ``<out>/<run name>`` (the run directory: checkpoints,
-``config.yaml``, ``metrics.jsonl``, ``train.log``) with the plan's recipe and the run's shape, objective
-and steps. A finished run gets ``<run dir>/sweep_done.json`` and is skipped by later launches; a run
-interrupted after a checkpoint is resumed from it (``--load``), otherwise started again. Unless the
-recipe sets ``--eval-interval``, the launcher sets it to the run's length, so that every run ends with
-a validation loss (and has the untrained one at iteration 0).
+Each run trains with ``megatron_mdm.cli.pretrain`` (``launch.pretrain_command``) into ``<out>/<run name>``
+(the run directory: checkpoints, ``config.yaml``, ``metrics.jsonl``, ``train.log``) with the plan's recipe and
+the run's shape, objective and steps. A finished run gets ``<run dir>/sweep_done.json`` and is skipped by
+later launches; a run interrupted after a checkpoint is resumed from it (``--load``), otherwise started again.
+Unless the recipe sets ``--eval-interval``, the launcher sets it to the run's length, so that every run ends
+with a validation loss (and has the untrained one at iteration 0).
 """
 
 from __future__ import annotations
@@ -14,13 +14,12 @@ import json
 import os
 import shlex
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 from megatron_mdm.checkpoint import layout
 from megatron_mdm.errors import UserError
-from megatron_mdm.launch import free_port
+from megatron_mdm.launch import PRETRAIN_MODULE, local_env, pretrain_command
 from megatron_mdm.sweep.plan import Plan, Run
 
 DONE = "sweep_done.json"
@@ -29,15 +28,6 @@ REPO = Path(__file__).resolve().parents[2]
 
 class LaunchError(UserError, RuntimeError):
     """A run failed; the message names its log file."""
-
-
-def pretrain_script(repo: str | Path | None = None) -> Path:
-    """``pretrain/pretrain_mdm.py`` of a checkout (default: the one this package was imported from)."""
-    p = Path(repo or REPO) / "pretrain" / "pretrain_mdm.py"
-    if not p.is_file():
-        raise LaunchError(f"{p}: not found; pass --repo with the megatron-mdm checkout (pretrain/ is a script "
-                          "folder, not installed with the package)")
-    return p
 
 
 def run_dir(out: str | Path, run: Run) -> Path:
@@ -78,17 +68,13 @@ def model_flags(run: Run) -> list[str]:
 
 
 def local_command(plan: Plan, run: Run, out: str | Path, nproc: int = 1, python: str | None = None,
-                  repo: str | Path | None = None, nice: int | None = None) -> list[str]:
+                  nice: int | None = None) -> list[str]:
     """The command line that trains one run here: python (one process) or torchrun (``nproc`` > 1)."""
-    py = python or sys.executable
-    script = str(pretrain_script(repo))
-    cmd = [py, script] if nproc == 1 else \
-        [py, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
-         "--master-port", str(free_port()), script]
-    cmd += train_args(plan, run, out)
+    args = train_args(plan, run, out)
     d = run_dir(out, run)
     if checkpoint_iteration(d) is not None:
-        cmd += ["--load", str(d)]
+        args += ["--load", str(d)]
+    cmd = pretrain_command(args, nproc, python=python)
     if nice is not None:
         cmd = ["nice", "-n", str(nice), *cmd]
     return cmd
@@ -129,14 +115,11 @@ def launch_local(plan: Plan, out: str | Path, nproc: int = 1, python: str | None
             continue
         d = run_dir(out, run)
         d.mkdir(parents=True, exist_ok=True)
-        cmd = local_command(plan, run, out, nproc, python, repo, nice)
+        cmd = local_command(plan, run, out, nproc, python, nice)
         resumed = checkpoint_iteration(d)
         log(f"[{k}/{len(todo)}] {run.name}: N={run.non_embedding_params:,}, {run.iters} steps"
             + (f", resuming from iteration {resumed}" if resumed is not None else ""))
-        env = dict(os.environ)
-        env.setdefault("OMP_NUM_THREADS", "1")
-        if nproc == 1:
-            env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        env = local_env()
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(repo or REPO)), env.get("PYTHONPATH")]))
         t0 = time.time()
         with open(d / "train.log", "a", encoding="utf-8") as logf:
@@ -202,7 +185,7 @@ if [ -f "$RUN_DIR/{tracker}" ]; then
   LOAD=(--load "$RUN_DIR")
 fi
 echo "$NAME: ${{#ARGS[@]}} arguments, steps $ITERS"
-srun --kill-on-bad-exit=1 --cpu-bind=none {python} pretrain/pretrain_mdm.py "${{ARGS[@]}}" "${{LOAD[@]}}" &
+srun --kill-on-bad-exit=1 --cpu-bind=none {python} -m {module} "${{ARGS[@]}}" "${{LOAD[@]}}" &
 SRUN_PID=$!
 trap 'kill -USR1 "$SRUN_PID" 2>/dev/null || true' USR1
 trap 'kill -TERM "$SRUN_PID" 2>/dev/null || true' TERM
@@ -233,6 +216,7 @@ def write_slurm(plan: Plan, out: str | Path, script: str | Path, nproc: int = 1,
         cases.append(f"  {i}) NAME={shlex.quote(run.name)}; RUN_DIR={shlex.quote(str(run_dir(out, run)))}; "
                      f"ITERS={run.iters}\n     ARGS=({args}) ;;")
     text = SLURM_TEMPLATE.format(plan=plan_path, script=script, n=len(plan.runs), done=DONE, tracker=layout.TRACKER,
+                                 module=PRETRAIN_MODULE,
                                  last=len(plan.runs) - 1, nproc=nproc, gpus=nproc if gpus is None else gpus,
                                  time=time_limit, out=out, repo=shlex.quote(str(Path(repo or REPO).resolve())),
                                  cases="\n".join(cases), python=python)
