@@ -325,7 +325,7 @@ def test_cli_prepare_sft_and_mixture(tokdir, tmp_path, capsys):
     assert capsys.readouterr().out.split() == ["1", str(tmp_path / "o")]
     empty = _write(tmp_path / "e.jsonl", [{"prompt": "x"}])
     assert main(["prepare-sft", "--input", empty, "--tokenizer", str(tokdir), "--output", str(tmp_path / "e"),
-                 "--seq-length", str(S)]) == 1
+                 "--seq-length", str(S)]) == 2  # a user error: exit 2, as every tool
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("mdm-data: error: no example in") and "missing_keys" in err[-1]
 

@@ -1,4 +1,8 @@
-"""Builds the tokenizer and the train/validation loaders of a run from ``cfg.data``.
+"""Resolves a run's config from its files, and builds the tokenizer and the train/validation loaders.
+
+``resolve_config`` fills what the flags leave to the run's files, once, before the config is validated and
+saved: the vocabulary size (the tokenizer's) and the random-length rule (off for instruction data).
+``build_data`` then builds the loaders without changing the config.
 
 Kept apart from ``training`` so that the loop only sees iterables with ``state_dict`` /
 ``load_state_dict``. Every tensor- and pipeline-parallel rank of one data-parallel replica builds
@@ -85,11 +89,42 @@ def check_packing(cfg: Config) -> None:
                           "--layout padded")
 
 
-def build_data(cfg: Config, train_loader=None, valid_loader=None):
-    """(tokenizer, train loader, validation loader or None) for this rank."""
+def is_instruction_data(cfg: Config, train_loader=None) -> bool:
+    """Whether the run trains on instruction data: ``--sft-data``, or shards written by ``mdm-data prepare-sft``
+    (read from the given loader, else from the manifests of ``--data-path``)."""
+    if cfg.data.sft_data:
+        return True
+    if train_loader is not None:
+        return sft_layout(train_loader) is not None
+    if not cfg.data.data_path:
+        return False
+    from megatron_mdm.data.format import read_manifest
+
+    return any((read_manifest(d).get("sft") or {}).get("layout") for _, d in parse_data_path(cfg.data.data_path))
+
+
+def resolve_config(cfg: Config, train_loader=None) -> MDMTokenizer:
+    """Fill the fields the run's files decide, in place, and return the run's tokenizer.
+
+    ``model.vocab_size`` becomes the tokenizer's (a different explicit value is an error), and an unset
+    ``objective.random_length_prob`` becomes 0 for instruction data (the random-length trick would cut
+    completions) and SMDM's value otherwise. Called once, before the config is validated and saved; calling it
+    again changes nothing.
+    """
+    tok = load_tokenizer(cfg)
+    if cfg.objective.random_length_prob is None:
+        cfg.objective.random_length_prob = 0.0 if is_instruction_data(cfg, train_loader) else PRETRAIN_RANDOM_LENGTH_PROB
+    return tok
+
+
+def build_data(cfg: Config, train_loader=None, valid_loader=None, tokenizer: MDMTokenizer | None = None):
+    """(tokenizer, train loader, validation loader or None) for this rank.
+
+    ``tokenizer`` is the one ``resolve_config`` returned; without it the config is resolved here first.
+    """
     from megatron_mdm.data.loader import build_pretrain_loader, build_valid_loader, resolve_valid_path
 
-    tok = load_tokenizer(cfg)
+    tok = tokenizer if tokenizer is not None else resolve_config(cfg, train_loader)
     d, mbs = cfg.data, cfg.optim.micro_batch_size
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     if train_loader is None:
@@ -113,9 +148,6 @@ def build_data(cfg: Config, train_loader=None, valid_loader=None):
                 raise ConfigError("--sft-train-on-prompt needs instruction data (--sft-data or --data-path "
                                   "directories written by mdm-data prepare-sft)")
             train_loader = WholeSequence(train_loader)
-    sft = bool(d.sft_data) or sft_layout(train_loader) is not None
-    if cfg.objective.random_length_prob is None:  # the random-length trick would cut completions
-        cfg.objective.random_length_prob = 0.0 if sft else PRETRAIN_RANDOM_LENGTH_PROB
     if sft_layout(train_loader) == "packed":
         check_packing(cfg)
     if valid_loader is None and cfg.logging.eval_interval:

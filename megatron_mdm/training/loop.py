@@ -552,19 +552,22 @@ class Trainer:
 
 
 def pretrain(cfg: Config, train_loader=None, valid_loader=None) -> dict:
-    """Run a full job from a resolved config: init, data, model, resume, train, save.
+    """Run a full job from a config: resolve, check, init, data, model, resume, train, save.
 
-    Loaders may be given (tests); otherwise they are built from ``cfg.data``.
+    The config is resolved from the run's files first (``training.data.resolve_config``), then validated, then
+    saved: what is saved is what is checked. Loaders may be given (tests); otherwise they are built from
+    ``cfg.data``.
     """
+    from megatron_mdm.training.data import build_data, resolve_config  # noqa: PLC0415 - imports the data stack
+
+    tokenizer = resolve_config(cfg, train_loader)
     world = (torch.distributed.get_world_size() if torch.distributed.is_initialized()
              else runtime.detect_launch_env().world_size)
     cfg.validate(world_size=world)  # before Megatron sees the layout: errors name our flags
     num_train_iters(cfg)
     launch = runtime.init_distributed(cfg.parallel, cfg.model.num_layers)
     try:
-        from megatron_mdm.training.data import build_data  # noqa: PLC0415 - imports the data stack
-
-        tokenizer, train_loader, valid_loader = build_data(cfg, train_loader, valid_loader)
+        tokenizer, train_loader, valid_loader = build_data(cfg, train_loader, valid_loader, tokenizer)
         if launch.rank == 0:
             log.info("resolved config:\n%s", cfg.to_yaml())
             if cfg.checkpoint.save:
