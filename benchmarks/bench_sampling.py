@@ -140,7 +140,7 @@ def configs(thresholds: list[float], refresh: list[int]) -> list[tuple[str, dict
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    from megatron_mdm.decoding import generate
+    from megatron_mdm.decoding import DecodingConfig, decode, generate
     from megatron_mdm.evaluation.loading import load_logits_fn
     from megatron_mdm.likelihood import mc_conditional_loglik
 
@@ -166,10 +166,11 @@ def main(argv=None) -> None:
                     x, forwards = llada_generate(fn, prompts, steps, gen, blk, mask_id, vocab)
                     per_row = [forwards] * b
                 else:
-                    out = generate(fn, prompts, gen, steps, mask_id, block_length=blk, vocab_size=vocab,
-                                   cache=kw["cache"], threshold=kw.get("threshold"),
-                                   factor=args.factor if kw.get("factor") else None,
-                                   refresh_interval=kw.get("refresh_interval"))
+                    settings = DecodingConfig(gen_length=gen, steps=steps, block_length=blk, cache=kw["cache"],
+                                              threshold=kw.get("threshold"),
+                                              factor=args.factor if kw.get("factor") else None,
+                                              refresh_interval=kw.get("refresh_interval"))
+                    out = decode(fn, prompts, settings, mask_id, vocab_size=vocab)
                     x, per_row = out.tokens, out.forwards_per_row
                 best, best_wall = min(best, time.process_time() - t0), min(best_wall, time.perf_counter() - w0)
             outputs[name], times[name], walls[name] = x[:, -gen:], best, best_wall

@@ -16,7 +16,9 @@ import json
 
 import torch
 
-from megatron_mdm.decoding import CACHE_MODES, REMASKING
+from megatron_mdm.decoding.loop import decode
+from megatron_mdm.decoding.settings import DecodingConfig
+from megatron_mdm.decoding.settings import add_arguments as add_decoding_arguments
 from megatron_mdm.errors import UserError, report
 
 
@@ -29,25 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-download", action="store_true",
                    help="fetch --model from the Hugging Face hub when it is a hub id missing from the local cache")
     p.add_argument("--prompt", action="append", default=[], help="prompt text; repeat for a batch")
-    p.add_argument("--gen-length", type=int, default=64, help="generated positions per prompt")
-    p.add_argument("--steps", type=int, default=64, help="sampling iterations (a multiple of the blocks)")
-    p.add_argument("--block-length", type=int, default=None, help="semi-autoregressive block size")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy, deterministic")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--remasking", choices=REMASKING, default="low_confidence")
-    p.add_argument("--cfg-scale", type=float, default=0.0, help="unsupervised CFG scale w (0 = off)")
     p.add_argument("--no-eos-stop", action="store_true", help="do not stop rows at EOS")
-    p.add_argument("--cache", choices=CACHE_MODES, default="none",
-                   help="KV cache of block decoding: prefix (prompt and finished blocks) or dual (also the "
-                        "masked suffix); recorded at each block start (needs --block-length for a gain)")
-    p.add_argument("--threshold", type=float, default=None,
-                   help="parallel unmasking: fill every position whose confidence exceeds this (at least one "
-                        "per step); --steps is then unused")
-    p.add_argument("--factor", type=float, default=None,
-                   help="parallel unmasking by Fast-dLLM's factor rule (instead of --threshold)")
-    p.add_argument("--refresh-interval", type=int, default=None,
-                   help="with --cache, also re-record the cache every this many forwards of a block")
+    add_decoding_arguments(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
@@ -57,12 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from megatron_mdm.decoding.loop import check_settings
     from megatron_mdm.evaluation.loading import load_logits_fn
 
     try:  # inconsistent decoding flags: before the model loads
-        check_settings(args.gen_length, args.steps, args.block_length, args.temperature, args.remasking, args.cache,
-                       args.threshold, args.factor, args.refresh_interval)
+        settings = DecodingConfig.from_args(args).validate()
     except ValueError as e:
         return report("mdm-generate", f"error: {e}")
 
@@ -74,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     prompts = args.prompt or [""]
     eos_id = None if args.no_eos_stop else getattr(tok, "eos_id", None)
     try:
-        out = _generate(args, logits_fn, tok, prompts, mask_id, vocab_size, eos_id)
+        out = decode(logits_fn, [tok.encode(p) for p in prompts], settings, mask_id, eos_id=eos_id,
+                     generator=torch.Generator().manual_seed(args.seed), vocab_size=vocab_size, device=args.device,
+                     progress=not args.no_progress)
     except ValueError as e:  # e.g. --cache on a model without KV cache support
         return report("mdm-generate", f"error: {e}")
     for prompt, ids, n in zip(prompts, out.completions(), out.forwards_per_row):
@@ -82,19 +67,6 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"prompt": prompt, "completion": text, "ids": ids, "forwards": n}) if args.json
               else prompt + text)
     return 0
-
-
-def _generate(args, logits_fn, tok, prompts, mask_id, vocab_size, eos_id):
-    from megatron_mdm.decoding import generate
-
-    return generate(
-        logits_fn, [tok.encode(p) for p in prompts], args.gen_length, args.steps, mask_id,
-        block_length=args.block_length, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        remasking=args.remasking, cfg_scale=args.cfg_scale, eos_id=eos_id,
-        generator=torch.Generator().manual_seed(args.seed), vocab_size=vocab_size, device=args.device,
-        cache=args.cache, threshold=args.threshold, factor=args.factor, refresh_interval=args.refresh_interval,
-        progress=not args.no_progress,
-    )
 
 
 if __name__ == "__main__":

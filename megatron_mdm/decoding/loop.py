@@ -34,11 +34,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from megatron_mdm.decoding.cache import MODES
 from megatron_mdm.decoding.logits import LogitsFn, ModelForward, model_logits
+from megatron_mdm.decoding.settings import DecodingConfig
 from megatron_mdm.decoding.unmasking import (
-    PROBABILITY_SCORES,
-    REMASKING,
     confidence,
     count_factor,
     count_threshold,
@@ -220,39 +218,6 @@ def _as_rows(prompt_ids: torch.Tensor | Sequence[Sequence[int]]) -> list[list[in
     return [list(map(int, r)) for r in prompt_ids]
 
 
-def check_settings(
-    gen_length: int, steps: int, block_length: int | None = None, temperature: float = 0.0,
-    remasking: str = "low_confidence", cache: str = "none", threshold: float | None = None,
-    factor: float | None = None, refresh_interval: int | None = None,
-) -> None:
-    """Raise ValueError, naming the setting, when decoding settings are inconsistent (see :func:`generate`)."""
-    block_length = gen_length if block_length is None else block_length
-    if remasking not in REMASKING:
-        raise ValueError(f"remasking: unknown strategy {remasking!r}; expected one of {REMASKING}")
-    if gen_length <= 0 or steps <= 0:
-        raise ValueError(f"gen_length ({gen_length}) and steps ({steps}) must be positive")
-    if block_length <= 0 or gen_length % block_length:
-        raise ValueError(f"block_length ({block_length}) must divide gen_length ({gen_length})")
-    num_blocks = gen_length // block_length
-    if steps % num_blocks:
-        raise ValueError(f"steps ({steps}) must be a multiple of the number of blocks ({num_blocks})")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if cache not in MODES:
-        raise ValueError(f"cache: expected one of {MODES}, got {cache!r}")
-    if threshold is not None and factor is not None:
-        raise ValueError("threshold and factor are two unmasking rules: give one of them")
-    if (threshold is not None or factor is not None) and remasking not in PROBABILITY_SCORES:
-        raise ValueError(f"threshold/factor need a confidence in [0, 1]: remasking must be one of "
-                         f"{PROBABILITY_SCORES}, not {remasking!r}")
-    if threshold is not None and not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
-    if factor is not None and factor <= 0:
-        raise ValueError(f"factor must be > 0, got {factor}")
-    if refresh_interval is not None and refresh_interval < 1:
-        raise ValueError(f"refresh_interval must be >= 1, got {refresh_interval}")
-
-
 @torch.no_grad()
 def generate(
     logits_fn: LogitsFn,
@@ -278,6 +243,9 @@ def generate(
     progress: bool = False,
 ) -> GenerationOutput:
     """Sample completions by iterative unmasking (see the module docstring for the algorithm).
+
+    The sampler's settings are the fields of :class:`~megatron_mdm.decoding.settings.DecodingConfig` (defaults
+    there); :func:`decode` takes them as one object.
 
     Args:
         logits_fn: bidirectional model, input_ids [b, s] -> logits [b, s, V_padded]; a
@@ -308,10 +276,32 @@ def generate(
     Returns:
         :class:`GenerationOutput` with ``tokens`` [b, max_p + gen_length] and the forward counts.
     """
-    check_settings(gen_length, steps, block_length, temperature, remasking, cache, threshold, factor, refresh_interval)
-    block_length = gen_length if block_length is None else block_length
-    s = _Settings(gen_length, steps // (gen_length // block_length), block_length, temperature, top_k, top_p,
-                  remasking, cfg_scale, mask_id, eos_id, vocab_size, cache, threshold, factor, refresh_interval)
+    settings = DecodingConfig(gen_length=gen_length, steps=steps, block_length=block_length, temperature=temperature,
+                              top_k=top_k, top_p=top_p, remasking=remasking, cfg_scale=cfg_scale, cache=cache,
+                              threshold=threshold, factor=factor, refresh_interval=refresh_interval)
+    return decode(logits_fn, prompt_ids, settings, mask_id, eos_id=eos_id, generator=generator,
+                  vocab_size=vocab_size, pad_id=pad_id, device=device, progress=progress)
+
+
+@torch.no_grad()
+def decode(
+    logits_fn: LogitsFn,
+    prompt_ids: torch.Tensor | Sequence[Sequence[int]],
+    settings: DecodingConfig,
+    mask_id: int,
+    eos_id: int | None = None,
+    generator: torch.Generator | None = None,
+    vocab_size: int | None = None,
+    pad_id: int | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> GenerationOutput:
+    """:func:`generate` with its sampler settings as one :class:`~megatron_mdm.decoding.settings.DecodingConfig`
+    (validated here; ValueError naming the setting); the other arguments are :func:`generate`'s."""
+    d = settings.validate()
+    gen_length = d.gen_length
+    s = _Settings(gen_length, d.steps // d.num_blocks, d.block, d.temperature, d.top_k, d.top_p, d.remasking,
+                  d.cfg_scale, mask_id, eos_id, vocab_size, d.cache, d.threshold, d.factor, d.refresh_interval)
     rows = _as_rows(prompt_ids)
     for r in rows:
         if mask_id in r:

@@ -32,6 +32,7 @@ cache needs ``allow_download=True``. Works offline: tasks may use local data (``
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from typing import Any
@@ -43,7 +44,7 @@ from tqdm import tqdm
 
 from megatron_mdm.decoding import generate
 from megatron_mdm.decoding.logits import LogitsFn
-from megatron_mdm.decoding.loop import check_settings
+from megatron_mdm.decoding.settings import DecodingConfig
 from megatron_mdm.evaluation.batched_loglik import Scorer, chain_rows, mc_rows, request_seed, run_batched
 from megatron_mdm.evaluation.loading import EvalInputError
 from megatron_mdm.evaluation.multiple_choice import conditional_loglik, encode_pair
@@ -54,11 +55,6 @@ eval_logger = logging.getLogger(__name__)
 def _as_bool(v: bool | str) -> bool:
     """A ``--model_args`` value: lm-eval passes True/False, or the string as typed."""
     return v if isinstance(v, bool) else str(v).strip().lower() in ("1", "true", "yes")
-
-
-def _optional(value: Any, kind: type) -> Any:
-    """A model_args value (lm-eval passes strings) as ``kind``, or None for None/''/'None'."""
-    return None if value in (None, "", "None") else kind(value)
 
 
 @register_model("mdm")
@@ -72,20 +68,22 @@ class MDMLM(LM):
         num_samples: int = 128,
         batch_size: int | str = 32,
         order: str = "left_to_right",
-        cfg_scale: float = 0.0,
+        cfg_scale: float | None = None,
         eps: float = 1e-3,
         seed: int = 1234,
         max_length: int = 2048,
-        steps: int = 64,
-        gen_length: int = 64,
+        steps: int | None = None,
+        gen_length: int | None = None,
         block_length: int | None = None,
-        temperature: float = 0.0,
-        remasking: str = "low_confidence",
+        temperature: float | None = None,
+        remasking: str | None = None,
         device: str = "cpu",
-        cache: str = "none",
+        cache: str | None = None,
         threshold: float | None = None,
         factor: float | None = None,
         refresh_interval: int | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
         trust_remote_code: bool | str = False,
         allow_download: bool | str = False,
         progress: bool | str = True,
@@ -97,22 +95,21 @@ class MDMLM(LM):
         if order not in ("left_to_right", "greedy"):
             raise EvalInputError(f"--model_args order: expected left_to_right or greedy, got {order!r}")
         self.method, self.order = method, order
-        self.num_samples, self.cfg_scale, self.eps = int(num_samples), float(cfg_scale), float(eps)
+        self.num_samples, self.eps = int(num_samples), float(eps)
         self.batch_size_ = int(batch_size) if str(batch_size).isdigit() and int(batch_size) > 0 else 32
         self.max_length, self.seed = int(max_length), int(seed)
-        self.steps, self.gen_length = int(steps), int(gen_length)
-        self.block_length = _optional(block_length, int)
-        self.temperature, self.remasking = float(temperature), remasking
-        self.cache = cache
-        self.threshold = _optional(threshold, float)
-        self.factor = _optional(factor, float)
-        self.refresh_interval = _optional(refresh_interval, int)
+        given = dict(steps=steps, gen_length=gen_length, block_length=block_length, temperature=temperature,
+                     remasking=remasking, cfg_scale=cfg_scale, cache=cache, threshold=threshold, factor=factor,
+                     refresh_interval=refresh_interval, top_k=top_k, top_p=top_p)
         try:  # inconsistent sampler settings: before the model loads (steps as decode_plan rounds them)
-            if self.steps <= 0:
-                raise ValueError(f"steps must be positive, got {self.steps}")
-            steps = self.decode_plan(self.gen_length)[1] if not self.gen_length % (self.block_length or 1) else 1
-            check_settings(self.gen_length, steps, self.block_length, self.temperature, remasking, cache,
-                           self.threshold, self.factor, self.refresh_interval)
+            #: the sampler's settings (defaults: DecodingConfig's); generate_until fits them to each request
+            self.decoding = DecodingConfig.from_strings({k: v for k, v in given.items() if v is not None})
+            if self.decoding.steps <= 0:
+                raise ValueError(f"steps must be positive, got {self.decoding.steps}")
+            if not self.gen_length % (self.block_length or 1):
+                self.decoding.replace(steps=self.decode_plan(self.gen_length)[1]).validate()
+            else:
+                self.decoding.replace(steps=1).validate()
         except ValueError as e:
             raise EvalInputError(f"--model_args: {e}") from None
         self._device = device
@@ -123,6 +120,12 @@ class MDMLM(LM):
             self.logits_fn, self.tokenizer, self.mask_id, self.vocab_size = load_logits_fn(
                 pretrained, device, trust_remote_code=_as_bool(trust_remote_code),
                 allow_download=_as_bool(allow_download))
+
+    def __getattr__(self, name: str) -> Any:
+        """The sampler's settings read as attributes (``lm.steps``, ``lm.cfg_scale``, ...)."""
+        if name in DecodingConfig.names() and "decoding" in self.__dict__:
+            return getattr(self.__dict__["decoding"], name)
+        raise AttributeError(name)
 
     @classmethod
     def from_logits_fn(
@@ -251,6 +254,8 @@ class MDMLM(LM):
         for idx in groups.values():
             until, gen_length, temperature = self._gen_settings(kwargs[idx[0]])
             block, steps = self.decode_plan(gen_length)
+            settings = {k: v for k, v in dataclasses.asdict(self.decoding).items() if k not in ("gen_length", "steps")}
+            settings.update(block_length=block, temperature=temperature)
             keep = max(self.max_length - gen_length, 0)
             idx = sorted(idx, key=lambda i: -len(prompts[i]))  # longest first, as lm-eval's hf model
             for start in range(0, len(idx), self.batch_size_):
@@ -258,10 +263,7 @@ class MDMLM(LM):
                 try:
                     res = generate(
                         self.logits_fn, [prompts[i][-keep:] if keep else [] for i in chunk], gen_length, steps,
-                        self.mask_id, block_length=block, temperature=temperature, remasking=self.remasking,
-                        cfg_scale=self.cfg_scale, eos_id=eos_id, generator=g, vocab_size=self.vocab_size,
-                        cache=self.cache, threshold=self.threshold, factor=self.factor,
-                        refresh_interval=self.refresh_interval,
+                        self.mask_id, eos_id=eos_id, generator=g, vocab_size=self.vocab_size, **settings,
                     )
                 except ValueError as e:  # e.g. cache= on a model without KV cache support
                     raise EvalInputError(f"--model_args: {e}") from None
