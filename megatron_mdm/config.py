@@ -287,6 +287,15 @@ class LoggingConfig:
     """Seed of initialisation, data order and masks."""
     peak_tflops: Optional[float] = None
     """Peak dense TFLOP/s of one device for MFU (default: detected for H100/H200/A100, else none)."""
+    wandb_project: Optional[str] = None
+    """Weights & Biases project to log to (needs pip install 'megatron-mdm[wandb]'); unset: no W&B. A resume
+    into the same --save logs to the same W&B run; WANDB_MODE=offline keeps it on disk."""
+    wandb_exp_name: Optional[str] = None
+    """The W&B run's name (default: W&B's)."""
+    wandb_entity: Optional[str] = None
+    """The W&B team or user (default: your default entity)."""
+    wandb_save_dir: Optional[str] = None
+    """Directory of W&B's local files (default: <save>/wandb)."""
 
 
 SECTIONS: dict[str, type] = {

@@ -328,8 +328,13 @@ class Trainer:
             from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
             self.async_queue = AsyncCallsQueue()
-        self.writer = MetricsWriter(cfg.checkpoint.save, cfg.logging.tensorboard_dir,
-                                    enabled=self.rank == 0)
+        lg = cfg.logging
+        wandb = None if lg.wandb_project is None else {
+            "project": lg.wandb_project, "name": lg.wandb_exp_name, "entity": lg.wandb_entity,
+            "dir": lg.wandb_save_dir, "config": cfg.to_dict()}
+        self.writer = MetricsWriter(cfg.checkpoint.save, lg.tensorboard_dir, enabled=self.rank == 0,
+                                    objective=cfg.objective.objective, wandb=wandb)
+        self._loaded: dict[str, Any] = {}  # what this run was loaded from, for its start record
         tokens_per_step = cfg.optim.global_batch_size * cfg.data.seq_length
         flops = flops_per_sequence(cfg, vocab_size, self.objective.causal) * cfg.optim.global_batch_size
         self.throughput = Throughput(tokens_per_step, flops, self.world_size,
@@ -349,6 +354,8 @@ class Trainer:
                                              verify=ck.verify_checkpoint, tokenizer=self._tokenizer_id(),
                                              allow_tokenizer_change=ck.allow_tokenizer_change,
                                              load_optim=ck.load_optim, load_rng=ck.load_rng)
+        self._loaded = {"loaded_from": str(ck.load), "loaded_iteration": int(meta.get("iteration", 0)),
+                        "finetune": bool(ck.finetune)}
         if ck.finetune:
             log.info("finetuning from %s: weights loaded, iteration reset to 0", meta["path"])
             return
@@ -465,7 +472,8 @@ class Trainer:
         self._train_iter = iter(self.train_loader)
         stop = _StopSignal()
         start_iter = self.state.iteration
-        self.writer.start(start_iter)  # drops the records of the steps this run redoes
+        self.writer.start(start_iter, tokens=self._tokens(), info=self._loaded,
+                          config_text=self.cfg.to_yaml())  # drops the records of the steps this run redoes
         t_start = time.perf_counter()
         interval_losses: list[float] = []
         self._interval_completion: list[float] = []
@@ -515,6 +523,10 @@ class Trainer:
         result["skipped_steps"] = self.state.skipped_steps
         return result
 
+    def _tokens(self) -> int:
+        """Tokens consumed so far (consumed samples x sequence length)."""
+        return self.state.consumed_samples * self.cfg.data.seq_length
+
     def _validate(self, result: dict) -> None:
         val = self.evaluate()
         if val is None:
@@ -522,7 +534,7 @@ class Trainer:
         it = self.state.iteration
         val["iteration"] = it
         result["val"].append(val)
-        self.writer.write(dict(val, consumed_samples=self.state.consumed_samples))
+        self.writer.write(dict(val, consumed_samples=self.state.consumed_samples, tokens=self._tokens()))
         if self.rank == 0:
             what = "validation ELBO" if self.cfg.objective.objective == "mdm" else "validation loss"
             log.info("iter %7d | %s %.4f nats/token | ppl%s %.2f", it, what, val["val_loss"],
@@ -536,6 +548,7 @@ class Trainer:
         record = {
             "iteration": it,
             "consumed_samples": self.state.consumed_samples,
+            "tokens": self._tokens(),
             "loss": sum(finite) / len(finite) if finite else float("nan"),
             "lr": self.scheduler.get_lr(self.optimizer.param_groups[0]),
             "grad_norm": out["grad_norm"],
