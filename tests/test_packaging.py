@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import configparser
 import importlib
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -15,8 +16,13 @@ SCRIPTS = {"mdm-pretrain", "mdm-tokenizer", "mdm-data", "mdm-convert", "mdm-gene
 
 
 def test_wheel_has_every_console_script(tmp_path):
+    src = tmp_path / "src"  # a copy: setuptools writes build/ and *.egg-info beside the sources
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    shutil.copytree(REPO / "megatron_mdm", src / "megatron_mdm", ignore=shutil.ignore_patterns("__pycache__"))
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                        str(tmp_path), str(REPO)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+                        str(tmp_path), str(src)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     (wheel,) = tmp_path.glob("megatron_mdm-*.whl")
     with zipfile.ZipFile(wheel) as z:
