@@ -25,7 +25,9 @@ class MockLoader:
 
     def sample(self, i: int) -> torch.Tensor:
         """The ``i``-th sequence of this stream."""
-        g = torch.Generator().manual_seed((self.seed * 2 + self.stream) * 2**32 + i)
+        # mixed by odd constants: torch's CPU generator keeps only the low 32 bits of its seed
+        g = torch.Generator().manual_seed((self.seed * 0x9E3779B97F4A7C15 + self.stream * 0xBF58476D1CE4E5B9
+                                           + i * 0x94D049BB133111EB) % (2**63 - 1))
         ids = torch.randint(0, self.vocab_size - 1, (self.seq_length,), generator=g)
         return ids + (ids >= self.mask_id).long()  # skip the mask id
 
