@@ -37,9 +37,10 @@ device="cuda" kwargs                  a ``TorchFunctionMode`` rewrites ``device=
 
 Not covered (raise clearly instead): sequence parallelism (needs TE/Apex norms), FP8, the TE spec.
 
-Megatron-core's warnings that say nothing on a CPU (``KNOWN_CPU_WARNINGS``: no Transformer Engine or Apex, the
-Torch norm fallback, ``CUDA_DEVICE_MAX_CONNECTIONS``, its own deprecated default ``cuda_graph_scope``) are
-hidden by ``hide_known_warnings()``, which the CPU mode's one log line mentions; every other warning stays.
+Megatron-core's known-harmless warnings of a CPU run (``KNOWN_CPU_WARNINGS``: no Transformer Engine or Apex, the
+Torch norm fallback, ``CUDA_DEVICE_MAX_CONNECTIONS``, its own deprecated default ``cuda_graph_scope``, and the two
+torch deprecations its checkpoint loading raises) are hidden by ``hide_known_warnings()``, which the CPU mode's
+one log line mentions; every other warning stays.
 """
 
 from __future__ import annotations
@@ -165,8 +166,12 @@ KNOWN_CPU_WARNINGS: tuple[tuple[str, str], ...] = (
     (r"Apex is not installed\. Falling back to Torch Norm", "layer specs: the Torch norm is the CPU norm"),
     (r".*CUDA_DEVICE_MAX_CONNECTIONS", "tensor-parallel layers' async all-reduce: a CUDA stream setting"),
     (r"full scope is deprecated", "TransformerConfig's own default cuda_graph_scope (no CUDA graphs on CPU)"),
+    (r"`load_state_dict` is deprecated", "dist_checkpointing's torch strategy, on every checkpoint load: a torch "
+                                         "API megatron-core 0.16 still calls"),
+    (r"Please use DTensor instead and we are deprecating ShardedTensor", "the same load, through torch's "
+                                                                          "ShardedTensor"),
 )
-"""(message regex, where it arises and why it does not apply) of each megatron-core warning hidden on CPU."""
+"""(message regex, where it arises and why it is harmless) of each megatron-core warning hidden on CPU."""
 
 _HIDDEN = False
 
@@ -177,7 +182,7 @@ def hide_known_warnings() -> None:
     if _HIDDEN:
         return
     for pattern, _why in KNOWN_CPU_WARNINGS:
-        warnings.filterwarnings("ignore", message=pattern, category=UserWarning)
+        warnings.filterwarnings("ignore", message=pattern)
     _HIDDEN = True
 
 
@@ -216,8 +221,8 @@ def enable() -> None:
     _MODE.__enter__()
     hide_known_warnings()
     log.warning("megatron-mdm: CPU development mode is ON (no GPU found): Megatron-core runs on gloo; its %d "
-                "warnings that do not apply on CPU (no Transformer Engine/Apex, Torch norm, "
-                "CUDA_DEVICE_MAX_CONNECTIONS, cuda_graph_scope) are hidden", len(KNOWN_CPU_WARNINGS))
+                "known-harmless warnings here (no Transformer Engine/Apex, Torch norm, CUDA_DEVICE_MAX_CONNECTIONS, "
+                "cuda_graph_scope, torch deprecations on checkpoint load) are hidden", len(KNOWN_CPU_WARNINGS))
 
 
 def disable() -> None:
