@@ -172,13 +172,13 @@ def test_curves_figure_marks_resumes_and_keeps_every_line(tmp_path):
     assert fig._suptitle.get_text() == "quickstart"
     legend = [t.get_text() for t in fig.legends[0].get_texts()]
     assert "mdm (mdm)" in legend and "arm (arm), continued by mdm" in legend
-    assert "mdm resumed at 4" in legend and "unigram entropy 5.500" in legend
+    assert "mdm resumed at its iteration 4" in legend and "unigram entropy 5.500" in legend
     loss, val, _lr, tps = fig.axes[:4]
     dashed = [ln for ax in fig.axes[:4] for ln in ax.get_lines() if ln.get_linestyle() in ("--", ":")]
     assert all(ln.get_label() in legend for ln in dashed)  # every dashed or dotted line is explained
     arm_val, mdm_val = [ln for ln in val.get_lines() if ln.get_label() in ("arm (arm), continued by mdm", "mdm (mdm)")]
     assert list(arm_val.get_xdata()) == [0, 2, 4] and list(mdm_val.get_xdata()) == [4, 6, 8, 10]  # after the ARM
-    assert [ln.get_xdata()[0] for ln in val.get_lines() if ln.get_label() == "mdm resumed at 4"] == [8]
+    assert [ln.get_xdata()[0] for ln in val.get_lines() if ln.get_label() == "mdm resumed at its iteration 4"] == [8]
     lo, hi = val.get_ylim()
     assert lo <= 5.0 and hi >= 9.0  # the untrained first point is not clipped
     assert tps.get_ylim()[0] == 0

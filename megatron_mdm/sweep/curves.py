@@ -258,12 +258,14 @@ def figure(runs: list[RunCurves], x: str = "iterations", log_x: bool = False, re
                 if not recs:
                     continue
                 ax.plot(part.x(recs, x) + offset, [r[key] for r in recs], color=color,
-                        linestyle="-" if last else "--", marker="o" if which == "val" else None, markersize=3,
+                        linestyle="-" if last else "--", marker="o" if which == "val" or len(recs) == 1 else None,
+                        markersize=3,
                         label=name if last or len(chain) == 1 else f"{name}, continued by {run.label}")
             for it in part.resumes():
                 at = _x_at(part, it, x) + offset
                 for ax, *_ in panels:
-                    ax.axvline(at, color=color, linestyle=":", linewidth=1, label=f"{part.label} resumed at {it}")
+                    ax.axvline(at, color=color, linestyle=":", linewidth=1,
+                               label=f"{part.label} resumed at its iteration {it}")
     for ax, _which, key, ylabel in panels:
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
