@@ -5,8 +5,8 @@
 #   docker run --gpus all --ipc=host --ulimit memlock=-1 --ulimit stack=67108864 -it --rm \
 #       -v /data:/data megatron-mdm bash examples/quickstart.sh
 #
-# BASE_IMAGE: 25.03 or newer (torch >= 2.7 pre-release builds; setup.py needs torch >= 2.6, and the 25.01
-# build's 2.6.0a0 sorts below 2.6). 25.04 has Python 3.12, so setup.py's marker selects megatron-core
+# BASE_IMAGE: 25.03 or newer (torch >= 2.7 pre-release builds; pyproject.toml needs torch >= 2.6, and the 25.01
+# build's 2.6.0a0 sorts below 2.6). 25.04 has Python 3.12, so pyproject.toml's marker selects megatron-core
 # >= 0.16.1, < 0.20, and Transformer Engine 2.x (FP8 tensorwise recipe needs TE >= 2.2).
 ARG BASE_IMAGE=nvcr.io/nvidia/pytorch:25.04-py3
 FROM ${BASE_IMAGE}
@@ -34,8 +34,8 @@ for dist in md.distributions():
 PY
 ENV PIP_CONSTRAINT=/etc/pip-constraints.txt
 
-# Dependencies first (cached layer): setup.py alone is enough to resolve them.
-COPY setup.py README.md ./
+# Dependencies first (cached layer): pyproject.toml alone is enough to resolve them.
+COPY pyproject.toml README.md ./
 RUN mkdir -p megatron_mdm && touch megatron_mdm/__init__.py \
  && pip install ".[eval]" mpi4py \
  && pip uninstall -y megatron-mdm \

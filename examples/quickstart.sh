@@ -49,7 +49,7 @@ run_logged() {
   local log="$1"; shift
   set +e
   "$@" 2>&1 | tee -a "$log" | grep --line-buffered -E \
-    'iter +[0-9]+ \||validation (ELBO|loss)|saved checkpoint|loaded|training (mdm|arm)|CPU|error|Error|done:'
+    'iter +[0-9]+ \||validation (ELBO|loss)|saved checkpoint|loaded|training (mdm|arm)|CPU|error|Error|[Ww]arning|done:'
   local rc=${PIPESTATUS[0]}
   set -e
   if [ "$rc" -ne 0 ]; then
@@ -97,9 +97,11 @@ TOK="$WORK/tokenizer-$VOCAB"
 if [ -f "$TOK/tokenizer.json" ]; then
   echo "reusing $TOK"
 else
-  "$PY" tokenizer/train_tokenizer.py --input "$CORPUS" --vocab-size "$VOCAB" --output "$TOK.tmp" >/dev/null
+  # trained into a temporary directory, renamed when complete (its own report names that directory: kept in a log)
+  "$PY" tokenizer/train_tokenizer.py --input "$CORPUS" --vocab-size "$VOCAB" --output "$TOK.tmp" \
+    >"$WORK/tokenizer.log" 2>&1 || { tail -n 5 "$WORK/tokenizer.log" >&2; die "tokenizer training failed"; }
   rm -rf "$TOK" && mv "$TOK.tmp" "$TOK"
-  echo "wrote $TOK"
+  echo "wrote $TOK (byte-level BPE, vocabulary $VOCAB, with <|mask|>, <|pad|>, <|bos|>, <|eos|>)"
 fi
 
 # ---------------------------------------------------------------------------------------------------
@@ -109,7 +111,7 @@ if [ -f "$SHARDS/manifest.json" ] && [ -f "$SHARDS/valid/manifest.json" ]; then
   echo "reusing $SHARDS"
 else
   "$PY" data_prep/prepare_data.py --input "$CORPUS" --tokenizer "$TOK" --output "$SHARDS" \
-    --seq-length "$SEQ" --val-fraction 0.05 --workers 2 | tail -n 1
+    --seq-length "$SEQ" --val-fraction 0.05 --workers 2 2>&1 | tail -n 1  # its summary line (on stderr)
 fi
 
 # ---------------------------------------------------------------------------------------------------
@@ -123,7 +125,8 @@ TOTAL=$((ITERS + RESUME_ITERS))
 PORT=$("$PY" -c "from megatron_mdm.launch import free_port; print(free_port())")
 SEED_FLAG=()
 [ -n "${MDM_QUICKSTART_SEED:-}" ] && SEED_FLAG=(--seed "$MDM_QUICKSTART_SEED")
-LAUNCH=("$PY" -m torch.distributed.run --nproc-per-node "$NPROC" --master-port "$PORT" -m megatron_mdm.cli.pretrain
+# mdm-pretrain (python -m megatron_mdm.cli.pretrain): checks the configuration, then starts the workers (torchrun's flags)
+LAUNCH=("$PY" -m megatron_mdm.cli.pretrain --nproc-per-node "$NPROC" --master-port "$PORT"
         --config "$CONFIG" --tokenizer "$TOK" --data-path "$SHARDS" --seq-length "$SEQ"
         --micro-batch-size "$MBS" --global-batch-size "$GBS" "${LAYOUT[@]}" "${SEED_FLAG[@]}")
 
@@ -191,8 +194,10 @@ LATEST=$(cat "$RUN/latest_checkpointed_iteration.txt")
 echo "checkpoint: $RUN/iter_$(printf %07d "$LATEST") (latest marker: $RUN/latest_checkpointed_iteration.txt)"
 echo "metrics:    $RUN/metrics.jsonl   config: $RUN/config.yaml   log: $LOG"
 echo "tensorboard: tensorboard --logdir $RUN/tensorboard"
-if "$PY" -m megatron_mdm.cli.plot "$RUN" --unigram "$SHARDS" --title "quickstart MDM ($RUN)" >/dev/null 2>"$RUN/plot.log"; then
-  echo "curves:     $RUN/curves.png (training loss, validation ELBO vs the unigram level, lr, tokens/s: mdm-plot)"
+if [ "$ARM_ITERS" -gt 0 ]; then TITLE="quickstart: the MDM after a $ARM_ITERS-step ARM warm start"; else TITLE="quickstart MDM"; fi
+if "$PY" -m megatron_mdm.cli.plot "$RUN" --unigram "$SHARDS" --title "$TITLE" >/dev/null 2>"$RUN/plot.log"; then
+  echo "curves:     $RUN/curves.png (training loss, validation ELBO vs the unigram level, lr, tokens/s; the ARM"
+  echo "            warm start drawn before the MDM, the resume marked: mdm-plot)"
 else
   echo "curves:     not drawn ($(tail -n 1 "$RUN/plot.log"))"
 fi

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Create or reuse .venv and install megatron-mdm with what the examples and tests need.
 # On a CPU machine torch 2.13.0 comes from the local wheel cache when one is configured; elsewhere pip
-# resolves torch from the range in setup.py.
+# resolves torch from the range in pyproject.toml.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-stamp=".venv/.mdm-installed-$(cat setup.py | sha256sum | cut -c1-16)"
+stamp=".venv/.mdm-installed-$(cat pyproject.toml | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   echo "[setup] installing megatron-mdm and its dependencies into .venv (first run only)"
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true

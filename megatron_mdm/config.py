@@ -147,8 +147,11 @@ class DataConfig:
     ("0.7 dirA 0.3 dirB")."""
     valid_data_path: list = field(default_factory=list)
     """Validation data (same form); default: the validation split written by mdm-data prepare."""
-    tokenizer: Optional[str] = None
-    """Tokenizer directory (from mdm-tokenizer) or a tokenizer.json."""
+    tokenizer: Optional[str] = field(default=None, metadata={"aliases": ("--tokenizer-model",)})
+    """Tokenizer directory (from mdm-tokenizer) or a tokenizer.json (--tokenizer-model: Megatron-LM's name)."""
+    tokenizer_type: Literal["HuggingFaceTokenizer"] = "HuggingFaceTokenizer"
+    """Megatron-LM's tokenizer type, accepted for its command lines: every tokenizer here is a Hugging Face
+    tokenizer.json (--tokenizer)."""
     seq_length: int = 128
     """Sequence length in tokens."""
     num_workers: int = 1
@@ -162,13 +165,14 @@ class DataConfig:
     override_data_state: bool = False
     """Resume even when the checkpoint's data order cannot be continued exactly (another --seed,
     --seq-length, --data-path or --data-shuffle): continue at its consumed samples in this run's order."""
-    shuffle_buffer: Optional[int] = None
-    """Removed (an error when set): the loader shuffles each epoch globally (--data-shuffle)."""
     sft_data: Optional[str] = None
     """Prompt/completion jsonl files for supervised finetuning (glob); prompt tokens are never masked."""
     sft_train_on_prompt: bool = False
     """With --sft-data: train on the whole prompt + completion sequence (prompt masked and in the loss
     too), as SMDM's reversal-curse finetuning does; default: prompt kept and out of the loss."""
+    mock_data: bool = False
+    """Train and validate on random tokens drawn from --seed instead of --data-path (Megatron-LM's
+    --mock-data): to try a configuration or measure speed; the tokenizer still gives the vocabulary."""
 
 
 @dataclass
@@ -207,12 +211,17 @@ class OptimConfig:
     """Optimizer steps to train."""
     train_tokens: Optional[int] = None
     """Tokens to train (alternative to --train-iters)."""
+    train_samples: Optional[int] = None
+    """Sequences to train (Megatron-LM's sample budget; alternative to --train-iters): the iterations are
+    samples / --global-batch-size, rounded up."""
     lr: float = 3e-4
     """Peak learning rate."""
     min_lr: float = 3e-5
     """Learning rate at the end of decay."""
     lr_warmup_iters: int = 0
     """Linear warmup steps."""
+    lr_warmup_fraction: Optional[float] = None
+    """Linear warmup as a fraction of the decay steps (Megatron-LM; instead of --lr-warmup-iters)."""
     lr_decay_iters: Optional[int] = None
     """Steps over which the learning rate decays (default: --train-iters)."""
     lr_decay_style: Literal["constant", "linear", "cosine", "inverse-square-root", "WSD"] = "cosine"
@@ -256,6 +265,12 @@ class CheckpointConfig:
     the hashing, for speed on trusted storage; file sizes are still checked)."""
     allow_tokenizer_change: bool = False
     """With --finetune, allow a tokenizer other than the checkpoint's (its token ids change meaning)."""
+    load_optim: bool = True
+    """On a resume, load the optimizer state (Adam moments) and the learning-rate scheduler; --no-load-optim
+    starts a fresh optimizer and continues the schedule at the loaded iteration."""
+    load_rng: bool = True
+    """On a resume, restore the random generators' states (same layout only); --no-load-rng keeps this
+    run's seeding."""
 
 
 @dataclass
@@ -272,6 +287,15 @@ class LoggingConfig:
     """Seed of initialisation, data order and masks."""
     peak_tflops: Optional[float] = None
     """Peak dense TFLOP/s of one device for MFU (default: detected for H100/H200/A100, else none)."""
+    wandb_project: Optional[str] = None
+    """Weights & Biases project to log to (needs pip install 'megatron-mdm[wandb]'); unset: no W&B. A resume
+    into the same --save logs to the same W&B run; WANDB_MODE=offline keeps it on disk."""
+    wandb_exp_name: Optional[str] = None
+    """The W&B run's name (default: W&B's)."""
+    wandb_entity: Optional[str] = None
+    """The W&B team or user (default: your default entity)."""
+    wandb_save_dir: Optional[str] = None
+    """Directory of W&B's local files (default: <save>/wandb)."""
 
 
 SECTIONS: dict[str, type] = {
@@ -398,7 +422,19 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     return value
 
 
+REMOVED: dict[str, str] = {
+    "shuffle_buffer": "was removed: the loader shuffles all samples of each epoch (--data-shuffle global, the "
+                      "default); drop the option",
+}
+"""Options that no longer exist, with what to do instead. A saved config (a checkpoint's config.yaml) that
+holds one as null still reads; any other value is an error naming it."""
+
+
 def set_field(cfg: Config, name: str, value: Any) -> None:
+    if name in REMOVED:
+        if value is None:
+            return
+        raise ConfigError(f"--{name.replace('_', '-')}: {REMOVED[name]}")
     if name not in FIELDS:
         raise ConfigError(f"unknown option {name!r}")
     sec, f = FIELDS[name]
@@ -412,10 +448,13 @@ def apply_dict(cfg: Config, d: dict, source: str = "config") -> None:
     for key, value in d.items():
         if key in SECTIONS and isinstance(value, dict):
             for k, v in value.items():
+                if k in REMOVED:
+                    set_field(cfg, k, v)
+                    continue
                 if k not in FIELDS or FIELDS[k][0] != key:
                     raise ConfigError(f"{source}: unknown option {key}.{k}")
                 set_field(cfg, k, v)
-        elif key.replace("-", "_") in FIELDS:
+        elif key.replace("-", "_") in FIELDS or key.replace("-", "_") in REMOVED:
             set_field(cfg, key.replace("-", "_"), value)
         else:
             raise ConfigError(f"{source}: unknown option {key!r}")
@@ -436,29 +475,52 @@ def load_yaml(path: str | Path) -> dict:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add --config, --preset and one flag per field (Megatron spelling), help from the field docs."""
-    parser.add_argument("--config", default=None, help="YAML file with options (nested or flat)")
+    """Add --config and one flag per field (Megatron spelling), help from the field docs.
+
+    A bool field is a switch (``--bf16`` / ``--no-bf16``); a Literal field lists its choices; a field's
+    ``metadata["aliases"]`` adds other spellings (``--tokenizer-model`` for ``--tokenizer``). Every flag's
+    value stays None unless given, so YAML and presets are only overridden by what is on the command line.
+    """
+    parser.add_argument("--config", default=None, metavar="YAML",
+                        help="YAML file with options, nested by section or flat; flags win over it")
     for sec, cls in SECTIONS.items():
         group = parser.add_argument_group(sec)
         docs = _field_docs(cls)
         for f in dataclasses.fields(cls):
-            flag = "--" + f.name.replace("_", "-")
+            flags = ["--" + f.name.replace("_", "-"), *f.metadata.get("aliases", ())]
             tp = _resolved_type(sec, f)
             default = f.default if f.default is not dataclasses.MISSING else None
-            help_ = f"{docs.get(f.name, '')} (default: {default})".replace("%", "%%")
+            doc = docs.get(f.name, "")
             if tp is bool:
-                group.add_argument(flag, dest=f.name, nargs="?", const="true", default=None, help=help_)
-                if f.name.startswith("use_") or f.name in ("bf16",):
-                    pass
-                group.add_argument(
-                    "--no-" + f.name.replace("_", "-"), dest=f.name, action="store_const",
-                    const="false", help=argparse.SUPPRESS,
-                )
+                shown = "on" if default else "off"
+                group.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                                   help=_help(doc, shown))
             elif tp is list or typing.get_origin(tp) is list:
-                group.add_argument(flag, dest=f.name, nargs="+", default=None, help=help_)
+                group.add_argument(*flags, dest=f.name, nargs="+", default=None, metavar="PATH",
+                                   help=_help(doc, default or None))
             else:
-                group.add_argument(flag, dest=f.name, default=None, help=help_)
-    # Megatron's --fp8-format flag doubles as the switch; --untie... is the Megatron default here.
+                choices = _choices(tp)
+                metavar = "{" + ",".join(choices) + "}" if choices else _metavar(tp)
+                group.add_argument(*flags, dest=f.name, default=None, metavar=metavar, help=_help(doc, default))
+
+
+def _help(doc: str, default: Any) -> str:
+    """The field's doc with its default once: appended unless the doc already says what the default is."""
+    text = doc if default is None or "default" in doc.lower() else f"{doc} (default: {default})"
+    return text.replace("%", "%%")
+
+
+def _choices(tp: Any) -> Optional[list[str]]:
+    """The values of a Literal (or Optional[Literal]) type, else None."""
+    if typing.get_origin(tp) is typing.Union:
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    return [str(a) for a in typing.get_args(tp)] if typing.get_origin(tp) is Literal else None
+
+
+def _metavar(tp: Any) -> Optional[str]:
+    if typing.get_origin(tp) is typing.Union:
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    return {int: "N", float: "X"}.get(tp)  # type: ignore[return-value] - None: argparse's (the flag's name)
 
 
 def from_args(args: argparse.Namespace, presets: Optional[dict] = None) -> Config:
@@ -585,14 +647,15 @@ RANGES: dict[str, str] = {
     # objective
     "eps": "(0, 1)", "random_length_prob": "[0, 1]", "attention_anneal_iters": "[0, inf)",
     # data
-    "seq_length": "[2, inf)", "num_workers": "[0, inf)", "shuffle_buffer": "[1, inf)",
+    "seq_length": "[2, inf)", "num_workers": "[0, inf)",
     # parallel
     "tensor_model_parallel_size": "[1, inf)", "pipeline_model_parallel_size": "[1, inf)",
     "num_layers_per_virtual_pipeline_stage": "[1, inf)", "context_parallel_size": "[1, inf)",
     "distributed_timeout_minutes": "[1, inf)",
     # optim
     "micro_batch_size": "[1, inf)", "global_batch_size": "[1, inf)", "train_iters": "[1, inf)",
-    "train_tokens": "[1, inf)", "lr": "(0, inf)", "min_lr": "[0, inf)", "lr_warmup_iters": "[0, inf)",
+    "train_tokens": "[1, inf)", "train_samples": "[1, inf)", "lr": "(0, inf)", "min_lr": "[0, inf)",
+    "lr_warmup_iters": "[0, inf)", "lr_warmup_fraction": "[0, 1]",
     "lr_decay_iters": "[1, inf)", "lr_wsd_decay_iters": "[1, inf)", "weight_decay": "[0, inf)",
     "adam_beta1": "[0, 1)", "adam_beta2": "[0, 1)", "adam_eps": "(0, inf)", "clip_grad": "[0, inf)",
     "max_consecutive_nan_steps": "[1, inf)",
@@ -666,8 +729,12 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     check(opt.global_batch_size >= opt.micro_batch_size, "global_batch_size",
           f"{opt.global_batch_size} is smaller than --micro-batch-size {opt.micro_batch_size}")
     check(opt.min_lr <= opt.lr, "min_lr", f"{opt.min_lr} is larger than --lr {opt.lr}")
-    check(not (opt.train_iters is not None and opt.train_tokens is not None), "train_tokens",
-          "give either --train-iters or --train-tokens, not both")
+    budgets = [n for n in ("train_iters", "train_tokens", "train_samples") if getattr(opt, n) is not None]
+    check(len(budgets) <= 1, budgets[-1] if budgets else "train_iters",
+          "give one of --train-iters, --train-tokens, --train-samples, not both "
+          + " and ".join("--" + n.replace("_", "-") for n in budgets))
+    if opt.lr_warmup_fraction is not None:
+        check(opt.lr_warmup_iters == 0, "lr_warmup_fraction", "give --lr-warmup-fraction or --lr-warmup-iters, not both")
     if ck.save_interval is not None:
         check(ck.save is not None, "save_interval", "needs --save")
     if lg.eval_interval is not None:
@@ -715,9 +782,8 @@ def _validate_architecture(cfg: Config) -> None:
 
 
 def _validate_data(d: DataConfig) -> None:
-    check(d.shuffle_buffer is None, "shuffle_buffer",
-          "was removed: the loader now shuffles all samples of each epoch (--data-shuffle global, the default); "
-          "drop the option")
+    if d.mock_data:
+        check(not d.data_path and not d.sft_data, "mock_data", "trains on random tokens: drop --data-path / --sft-data")
     parse_data_path(d.data_path)
     parse_data_path(d.valid_data_path, "valid_data_path")
 
@@ -736,7 +802,17 @@ def num_train_iters(cfg: Config) -> int:
         return opt.train_iters
     if opt.train_tokens is not None:
         return math.ceil(opt.train_tokens / (opt.global_batch_size * cfg.data.seq_length))
-    raise ConfigError("--train-iters: give --train-iters or --train-tokens")
+    if opt.train_samples is not None:
+        return math.ceil(opt.train_samples / opt.global_batch_size)
+    raise ConfigError("--train-iters: give --train-iters, --train-tokens or --train-samples")
+
+
+def lr_warmup_iters(cfg: Config, train_iters: int) -> int:
+    """Warmup steps: --lr-warmup-iters, or --lr-warmup-fraction of the decay steps (Megatron-LM's rule)."""
+    opt = cfg.optim
+    if opt.lr_warmup_fraction is None:
+        return opt.lr_warmup_iters
+    return int(opt.lr_warmup_fraction * (opt.lr_decay_iters or train_iters))
 
 
 def parse_data_path(items: list, name: str = "data_path") -> list[tuple[float, str]]:

@@ -36,12 +36,18 @@ device="cuda" kwargs                  a ``TorchFunctionMode`` rewrites ``device=
 ====================================  =====================================================================
 
 Not covered (raise clearly instead): sequence parallelism (needs TE/Apex norms), FP8, the TE spec.
+
+Megatron-core's known-harmless warnings of a CPU run (``KNOWN_CPU_WARNINGS``: no Transformer Engine or Apex, the
+Torch norm fallback, ``CUDA_DEVICE_MAX_CONNECTIONS``, its own deprecated default ``cuda_graph_scope``, and the two
+torch deprecations its checkpoint loading raises) are hidden by ``hide_known_warnings()``, which the CPU mode's
+one log line mentions; every other warning stays.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -155,6 +161,31 @@ def _make_tensor_type(orig: Callable) -> Callable:
     return tensor_type
 
 
+KNOWN_CPU_WARNINGS: tuple[tuple[str, str], ...] = (
+    (r"Transformer Engine and Apex are not installed", "import of the optimizer and FSDP modules: CPU has neither"),
+    (r"Apex is not installed\. Falling back to Torch Norm", "layer specs: the Torch norm is the CPU norm"),
+    (r".*CUDA_DEVICE_MAX_CONNECTIONS", "tensor-parallel layers' async all-reduce: a CUDA stream setting"),
+    (r"full scope is deprecated", "TransformerConfig's own default cuda_graph_scope (no CUDA graphs on CPU)"),
+    (r"`load_state_dict` is deprecated", "dist_checkpointing's torch strategy, on every checkpoint load: a torch "
+                                         "API megatron-core 0.16 still calls"),
+    (r"Please use DTensor instead and we are deprecating ShardedTensor", "the same load, through torch's "
+                                                                          "ShardedTensor"),
+)
+"""(message regex, where it arises and why it is harmless) of each megatron-core warning hidden on CPU."""
+
+_HIDDEN = False
+
+
+def hide_known_warnings() -> None:
+    """Ignore the ``KNOWN_CPU_WARNINGS`` in this process (idempotent); other warnings are untouched."""
+    global _HIDDEN
+    if _HIDDEN:
+        return
+    for pattern, _why in KNOWN_CPU_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    _HIDDEN = True
+
+
 def enable() -> None:
     """Switch on the CPU development mode (idempotent). Only call when no GPU is present."""
     global _MODE
@@ -188,7 +219,10 @@ def enable() -> None:
     _patch(torch.Tensor, "type", _make_tensor_type(torch.Tensor.type))
     _MODE = _CudaToCpuMode()
     _MODE.__enter__()
-    log.warning("megatron-mdm: CPU development mode is ON (no GPU found): Megatron-core runs on gloo")
+    hide_known_warnings()
+    log.warning("megatron-mdm: CPU development mode is ON (no GPU found): Megatron-core runs on gloo; its %d "
+                "known-harmless warnings here (no Transformer Engine/Apex, Torch norm, CUDA_DEVICE_MAX_CONNECTIONS, "
+                "cuda_graph_scope, torch deprecations on checkpoint load) are hidden", len(KNOWN_CPU_WARNINGS))
 
 
 def disable() -> None:

@@ -97,6 +97,17 @@ def has_gpu() -> bool:
     return torch.cuda.is_available() and torch.cuda.device_count() > 0
 
 
+def hide_known_cpu_warnings() -> None:
+    """Without a GPU, hide megatron-core's warnings that do not apply on CPU (``cpu_fallback.KNOWN_CPU_WARNINGS``).
+
+    Call it before Megatron is imported: some are raised at import. ``init_distributed`` calls it too.
+    """
+    if not has_gpu():
+        from megatron_mdm import cpu_fallback  # noqa: PLC0415 - the one place it is imported
+
+        cpu_fallback.hide_known_warnings()
+
+
 _DEVICE: Optional[torch.device] = None
 
 

@@ -1,12 +1,12 @@
-"""Pretrain a masked diffusion LM (or the ARM baseline) with Megatron-core: the job entry point.
+"""Pretrain a masked diffusion LM (or the ARM baseline) with Megatron-core: the job entry point as a script.
 
-Launch with torchrun, srun or mpirun, on one node or many:
+The same program as ``mdm-pretrain`` (``megatron_mdm/cli/pretrain.py``, which ``--help`` describes); this file
+only calls it, as Megatron-LM's ``pretrain_gpt.py`` calls its library. Its own launcher, or one worker under
+torchrun, srun or mpirun:
 
-    torchrun --nproc-per-node 8 pretrain/pretrain_mdm.py --config examples/configs/smdm_1.1b.yaml \
+    python pretrain/pretrain_mdm.py --nproc-per-node 8 --config examples/configs/smdm_1.1b.yaml \
         --tensor-model-parallel-size 2 --data-path 0.7 /data/a 0.3 /data/b --save runs/x
-
-The same as ``python -m megatron_mdm.cli.pretrain`` (``megatron_mdm/cli/pretrain.py``, which ``--help``
-describes); this file only calls it, as Megatron-LM's ``pretrain_gpt.py`` calls its library.
+    torchrun --nproc-per-node 8 pretrain/pretrain_mdm.py --config ...
 """
 
 import sys

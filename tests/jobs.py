@@ -83,6 +83,7 @@ def train_job(rank: int, world: int, overrides: dict, loader_kind: str = "synthe
     return {
         "losses": result["losses"],
         "grad_norms": [h["grad_norm"] for h in trainer.history],
+        "lrs": [h["lr"] for h in trainer.history],
         "iteration": result["iteration"],
         "val": result["val"],
         "stopped_by_signal": result.get("stopped_by_signal", False),

@@ -4,7 +4,7 @@
 #   2. a named subset (model, parallel, checkpoint, training, HF parity, compat, the GPU check's dry run) on
 #      megatron-core 0.19.x, the release GPU images ship (.venv-mcore019, examples/setup_env_mcore019.sh:
 #      a thin venv over .venv holding only megatron-core 0.19 and triton).
-# Usage: bash tests/run_tests.sh [pytest args...]      (the arguments go to both legs)
+# Usage: bash tests/run_tests.sh [pytest args...]      (the arguments go to both legs; --help: this text)
 #   MDM_MCORE=0.16 | 0.19 | both (default both): which leg(s) to run.
 #   MDM_MCORE019_TESTS="tests/..." : run these on 0.19 instead of the subset below ("tests" = all of it).
 #   MDM_BASE_VENV=DIR : use this existing environment instead of creating .venv.
@@ -12,6 +12,11 @@
 #     1 runs in one process. Two-rank gloo tests then share the cores with another file's tests: measured on
 #     the 2-core box, the 0.16 suite took 16 min with 2 workers against 30 min in one process.
 set -euo pipefail
+case "${1:-}" in -h|--help)  # this header is the usage: print it, build nothing
+  sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
+  echo "(pytest's own options: .venv/bin/python -m pytest --help)"
+  exit 0 ;;
+esac
 cd "$(dirname "$0")/.."
 MCORE="${MDM_MCORE:-both}"
 case "$MCORE" in 0.16|0.19|both) ;; *) echo "MDM_MCORE must be 0.16, 0.19 or both, not '$MCORE'" >&2; exit 2 ;; esac

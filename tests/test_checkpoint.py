@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 from dist import run_distributed
-from jobs import crash_during_save_job, train_job
+from jobs import crash_during_save_job, tiny_cfg, train_job
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
@@ -60,12 +60,15 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path):
 def test_metrics_jsonl_records(tmp_path):
     run = str(tmp_path / "run")
     run_distributed(train_job, 1, {"train_iters": 3, "save": run})
-    lines = [json.loads(x) for x in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+    every = [json.loads(x) for x in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+    assert every[0]["event"] == "start" and every[0]["iteration"] == 0 and every[0]["objective"] == "mdm"
+    lines = every[1:]
     assert [r["iteration"] for r in lines] == [1, 2, 3]
     for r in lines:
-        for key in ("consumed_samples", "loss", "lr", "grad_norm", "tokens_per_sec", "mfu"):
+        for key in ("consumed_samples", "tokens", "loss", "lr", "grad_norm", "tokens_per_sec", "mfu", "time"):
             assert key in r
-    assert lines[-1]["consumed_samples"] == 3 * 8
+    assert lines[-1]["consumed_samples"] == 3 * 8 and lines[-1]["tokens"] == 3 * 8 * tiny_cfg().data.seq_length
+    assert [r["time"] for r in every] == sorted(r["time"] for r in every)
 
 
 def test_async_save_resumes_exactly(tmp_path):

@@ -120,7 +120,6 @@ def test_no_numeric_field_accepts_minus_one_or_nan(name):
     ("--global-batch-size", "0", "must be >= 1"),
     ("--seq-length", "1", "must be >= 2"),
     ("--num-workers", "-1", "must be >= 0"),
-    ("--shuffle-buffer", "256", "was removed"),
     ("--lr", "0", "must be > 0"),
     ("--lr", "nan", "finite"),
     ("--min-lr", "0.1", "larger than --lr"),
@@ -234,3 +233,68 @@ def test_pretrain_help_lists_megatron_flags():
                  "--global-batch-size", "--lr-decay-style", "--fp8-format", "--use-distributed-optimizer",
                  "--recompute-granularity", "--tensorboard-dir", "--objective", "--random-length-prob"):
         assert flag in r.stdout
+
+
+# ---- the flags built from the schema: switches, choices, defaults, Megatron-LM's names ---------------------
+
+
+def test_booleans_are_switches_with_a_no_form():
+    """``--bf16`` / ``--no-bf16`` (no ``--bf16 [BF16]`` taking a value); unset leaves YAML and defaults alone."""
+    help_text = _parser().format_help()
+    bools = [n for n, (sec, f) in FIELDS.items() if f.type in (bool, "bool")]
+    assert {"bf16", "verify_checkpoint", "load_optim", "mock_data"} <= set(bools)
+    for name in bools:
+        flag = "--" + name.replace("_", "-")
+        assert f"{flag}, --no-{flag[2:]}" in help_text, flag
+        assert f"{flag} [" not in help_text
+        assert getattr(_section(_parse([flag]), name), name) is True
+        assert getattr(_section(_parse([f"--no-{flag[2:]}"]), name), name) is False
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["--bf16", "true"])  # a switch takes no value
+    assert _parse([]).optim.bf16 is False and _parse([]).checkpoint.verify_checkpoint is True
+
+
+def _section(cfg, name):
+    return getattr(cfg, FIELDS[name][0])
+
+
+def test_choices_are_listed_and_each_default_appears_once():
+    help_text = " ".join(_parser().format_help().split())
+    assert "--objective {mdm,arm}" in help_text and "--lr-decay-style {constant,linear,cosine," in help_text
+    assert "--fp8-format {hybrid,e4m3}" in help_text
+    assert help_text.count("(default: None)") == 0
+    # a doc that says its default gets no second one
+    assert "Steps over which the learning rate decays (default: --train-iters)." in help_text
+    assert "(default: --train-iters). (default:" not in help_text
+    assert "Peak learning rate. (default: 0.0003)" in help_text
+    assert "--shuffle-buffer" not in help_text and "``" not in help_text
+
+
+def test_removed_flag_is_gone_but_old_saved_configs_still_read():
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["--shuffle-buffer", "256"])
+    assert Config.from_dict({"data": {"shuffle_buffer": None}}) == Config()  # a config.yaml saved before
+    with pytest.raises(ConfigError, match="^--shuffle-buffer: was removed"):
+        Config.from_dict({"data": {"shuffle_buffer": 256}})
+
+
+def test_megatron_names():
+    cfg = _parse(["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", "tok", "--mock-data",
+                  "--no-load-optim", "--no-load-rng"])
+    assert cfg.data.tokenizer == "tok" and cfg.data.mock_data
+    assert not cfg.checkpoint.load_optim and not cfg.checkpoint.load_rng
+    with pytest.raises(ConfigError, match="^--tokenizer-type: 'GPT2BPETokenizer' is not one of"):
+        _parse(["--tokenizer-type", "GPT2BPETokenizer"])
+    # --train-samples: iterations = ceil(samples / global batch)
+    assert num_train_iters(_parse(["--train-samples", "100", "--global-batch-size", "8"])) == 13
+    with pytest.raises(ConfigError, match="^--train-samples: give one of"):
+        _parse(["--train-iters", "5", "--train-samples", "100"]).validate()
+    # --lr-warmup-fraction: a fraction of the decay steps (Megatron-LM), not with --lr-warmup-iters
+    from megatron_mdm.config import lr_warmup_iters
+
+    assert lr_warmup_iters(_parse(["--lr-warmup-fraction", "0.1", "--lr-decay-iters", "250"]), 1000) == 25
+    assert lr_warmup_iters(_parse(["--lr-warmup-fraction", "0.1"]), 1000) == 100
+    with pytest.raises(ConfigError, match="^--lr-warmup-fraction: give"):
+        _parse(["--lr-warmup-fraction", "0.1", "--lr-warmup-iters", "5"]).validate()
+    with pytest.raises(ConfigError, match="^--mock-data: trains on random tokens"):
+        _parse(["--mock-data", "--data-path", "d"]).validate()

@@ -129,3 +129,58 @@ def test_mdm_plot_writes_a_png_for_a_real_run(dataset, tmp_path):
     assert main([str(run), "--label", "a", "--label", "b"]) == 2
 
 
+
+
+def _arm_then_mdm(tmp_path: Path) -> Path:
+    """An ARM run of 4 steps, an MDM finetuned from it for 6 steps and resumed at 4 (start records as the trainer
+    writes them)."""
+    arm, mdm = tmp_path / "arm", tmp_path / "mdm"
+    for d, objective in ((arm, "arm"), (mdm, "mdm")):
+        cfg = Config()
+        cfg.data.seq_length, cfg.optim.global_batch_size, cfg.objective.objective = 16, 2, objective
+        d.mkdir()
+        (d / "config.yaml").write_text(cfg.to_yaml())
+    _write_metrics(arm, [{"event": "start", "iteration": 0, "tokens": 0}]
+                   + [{"iteration": i, "val_loss": 6.0 - i / 4, "consumed_samples": 2 * i} for i in (0, 2, 4)]
+                   + [{"iteration": i, "loss": 6.5 - i / 4, "lr": 1e-3, "tokens_per_sec": 900.0 + i,
+                       "consumed_samples": 2 * i} for i in (2, 4)])
+    _write_metrics(mdm, [{"event": "start", "iteration": 0, "tokens": 0, "loaded_from": str(arm),
+                          "loaded_iteration": 4, "finetune": True}]
+                   + [{"iteration": i, "val_loss": 9.0 - i / 2, "consumed_samples": 2 * i} for i in (0, 2, 4)]
+                   + [{"event": "start", "iteration": 4, "tokens": 4 * 2 * 16, "loaded_from": str(mdm),
+                       "loaded_iteration": 4, "finetune": False}]
+                   + [{"iteration": i, "loss": 8.0 - i / 2, "lr": 1e-3, "tokens_per_sec": 1000.0 + i,
+                       "consumed_samples": 2 * i} for i in (2, 4, 6)]
+                   + [{"iteration": 6, "val_loss": 6.0, "consumed_samples": 12}])
+    return mdm
+
+
+def test_a_continued_run_is_drawn_after_the_run_it_continues(tmp_path):
+    run = load_run(_arm_then_mdm(tmp_path))
+    assert run.previous is not None and run.previous.path == tmp_path / "arm" and run.previous.objective == "arm"
+    assert run.resumes() == [4] and run.previous.resumes() == []
+    assert run.offset("iterations") == 4 and run.offset("tokens") == 4 * 2 * 16
+    assert load_run(tmp_path / "mdm", previous=False).previous is None
+
+
+def test_curves_figure_marks_resumes_and_keeps_every_line(tmp_path):
+    pytest.importorskip("matplotlib")
+    from megatron_mdm.sweep.curves import figure
+
+    run = load_run(_arm_then_mdm(tmp_path))
+    fig = figure([run], x="iterations", reference=5.5, title="quickstart")
+    assert fig._suptitle.get_text() == "quickstart"
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "mdm (mdm)" in legend and "arm (arm), continued by mdm" in legend
+    assert "mdm resumed at its iteration 4" in legend and "unigram entropy 5.500" in legend
+    loss, val, _lr, tps = fig.axes[:4]
+    dashed = [ln for ax in fig.axes[:4] for ln in ax.get_lines() if ln.get_linestyle() in ("--", ":")]
+    assert all(ln.get_label() in legend for ln in dashed)  # every dashed or dotted line is explained
+    arm_val, mdm_val = [ln for ln in val.get_lines() if ln.get_label() in ("arm (arm), continued by mdm", "mdm (mdm)")]
+    assert list(arm_val.get_xdata()) == [0, 2, 4] and list(mdm_val.get_xdata()) == [4, 6, 8, 10]  # after the ARM
+    assert [ln.get_xdata()[0] for ln in val.get_lines() if ln.get_label() == "mdm resumed at its iteration 4"] == [8]
+    lo, hi = val.get_ylim()
+    assert lo <= 5.0 and hi >= 9.0  # the untrained first point is not clipped
+    assert tps.get_ylim()[0] == 0
+    fig_tokens = figure([run], x="tokens")
+    assert fig_tokens.axes[0].xaxis.get_major_formatter().__class__.__name__ == "EngFormatter"

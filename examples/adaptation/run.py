@@ -207,7 +207,7 @@ def main(argv=None) -> int:
                          str(enc["hidden"]), "--num-attention-heads", str(enc["heads"]), "--ffn-hidden-size",
                          str(enc["ffn"]), "--max-position-embeddings", str(128 + pad + 1), "--num-tokentypes", "1",
                          "--position-padding-idx", str(pad), "--norm-epsilon", "1e-5",
-                         "--untie-embeddings-and-output-weights", "false"])
+                         "--no-untie-embeddings-and-output-weights"])
     labels = {
         "scratch_llama": "Llama-stack MDM from scratch",
         "from_arm": f"from the ARM ({args.arm_steps} AR steps)",

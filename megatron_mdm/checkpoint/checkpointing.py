@@ -329,8 +329,13 @@ def load_checkpoint(
     verify: bool = True,
     tokenizer: Optional[tuple[str, str]] = None,
     allow_tokenizer_change: bool = False,
+    load_optim: bool = True,
+    load_rng: bool = True,
 ) -> dict:
     """Load model (and unless ``finetune``, optimizer, scheduler, RNG and loader position).
+
+    ``load_optim=False`` (``--no-load-optim``) leaves the optimizer and scheduler as built (the caller
+    moves the schedule to the loaded iteration); ``load_rng=False`` (``--no-load-rng``) keeps the RNG states.
 
     Works across TP/PP layouts (the sharded tensors are resharded on load). The RNG states are
     restored only on the same layout; the loader state (global, in ``meta``) on any layout.
@@ -347,8 +352,9 @@ def load_checkpoint(
     check_tokenizer(path, meta, tokenizer, finetune, allow_tokenizer_change)
     same_layout = meta.get("layout") == _layout()
     want_state = not finetune
-    template = build_state_dict(model_chunks, optimizer if want_state else None, is_loading=True)
-    if want_state and same_layout:
+    load_optim = want_state and load_optim
+    template = build_state_dict(model_chunks, optimizer if load_optim else None, is_loading=True)
+    if want_state and load_rng and same_layout:
         template["rng_state"] = _per_rank_objects(None)["rng_state"]
     _check_shapes(path, template)
     try:
@@ -361,7 +367,7 @@ def load_checkpoint(
     n = len(model_chunks)
     for i, chunk in enumerate(model_chunks):
         _unwrap(chunk).load_state_dict(loaded[_model_key(i, n)], strict=True)
-    if want_state:
+    if load_optim:
         if optimizer is not None and "optimizer" in loaded:
             optimizer_state.keep_adam_step_on_load(optimizer)
             optimizer.load_state_dict(loaded["optimizer"])
@@ -370,6 +376,7 @@ def load_checkpoint(
             common = dist_checkpointing.load_common_state_dict(str(path))
             if "opt_param_scheduler" in common:
                 scheduler.load_state_dict(common["opt_param_scheduler"])
+    if want_state and load_rng:
         if "rng_state" in loaded:
             _set_rng_state(loaded["rng_state"])
         else:

@@ -4,7 +4,9 @@
 
     RUN/config.yaml                          the resolved config of the latest start (``CONFIG_FILE``)
     RUN/metrics.jsonl                        one JSON record per logged step / evaluation (``METRICS_FILE``)
-    RUN/tensorboard/                         TensorBoard event files (``TENSORBOARD_DIR``)
+    RUN/tensorboard/                         TensorBoard event files (``TENSORBOARD_DIR``): the series against
+                                             iterations; its by_tokens/ the same against tokens
+    RUN/wandb/                               Weights & Biases files and the run's id (``WANDB_DIR``), with --wandb-project
     RUN/latest_checkpointed_iteration.txt    the marker: the newest complete checkpoint (``TRACKER``)
     RUN/iter_0000040/                        one checkpoint (``iteration_dir``), with its own config.yaml
 
@@ -44,6 +46,9 @@ COMPLETE_FILE = "metadata.json"  # written last by dist_checkpointing.save
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
+TENSORBOARD_TOKENS_DIR = "by_tokens"
+WANDB_DIR = "wandb"
+WANDB_ID_FILE = "run_id.txt"
 _ITER = re.compile(r"^iter_(\d{7,})$")
 _AUX = re.compile(r"^iter_(\d{7,})(\.tmp-|\.old-)[0-9a-f]+$")
 
@@ -67,6 +72,20 @@ def metrics_file(root: str | os.PathLike) -> Path:
 
 def tensorboard_dir(root: str | os.PathLike) -> Path:
     return Path(root) / TENSORBOARD_DIR
+
+
+def tensorboard_tokens_dir(tb_dir: str | os.PathLike) -> Path:
+    """Where the series against tokens go, inside a TensorBoard directory (a run of its own: its steps are tokens)."""
+    return Path(tb_dir) / TENSORBOARD_TOKENS_DIR
+
+
+def wandb_dir(root: str | os.PathLike) -> Path:
+    return Path(root) / WANDB_DIR
+
+
+def wandb_id_file(root: str | os.PathLike) -> Path:
+    """The W&B run id of a run directory: a resume logs to the same W&B run."""
+    return wandb_dir(root) / WANDB_ID_FILE
 
 
 def latest_checkpoint_dir(load: str | os.PathLike) -> Optional[Path]:

@@ -21,11 +21,12 @@ import argparse
 import logging
 import sys
 
+from megatron_mdm.cli import ArgumentParser
 from megatron_mdm.errors import UserError, report
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mdm-convert", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="mdm-convert", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     to = sub.add_parser("to-hf", help="Megatron distributed checkpoint -> Hugging Face directory")
     to.add_argument("--load", required=True, help="run directory or iter_* directory")

@@ -7,11 +7,12 @@ import json
 import logging
 import sys
 
+from megatron_mdm.cli import ArgumentParser
 from megatron_mdm.errors import UserError, report
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mdm-data", description=__doc__)
+    p = ArgumentParser(prog="mdm-data", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     q = sub.add_parser("prepare", help="tokenize, pack and shard text (run under mpirun for several nodes)")
     q.add_argument("--input", nargs="+", required=True, help="files, globs or directories "

@@ -16,8 +16,7 @@ import argparse
 import json
 from typing import Any
 
-import torch
-
+from megatron_mdm.cli import ArgumentParser
 from megatron_mdm.errors import UserError, report
 
 
@@ -38,7 +37,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mdm-eval", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = ArgumentParser(prog="mdm-eval", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     e = sub.add_parser("elbo", help="ELBO / perplexity bound on held-out text")
     _common(e)
@@ -150,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> None:
+    import torch
+
     from megatron_mdm.evaluation.loading import load_logits_fn, resolve_model_dir
 
     resolve_model_dir(args.model, args.allow_download)  # a missing directory fails before anything loads

@@ -14,16 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 
-import torch
-
-from megatron_mdm.decoding.loop import decode
+from megatron_mdm.cli import ArgumentParser
 from megatron_mdm.decoding.settings import DecodingConfig
 from megatron_mdm.decoding.settings import add_arguments as add_decoding_arguments
 from megatron_mdm.errors import UserError, report
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mdm-generate", description=__doc__)
+    p = ArgumentParser(prog="mdm-generate", description=__doc__)
     p.add_argument("--model", required=True, help="Hugging Face directory (mdm-convert to-hf output)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow a model directory that is not our own export to run the Python code it ships "
@@ -42,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import torch
+
+    from megatron_mdm.decoding.loop import decode
     from megatron_mdm.evaluation.loading import load_logits_fn
 
     try:  # inconsistent decoding flags: before the model loads

@@ -15,12 +15,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from megatron_mdm.cli import ArgumentParser
 from megatron_mdm.errors import UserError, report
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mdm-plot", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = ArgumentParser(prog="mdm-plot", description=__doc__)
     p.add_argument("runs", nargs="+", metavar="RUN", help="run directories (with metrics.jsonl)")
     p.add_argument("--output", "-o", default=None,
                    help="PNG to write (default: RUN/curves.png for one run, curves.png for several)")

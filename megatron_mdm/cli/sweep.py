@@ -21,6 +21,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from megatron_mdm.cli import ArgumentParser
 from megatron_mdm.errors import UserError, report
 
 
@@ -29,8 +30,7 @@ def _csv_list(s: str) -> list[str]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mdm-sweep", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = ArgumentParser(prog="mdm-sweep", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser("plan", help="the runs of each IsoFLOP budget, as a YAML/JSON plan")

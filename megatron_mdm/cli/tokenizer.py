@@ -7,13 +7,14 @@ import json
 import logging
 import sys
 
+from megatron_mdm.cli import ArgumentParser
 from megatron_mdm.errors import UserError, report
 
 SAMPLE = "Masked diffusion models unmask tokens in any order."
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mdm-tokenizer", description=__doc__)
+    p = ArgumentParser(prog="mdm-tokenizer", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train a byte-level BPE tokenizer with <|mask|>, <|pad|>, <|bos|>, <|eos|>")
     t.add_argument("--input", nargs="+", required=True, help="files, globs or directories (jsonl[.zst], parquet, txt)")

@@ -9,14 +9,23 @@
 * ``loop``: ``generate`` / ``decode``, the iteration over blocks and steps.
 """
 
-from megatron_mdm.decoding.cache import MODES as CACHE_MODES
-from megatron_mdm.decoding.cache import KVCache
-from megatron_mdm.decoding.logits import LogitsFn, ModelForward, apply_cfg, clip_logits, model_logits, run_model
-from megatron_mdm.decoding.loop import GenerationOutput, decode, generate
-from megatron_mdm.decoding.settings import DecodingConfig
-from megatron_mdm.decoding.unmasking import REMASKING, num_transfer_tokens
+import importlib
 
-__all__ = [
-    "CACHE_MODES", "KVCache", "LogitsFn", "ModelForward", "apply_cfg", "clip_logits", "model_logits", "run_model",
-    "DecodingConfig", "GenerationOutput", "decode", "generate", "REMASKING", "num_transfer_tokens",
-]
+_EXPORTS = {
+    "CACHE_MODES": ("settings", "MODES"), "KVCache": ("cache", "KVCache"), "LogitsFn": ("logits", "LogitsFn"),
+    "ModelForward": ("logits", "ModelForward"), "apply_cfg": ("logits", "apply_cfg"),
+    "clip_logits": ("logits", "clip_logits"), "model_logits": ("logits", "model_logits"),
+    "run_model": ("logits", "run_model"), "DecodingConfig": ("settings", "DecodingConfig"),
+    "GenerationOutput": ("loop", "GenerationOutput"), "decode": ("loop", "decode"), "generate": ("loop", "generate"),
+    "REMASKING": ("settings", "REMASKING"), "num_transfer_tokens": ("unmasking", "num_transfer_tokens"),
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    """The exports, imported on first use: ``decoding.settings`` (what command lines build flags from) stays
+    free of torch."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module, attr = _EXPORTS[name]
+    return getattr(importlib.import_module(f"{__name__}.{module}"), attr)

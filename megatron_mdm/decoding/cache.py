@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-MODES = ("none", "prefix", "dual")
+from megatron_mdm.decoding.settings import MODES  # noqa: E402,F401 - the names live with the settings
 
 
 class KVCache:

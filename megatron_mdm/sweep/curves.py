@@ -41,6 +41,9 @@ class RunCurves:
         non_embedding_params: N of C = 6·N·D (None without config.yaml).
         train: training records sorted by iteration (deduplicated).
         val: evaluation records sorted by iteration (deduplicated).
+        starts: the start records (``"event": "start"``) in file order: where the run began and resumed.
+        previous: the run this one continues (a ``--load X --finetune`` start whose X has metrics), drawn
+            before it; None otherwise.
     """
 
     path: Path
@@ -51,6 +54,25 @@ class RunCurves:
     non_embedding_params: int | None = None
     train: list[dict] = field(default_factory=list)
     val: list[dict] = field(default_factory=list)
+    starts: list[dict] = field(default_factory=list)
+    previous: RunCurves | None = None
+
+    def resumes(self) -> list[int]:
+        """Iterations this run was resumed at (a start past iteration 0 that is not a finetuning start)."""
+        return sorted({int(r["iteration"]) for r in self.starts if r["iteration"] > 0 and not r.get("finetune")})
+
+    def offset(self, axis: str) -> float:
+        """Where this run's x = 0 sits when drawn after the run it continues (0 without one)."""
+        prev = self.previous
+        if prev is None:
+            return 0.0
+        start = next((r for r in self.starts if r["iteration"] == 0 and r.get("finetune")), {})
+        end = start.get("loaded_iteration")
+        recs = [r for r in prev.train + prev.val if end is None or r["iteration"] <= end]
+        if not recs:
+            return 0.0
+        last = max(recs, key=lambda r: r["iteration"])
+        return float(prev.x([last], axis)[0] + prev.offset(axis))
 
     def final_val_loss(self) -> float | None:
         return self.val[-1]["val_loss"] if self.val else None
@@ -80,9 +102,10 @@ class RunCurves:
         return 6.0 * self.non_embedding_params * tokens
 
 
-def read_metrics(path: str | Path) -> tuple[list[dict], list[dict]]:
+def read_metrics(path: str | Path, starts: list | None = None) -> tuple[list[dict], list[dict]]:
     """(training records, evaluation records) of ``path/metrics.jsonl``, each sorted by iteration with
-    one record per iteration (the last written wins). Unparseable lines (a crash mid-write) are skipped."""
+    one record per iteration (the last written wins). Unparseable lines (a crash mid-write) are skipped; start
+    records are appended to ``starts`` when it is given."""
     f = layout.metrics_file(path)
     if not f.is_file():
         raise RunError(f"{f}: no such file (is {path} a run directory written with --save?)")
@@ -97,18 +120,26 @@ def read_metrics(path: str | Path) -> tuple[list[dict], list[dict]]:
             continue
         if not isinstance(rec, dict) or "iteration" not in rec:
             continue
-        if "val_loss" in rec:
+        if rec.get("event") == "start":
+            if starts is not None:
+                starts.append(rec)
+        elif "val_loss" in rec:
             val[int(rec["iteration"])] = rec
         elif "loss" in rec:
             train[int(rec["iteration"])] = rec
     return [train[k] for k in sorted(train)], [val[k] for k in sorted(val)]
 
 
-def load_run(path: str | Path, label: str | None = None) -> RunCurves:
-    """Read a run directory's metrics and, when present, its config.yaml (objective, length, N)."""
+def load_run(path: str | Path, label: str | None = None, previous: bool = True) -> RunCurves:
+    """Read a run directory's metrics and, when present, its config.yaml (objective, length, N).
+
+    With ``previous``, a run that started as ``--load X --finetune`` (its start record says so) gets the run
+    in X as ``previous`` when X has metrics (e.g. the quickstart's ARM warm start), recursively.
+    """
     path = Path(path)
-    train, val = read_metrics(path)
-    run = RunCurves(path=path, label=label or path.resolve().name, train=train, val=val)
+    starts: list[dict] = []
+    train, val = read_metrics(path, starts)
+    run = RunCurves(path=path, label=label or path.resolve().name, train=train, val=val, starts=starts)
     cfg_file = layout.config_file(path)
     if cfg_file.is_file():
         from megatron_mdm.config import Config
@@ -118,6 +149,12 @@ def load_run(path: str | Path, label: str | None = None) -> RunCurves:
         run.seq_length = cfg.data.seq_length
         run.global_batch_size = cfg.optim.global_batch_size
         run.non_embedding_params = non_embedding_params(cfg.model)
+    first = next((r for r in starts if r["iteration"] == 0 and r.get("finetune") and r.get("loaded_from")), None)
+    if previous and first is not None:
+        src = Path(first["loaded_from"])
+        src = src if src.is_absolute() or src.exists() else path / src
+        if layout.metrics_file(src).is_file() and src.resolve() != path.resolve():
+            run.previous = load_run(src, src.resolve().name)
     return run
 
 
@@ -180,42 +217,9 @@ def _pyplot():
 def plot_runs(runs: list[RunCurves], output: str | Path, x: str = "iterations", log_x: bool = False,
               reference: float | None = None, reference_label: str = "unigram entropy",
               title: str | None = None) -> Path:
-    """One PNG with four panels: training loss, validation loss (ELBO for MDM runs), learning rate and
-    throughput (tokens/s), every run as one line per panel. ``reference`` draws a horizontal line on
-    the loss panels (e.g. the unigram entropy of the validation data)."""
-    if x not in X_AXES:
-        raise ValueError(f"unknown x axis {x!r}; choose from {', '.join(X_AXES)}")
+    """Draw :func:`figure` into the PNG ``output``; returns its path."""
     plt = _pyplot()
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
-    xlabel = {"iterations": "iteration", "tokens": "tokens", "flops": "FLOPs (6·N·D)"}[x]
-    objectives = {r.objective for r in runs}
-    val_name = "validation ELBO (nats/token)" if objectives == {"mdm"} else \
-        "validation loss (nats/token; ELBO for MDM)"
-    panels = [(axes[0, 0], "train", "loss", "training loss"), (axes[0, 1], "val", "val_loss", val_name),
-              (axes[1, 0], "train", "lr", "learning rate"), (axes[1, 1], "train", "tokens_per_sec", "tokens/s")]
-    for i, run in enumerate(runs):
-        color = f"C{i % 10}"
-        for ax, which, key, _ in panels:
-            recs = [r for r in getattr(run, which) if _finite(r.get(key))]
-            if not recs:
-                continue
-            xs = run.x(recs, x)
-            ys = [r[key] for r in recs]
-            ax.plot(xs, ys, color=color, marker="o" if which == "val" else None, markersize=3,
-                    label=run.label + (f" ({run.objective})" if run.objective else ""))
-    for ax, _which, key, ylabel in panels:
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        if log_x:
-            ax.set_xscale("log")
-        if reference is not None and key in ("loss", "val_loss"):
-            ax.axhline(reference, color="k", linestyle="--", linewidth=1, label=f"{reference_label} {reference:.3f}")
-    for ax, *_ in panels[:2]:
-        _clip_initial_spike(ax)
-    axes[0, 1].legend(fontsize=8)
-    fig.suptitle(title or ", ".join(r.label for r in runs)[:120])
-    fig.tight_layout()
+    fig = figure(runs, x, log_x, reference, reference_label, title)
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=90)
@@ -223,16 +227,89 @@ def plot_runs(runs: list[RunCurves], output: str | Path, x: str = "iterations", 
     return out
 
 
+def figure(runs: list[RunCurves], x: str = "iterations", log_x: bool = False, reference: float | None = None,
+           reference_label: str = "unigram entropy", title: str | None = None):
+    """One PNG with four panels: training loss, validation loss (ELBO for MDM runs), learning rate and
+    throughput (tokens/s), every run as one line per panel. A run that continues another (``previous``) is
+    drawn after it, the earlier run dashed in the same colour; a resume is a dotted vertical line.
+    ``reference`` draws a horizontal line on the loss panels (e.g. the unigram entropy of the validation data).
+    Every line is in the legend below the panels."""
+    if x not in X_AXES:
+        raise ValueError(f"unknown x axis {x!r}; choose from {', '.join(X_AXES)}")
+    plt = _pyplot()
+    from matplotlib.ticker import EngFormatter, MaxNLocator
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    xlabel = {"iterations": "iteration", "tokens": "tokens", "flops": "FLOPs (6·N·D)"}[x]
+    objectives = {r.objective for run in runs for r in _chain(run)}
+    val_name = "validation ELBO (nats/token)" if objectives == {"mdm"} else \
+        "validation loss (nats/token; ELBO for MDM)"
+    panels = [(axes[0, 0], "train", "loss", "training loss (nats/token)"), (axes[0, 1], "val", "val_loss", val_name),
+              (axes[1, 0], "train", "lr", "learning rate"), (axes[1, 1], "train", "tokens_per_sec", "tokens/s")]
+    for i, run in enumerate(runs):
+        color = f"C{i % 10}"
+        chain = _chain(run)
+        for part in chain:
+            last = part is run
+            offset = part.offset(x)
+            name = part.label + (f" ({part.objective})" if part.objective else "")
+            for ax, which, key, _ in panels:
+                recs = [r for r in getattr(part, which) if _finite(r.get(key))]
+                if not recs:
+                    continue
+                ax.plot(part.x(recs, x) + offset, [r[key] for r in recs], color=color,
+                        linestyle="-" if last else "--", marker="o" if which == "val" or len(recs) == 1 else None,
+                        markersize=3,
+                        label=name if last or len(chain) == 1 else f"{name}, continued by {run.label}")
+            for it in part.resumes():
+                at = _x_at(part, it, x) + offset
+                for ax, *_ in panels:
+                    ax.axvline(at, color=color, linestyle=":", linewidth=1,
+                               label=f"{part.label} resumed at its iteration {it}")
+    for ax, _which, key, ylabel in panels:
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if log_x:
+            ax.set_xscale("log")
+        elif x == "iterations":
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if x != "iterations":
+            ax.xaxis.set_major_formatter(EngFormatter())
+        if reference is not None and key in ("loss", "val_loss"):
+            ax.axhline(reference, color="k", linestyle="--", linewidth=1, label=f"{reference_label} {reference:.3f}")
+    axes[1, 1].set_ylim(bottom=0)  # throughput from 0: a small change is not a big drop
+    axes[1, 1].yaxis.set_major_formatter(EngFormatter())
+    handles: dict[str, object] = {}
+    for ax, *_ in panels:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    fig.suptitle(title or ", ".join(r.label for r in runs)[:120])
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=2, fontsize=8, frameon=False)
+    rows = (len(handles) + 1) // 2
+    fig.tight_layout(rect=(0, min(0.3, 0.03 * rows + 0.02), 1, 1))
+    return fig
+
+
+def _chain(run: RunCurves) -> list[RunCurves]:
+    """The runs ``run`` continues, oldest first, then ``run``."""
+    chain = [run]
+    while chain[0].previous is not None and len(chain) < 20:
+        chain.insert(0, chain[0].previous)
+    return chain
+
+
+def _x_at(run: RunCurves, iteration: int, axis: str) -> float:
+    """The x of ``iteration`` on ``axis`` (from its start record's tokens, else the nearest record)."""
+    if axis == "iterations":
+        return float(iteration)
+    start = next((r for r in run.starts if r["iteration"] == iteration and r.get("tokens") is not None), None)
+    if start is not None:
+        tokens = float(start["tokens"])
+        return tokens if axis == "tokens" else 6.0 * (run.non_embedding_params or 0) * tokens
+    recs = [r for r in run.train + run.val if r["iteration"] == iteration] or [{"iteration": iteration}]
+    return float(run.x(recs[:1], axis)[0])
+
+
 def _finite(v) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v)
-
-
-def _clip_initial_spike(ax) -> None:
-    """Keep the interesting range visible: the untrained loss (iteration 0, ~ln V) would squash the rest."""
-    ys = np.concatenate([np.asarray(line.get_ydata(), dtype=float) for line in ax.get_lines()
-                         if len(line.get_ydata()) > 1] or [np.zeros(0)])
-    if ys.size < 3:
-        return
-    lo, hi = float(np.nanmin(ys)), float(np.nanpercentile(ys, 95))
-    if hi > lo:
-        ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.15 * (hi - lo))

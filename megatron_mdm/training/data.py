@@ -4,6 +4,7 @@
 saved: the vocabulary size (the tokenizer's) and the random-length rule (off for instruction data).
 ``build_data`` then builds the loaders without changing the config.
 
+``resolve_config`` imports no Megatron (the launcher, ``mdm-pretrain``, runs it before any worker starts).
 Kept apart from ``training`` so that the loop only sees iterables with ``state_dict`` /
 ``load_state_dict``. Every tensor- and pipeline-parallel rank of one data-parallel replica builds
 the same loader (same DP rank) and so reads identical batches, without a broadcast.
@@ -18,8 +19,6 @@ from __future__ import annotations
 import glob
 import logging
 from pathlib import Path
-
-from megatron.core import parallel_state as ps
 
 from megatron_mdm.config import Config, ConfigError, parse_data_path
 from megatron_mdm.objective import PRETRAIN_RANDOM_LENGTH_PROB
@@ -122,11 +121,24 @@ def build_data(cfg: Config, train_loader=None, valid_loader=None, tokenizer: MDM
 
     ``tokenizer`` is the one ``resolve_config`` returned; without it the config is resolved here first.
     """
+    from megatron.core import parallel_state as ps
+
     from megatron_mdm.data.loader import build_pretrain_loader, build_valid_loader, resolve_valid_path
 
     tok = tokenizer if tokenizer is not None else resolve_config(cfg, train_loader)
     d, mbs = cfg.data, cfg.optim.micro_batch_size
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    if train_loader is None and d.mock_data:
+        from megatron_mdm.data.mock import VALID_STREAM, MockLoader
+
+        def mock(gbs: int, stream: int) -> MockLoader:
+            return MockLoader(tok.vocab_size, d.seq_length, gbs, mbs, dp_rank, dp_size, cfg.logging.seed,
+                              tok.mask_id, stream)
+
+        train_loader = mock(cfg.optim.global_batch_size, 0)
+        if valid_loader is None and cfg.logging.eval_interval:
+            valid_loader = mock(mbs * dp_size, VALID_STREAM)
+        log.info("--mock-data: training on random tokens (no dataset read)")
     if train_loader is None:
         if d.sft_data:
             from megatron_mdm.data.sft import build_sft_loader

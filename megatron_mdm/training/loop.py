@@ -42,7 +42,7 @@ from megatron.core.utils import get_batch_on_this_cp_rank
 
 from megatron_mdm import runtime
 from megatron_mdm.checkpoint import checkpointing, layout
-from megatron_mdm.config import Config, ConfigError, num_train_iters
+from megatron_mdm.config import Config, ConfigError, lr_warmup_iters, num_train_iters
 from megatron_mdm.models.build import build_model
 from megatron_mdm.models.flops import flops_per_sequence
 from megatron_mdm.models.output_head import forward_at_loss_positions
@@ -101,14 +101,15 @@ def build_optimizer(cfg: Config, model: list):
 def build_scheduler(cfg: Config, optimizer, train_iters: int) -> OptimizerParamScheduler:
     opt = cfg.optim
     decay = opt.lr_decay_iters or train_iters
+    warmup = lr_warmup_iters(cfg, train_iters)
     wsd = opt.lr_wsd_decay_iters or max(1, decay // 10)
     return OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,
         max_lr=opt.lr,
         min_lr=opt.min_lr,
-        lr_warmup_steps=opt.lr_warmup_iters,
-        lr_decay_steps=max(decay, opt.lr_warmup_iters + 1),
+        lr_warmup_steps=warmup,
+        lr_decay_steps=max(decay, warmup + 1),
         lr_decay_style=opt.lr_decay_style,
         start_wd=opt.weight_decay,
         end_wd=opt.weight_decay,
@@ -327,8 +328,13 @@ class Trainer:
             from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
             self.async_queue = AsyncCallsQueue()
-        self.writer = MetricsWriter(cfg.checkpoint.save, cfg.logging.tensorboard_dir,
-                                    enabled=self.rank == 0)
+        lg = cfg.logging
+        wandb = None if lg.wandb_project is None else {
+            "project": lg.wandb_project, "name": lg.wandb_exp_name, "entity": lg.wandb_entity,
+            "dir": lg.wandb_save_dir, "config": cfg.to_dict()}
+        self.writer = MetricsWriter(cfg.checkpoint.save, lg.tensorboard_dir, enabled=self.rank == 0,
+                                    objective=cfg.objective.objective, wandb=wandb)
+        self._loaded: dict[str, Any] = {}  # what this run was loaded from, for its start record
         tokens_per_step = cfg.optim.global_batch_size * cfg.data.seq_length
         flops = flops_per_sequence(cfg, vocab_size, self.objective.causal) * cfg.optim.global_batch_size
         self.throughput = Throughput(tokens_per_step, flops, self.world_size,
@@ -346,7 +352,10 @@ class Trainer:
         meta = checkpointing.load_checkpoint(ck.load, self.model, self.optimizer, self.scheduler,
                                              iteration=ck.ckpt_iteration, finetune=ck.finetune,
                                              verify=ck.verify_checkpoint, tokenizer=self._tokenizer_id(),
-                                             allow_tokenizer_change=ck.allow_tokenizer_change)
+                                             allow_tokenizer_change=ck.allow_tokenizer_change,
+                                             load_optim=ck.load_optim, load_rng=ck.load_rng)
+        self._loaded = {"loaded_from": str(ck.load), "loaded_iteration": int(meta.get("iteration", 0)),
+                        "finetune": bool(ck.finetune)}
         if ck.finetune:
             log.info("finetuning from %s: weights loaded, iteration reset to 0", meta["path"])
             return
@@ -355,6 +364,10 @@ class Trainer:
             consumed_samples=int(meta.get("consumed_samples", 0)),
             skipped_steps=int(meta.get("skipped_steps", 0)),
         )
+        if not ck.load_optim:  # a fresh optimizer; the learning-rate schedule continues where it was
+            self.scheduler.step(increment=self.state.iteration)
+            log.info("--no-load-optim: optimizer state not loaded; learning-rate schedule at iteration %d",
+                     self.state.iteration)
         # the data position is the consumed samples: the order is a function of (seed, consumed samples),
         # so it continues on any layout; the loader refuses a state whose order differs (seed, data, ...)
         data_state = meta.get("data_state")
@@ -459,7 +472,8 @@ class Trainer:
         self._train_iter = iter(self.train_loader)
         stop = _StopSignal()
         start_iter = self.state.iteration
-        self.writer.start(start_iter)  # drops the records of the steps this run redoes
+        self.writer.start(start_iter, tokens=self._tokens(), info=self._loaded,
+                          config_text=self.cfg.to_yaml())  # drops the records of the steps this run redoes
         t_start = time.perf_counter()
         interval_losses: list[float] = []
         self._interval_completion: list[float] = []
@@ -509,6 +523,10 @@ class Trainer:
         result["skipped_steps"] = self.state.skipped_steps
         return result
 
+    def _tokens(self) -> int:
+        """Tokens consumed so far (consumed samples x sequence length)."""
+        return self.state.consumed_samples * self.cfg.data.seq_length
+
     def _validate(self, result: dict) -> None:
         val = self.evaluate()
         if val is None:
@@ -516,7 +534,7 @@ class Trainer:
         it = self.state.iteration
         val["iteration"] = it
         result["val"].append(val)
-        self.writer.write(dict(val, consumed_samples=self.state.consumed_samples))
+        self.writer.write(dict(val, consumed_samples=self.state.consumed_samples, tokens=self._tokens()))
         if self.rank == 0:
             what = "validation ELBO" if self.cfg.objective.objective == "mdm" else "validation loss"
             log.info("iter %7d | %s %.4f nats/token | ppl%s %.2f", it, what, val["val_loss"],
@@ -530,6 +548,7 @@ class Trainer:
         record = {
             "iteration": it,
             "consumed_samples": self.state.consumed_samples,
+            "tokens": self._tokens(),
             "loss": sum(finite) / len(finite) if finite else float("nan"),
             "lr": self.scheduler.get_lr(self.optimizer.param_groups[0]),
             "grad_norm": out["grad_norm"],
@@ -560,9 +579,10 @@ def pretrain(cfg: Config, train_loader=None, valid_loader=None) -> dict:
     """
     from megatron_mdm.training.data import build_data, resolve_config  # noqa: PLC0415 - imports the data stack
 
-    tokenizer = resolve_config(cfg, train_loader)
     world = (torch.distributed.get_world_size() if torch.distributed.is_initialized()
              else runtime.detect_launch_env().world_size)
+    cfg.validate(world_size=world)  # the flags alone first: a bad layout is named before files are read
+    tokenizer = resolve_config(cfg, train_loader)
     cfg.validate(world_size=world)  # before Megatron sees the layout: errors name our flags
     num_train_iters(cfg)
     launch = runtime.init_distributed(cfg.parallel, cfg.model.num_layers)
