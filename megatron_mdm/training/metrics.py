@@ -144,7 +144,7 @@ class MetricsWriter:
             self._tb.close()
 
 
-DROPPED_NAME = "metrics.dropped.jsonl"
+DROPPED_NAME = layout.DROPPED_METRICS_FILE
 
 
 def drop_redone_records(path: Path, iteration: int) -> int:
