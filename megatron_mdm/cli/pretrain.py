@@ -38,6 +38,12 @@ def main(argv=None, prog: str = "mdm-pretrain") -> int:
         cfg = from_args(args)
         cfg.validate()
         num_train_iters(cfg)
+        if cfg.checkpoint.save:  # a file, a read-only file system: before any worker starts
+            from megatron_mdm.checkpoint.lock import directory_problem
+
+            problem = directory_problem(cfg.checkpoint.save)
+            if problem is not None:
+                raise ConfigError(f"--save: {problem}")
         from megatron_mdm.runtime import detect_launch_env  # torch, not yet Megatron
 
         cfg.validate(world_size=detect_launch_env().world_size)

@@ -42,6 +42,7 @@ from megatron.core.utils import get_batch_on_this_cp_rank
 
 from megatron_mdm import runtime
 from megatron_mdm.checkpoint import checkpointing, layout
+from megatron_mdm.checkpoint import lock as save_lock
 from megatron_mdm.config import Config, ConfigError, num_train_iters
 from megatron_mdm.models.build import build_model
 from megatron_mdm.models.flops import flops_per_sequence
@@ -566,7 +567,9 @@ def pretrain(cfg: Config, train_loader=None, valid_loader=None) -> dict:
     cfg.validate(world_size=world)  # before Megatron sees the layout: errors name our flags
     num_train_iters(cfg)
     launch = runtime.init_distributed(cfg.parallel, cfg.model.num_layers)
+    held = None
     try:
+        held = save_lock.acquire_collective(cfg.checkpoint.save)  # before anything is written into --save
         tokenizer, train_loader, valid_loader = build_data(cfg, train_loader, valid_loader, tokenizer)
         if launch.rank == 0:
             log.info("resolved config:\n%s", cfg.to_yaml())
@@ -580,6 +583,8 @@ def pretrain(cfg: Config, train_loader=None, valid_loader=None) -> dict:
         result["history"] = trainer.history
         return result
     finally:
+        if held is not None:
+            held.release()
         destroy_num_microbatches_calculator()
         runtime.shutdown()
 
