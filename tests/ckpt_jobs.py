@@ -155,9 +155,18 @@ def tokenizer_job(rank: int, world: int, run: str, tok_a: str, tok_b: str) -> di
     return out
 
 
-def kill_job(rank: int, world: int, overrides: dict, kill: Optional[dict], log_path: str) -> dict:
+def descendants() -> list[int]:
+    """The pids of every process this one started (and they started), alive now."""
+    import psutil
+
+    return [p.pid for p in psutil.Process().children(recursive=True)]
+
+
+def kill_job(rank: int, world: int, overrides: dict, kill: Optional[dict], log_path: str,
+             children_path: Optional[str] = None) -> dict:
     """Train with ``overrides``, appending each step's loss and grad norm to ``log_path``; SIGKILL at ``kill``.
 
+    ``children_path``: where the pids of its live descendants are written just before the kill.
     ``kill``: ``{"after_step": k}`` (between steps), ``{"save_written": k}`` (inside the synchronous save
     of iteration k: every shard written, nothing committed), ``{"async_scheduled": k}`` (the
     asynchronous save of iteration k is writing, not finalised), ``{"swap": k}`` (a re-save of the
@@ -166,7 +175,12 @@ def kill_job(rank: int, world: int, overrides: dict, kill: Optional[dict], log_p
     from megatron_mdm.checkpoint import checkpointing, layout
 
     kill = kill or {}
-    die = lambda: os.kill(os.getpid(), signal.SIGKILL)  # noqa: E731
+
+    def die():
+        if children_path is not None:  # which processes of ours are alive when it dies
+            Path(children_path).write_text(json.dumps(descendants()))
+        os.kill(os.getpid(), signal.SIGKILL)
+
     cfg = tiny_cfg(**overrides)
     trainer = make_trainer(cfg)
     trainer.load()

@@ -42,7 +42,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_mdm import compat
-from megatron_mdm.checkpoint import integrity, layout
+from megatron_mdm.checkpoint import integrity, layout, writer_processes
 from megatron_mdm.checkpoint import optimizer as optimizer_state
 from megatron_mdm.checkpoint.layout import (  # noqa: F401 - re-exported: the public names of checkpoints
     TRACKER,
@@ -213,10 +213,12 @@ def save_checkpoint(
 
     try:
         if async_queue is None:
-            dist_checkpointing.save(sd, str(tmp), **_save_kwargs())
+            with writer_processes.tied_children():  # no writer process outlives this one
+                dist_checkpointing.save(sd, str(tmp), **_save_kwargs())
             finalize()
             return
-        request = dist_checkpointing.save(sd, str(tmp), async_sharded_save=True, **_save_kwargs())
+        with writer_processes.tied_children():
+            request = dist_checkpointing.save(sd, str(tmp), async_sharded_save=True, **_save_kwargs())
     except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
         raise failed(e) from None
     steps = list(request.finalize_fns)
@@ -230,7 +232,8 @@ def save_checkpoint(
             raise failed(e) from None
 
     request.finalize_fns[:] = [finalize_all]
-    async_queue.schedule_async_request(request)
+    with writer_processes.tied_children():  # the forked writer (and its own forks) die with this process
+        async_queue.schedule_async_request(request)
 
 
 def _commit_collective(root: Path, tmp: Path, iteration: int, keep_last: int, config_yaml: Optional[str],

@@ -57,6 +57,9 @@ def main(argv=None, prog: str = "mdm-pretrain") -> int:
     except UserError as e:  # the user can act on it: a path, a file, a flag
         _error(prog, f"{type(e).__name__}: {e}")
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before training started (once it runs, Ctrl-C saves and exits 0)
+        _error(prog, "interrupted before training started: nothing was trained or saved")
+        return 130
     except Exception as e:
         from megatron_mdm.training.loop import TrainingError
 

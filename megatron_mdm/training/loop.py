@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import signal
 import time
 from functools import partial
@@ -263,20 +264,43 @@ class TrainState:
 
 
 class _StopSignal:
-    """SIGTERM/SIGUSR1 (sent by schedulers before preemption): finish the step, save, exit 0."""
+    """A request to stop: finish the step, save, exit 0.
+
+    SIGTERM/SIGUSR1 (schedulers before preemption), SIGINT (Ctrl-C), SIGHUP (the terminal closed) and SIGQUIT
+    all stop gracefully. A second one aborts at once without saving (exit 128 + the signal; the previous
+    checkpoint stays in force): a second Ctrl-C, or torchrun's SIGTERM after a second Ctrl-C reached it. One
+    that arrives within ``DUPLICATE_S`` of the first is taken for the same request delivered twice (to the
+    process group and forwarded by a launcher) and ignored.
+    """
+
+    SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT", "SIGHUP", "SIGQUIT")
+    DUPLICATE_S = 1.0
 
     def __init__(self):
         self.received = False
+        self._first = 0.0
         self._previous = {}
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for name in self.SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is None:  # pragma: no cover - not on this platform
+                continue
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread
                 pass
 
     def _handle(self, signum, frame):
-        log.warning("received signal %d: saving after this step, then exiting", signum)
-        self.received = True
+        name, now = signal.Signals(signum).name, time.monotonic()
+        if self.received:
+            if now - self._first < self.DUPLICATE_S:
+                return  # the first request, delivered twice
+            log.error("received %s again: stopping at once without saving (the last checkpoint stays in force)",
+                      name)
+            logging.shutdown()
+            os._exit(128 + signum)
+        self.received, self._first = True, now
+        log.warning("received %s: saving after this step, then exiting (a second signal aborts without saving)",
+                    name)
 
     def any_rank(self) -> bool:
         flag = torch.tensor([1.0 if self.received else 0.0], device=runtime.device())
