@@ -44,14 +44,16 @@ def tiny_run_job(rank: int, world: int, root: str, tok_dir: Optional[str], itera
 
 
 def load_errors_job(rank: int, world: int, cases: list) -> list:
-    """Try to load each checkpoint directory (weights only) into a tiny model; the errors, or 'ok'."""
+    """Try to load each checkpoint directory (weights only) into a tiny model; the errors, or 'ok'. A case is a
+    path, or ``[path, True]`` to allow a checkpoint without its manifest (``--allow-unverified-checkpoint``)."""
     from megatron_mdm.checkpoint import checkpointing
 
     trainer = make_trainer(tiny_cfg())
     out = []
-    for path in cases:
+    for case in cases:
+        path, allow = (case, False) if isinstance(case, str) else case
         try:
-            checkpointing.load_checkpoint(path, trainer.model, finetune=True)
+            checkpointing.load_checkpoint(path, trainer.model, finetune=True, allow_unverified=allow)
             out.append("ok")
         except checkpointing.CheckpointError as e:
             out.append(str(e))
@@ -223,3 +225,33 @@ def kill_job(rank: int, world: int, overrides: dict, kill: Optional[dict], log_p
     result = trainer.train()
     return {"iteration": result["iteration"], "losses": result["losses"]}
 
+
+
+def resume_mistakes_job(rank: int, world: int, base: str) -> dict:
+    """Runs saved with and without the distributed optimizer, then resumes that cannot work: each outcome."""
+    from megatron.core.num_microbatches_calculator import destroy_num_microbatches_calculator
+
+    from megatron_mdm.errors import UserError
+
+    def trainer(**overrides):
+        destroy_num_microbatches_calculator()  # one job after another in this process
+        return make_trainer(tiny_cfg(**overrides))
+
+    for name, distributed in (("dist", True), ("plain", False)):
+        trainer(train_iters=2, save=f"{base}/{name}", use_distributed_optimizer=distributed).train()
+    cases = {
+        "dist_without_flag": dict(load=f"{base}/dist"),
+        "plain_with_flag": dict(load=f"{base}/plain", use_distributed_optimizer=True),
+        "dist_with_flag": dict(load=f"{base}/dist", use_distributed_optimizer=True),
+        "dist_finetuned_without_flag": dict(load=f"{base}/dist", finetune=True),
+        "train_iters_below": dict(load=f"{base}/plain", train_iters=1),
+        "train_tokens_below": dict(load=f"{base}/plain", train_iters=None, train_tokens=16 * 8),
+    }
+    out = {}
+    for case, overrides in cases.items():
+        try:
+            trainer(**overrides).load()
+            out[case] = "ok"
+        except UserError as e:
+            out[case] = f"{type(e).__name__}: {e}"
+    return out

@@ -322,6 +322,22 @@ def check_tokenizer(path: Path, meta: dict, tokenizer: Optional[tuple[str, str]]
                           f"or {fix} to finetune with a new one")
 
 
+def check_optimizer_kind(path: Path, meta: dict, distributed_optimizer: bool) -> None:
+    """Refuse to resume optimizer state saved by the other kind of optimizer (Megatron's distributed optimizer
+    and the plain one store their state differently: loading fails deep inside Megatron-core)."""
+    saved = ((meta.get("config") or {}).get("parallel") or {}).get("use_distributed_optimizer")
+    if saved is None or bool(saved) == distributed_optimizer:
+        return
+    if saved:
+        fix = "pass --use-distributed-optimizer to resume it"
+    else:
+        fix = "drop --use-distributed-optimizer to resume it"
+    raise CheckpointError(f"--use-distributed-optimizer: checkpoint {path} was saved "
+                          f"{'with' if saved else 'without'} the distributed optimizer, whose optimizer state "
+                          f"does not load into the {'plain' if saved else 'distributed'} one: {fix}, or pass "
+                          "--finetune to load only its weights (new optimizer state, iteration 0)")
+
+
 def load_checkpoint(
     root: str | os.PathLike,
     model_chunks,
@@ -332,22 +348,30 @@ def load_checkpoint(
     verify: bool = True,
     tokenizer: Optional[tuple[str, str]] = None,
     allow_tokenizer_change: bool = False,
+    allow_unverified: bool = False,
+    distributed_optimizer: Optional[bool] = None,
 ) -> dict:
     """Load model (and unless ``finetune``, optimizer, scheduler, RNG and loader position).
 
     Works across TP/PP layouts (the sharded tensors are resharded on load). The RNG states are
     restored only on the same layout; the loader state (global, in ``meta``) on any layout.
     First the files are checked against the checkpoint's checksums (spread over the ranks; only
-    sizes with ``verify=False``) and ``tokenizer`` (hash, directory) against the checkpoint's.
+    sizes with ``verify=False``; a checkpoint without them is refused unless ``allow_unverified`` or saved
+    before they existed) and ``tokenizer`` (hash, directory) against the checkpoint's; with
+    ``distributed_optimizer`` (this run's ``--use-distributed-optimizer``), a resume whose optimizer state was
+    saved by the other kind of optimizer is refused naming the flag.
 
     Returns:
         ``meta`` of the checkpoint, with ``data_state`` (the loader's global state; None with ``finetune``
         or for a checkpoint saved before the global data order, whose per-DP-rank state is not read).
     """
     path = resolve_checkpoint(root, iteration)
-    integrity.verify_collective(path, verify_hash=verify)
+    with integrity.settings_changed(allow_unverified=allow_unverified):
+        integrity.verify_collective(path, verify_hash=verify)
     meta = load_meta(path)
     check_tokenizer(path, meta, tokenizer, finetune, allow_tokenizer_change)
+    if not finetune and optimizer is not None and distributed_optimizer is not None:
+        check_optimizer_kind(path, meta, distributed_optimizer)
     same_layout = meta.get("layout") == _layout()
     want_state = not finetune
     template = build_state_dict(model_chunks, optimizer if want_state else None, is_loading=True)

@@ -371,7 +371,9 @@ class Trainer:
         meta = checkpointing.load_checkpoint(ck.load, self.model, self.optimizer, self.scheduler,
                                              iteration=ck.ckpt_iteration, finetune=ck.finetune,
                                              verify=ck.verify_checkpoint, tokenizer=self._tokenizer_id(),
-                                             allow_tokenizer_change=ck.allow_tokenizer_change)
+                                             allow_tokenizer_change=ck.allow_tokenizer_change,
+                                             allow_unverified=ck.allow_unverified_checkpoint,
+                                             distributed_optimizer=self.cfg.parallel.use_distributed_optimizer)
         if ck.finetune:
             log.info("finetuning from %s: weights loaded, iteration reset to 0", meta["path"])
             return
@@ -380,6 +382,11 @@ class Trainer:
             consumed_samples=int(meta.get("consumed_samples", 0)),
             skipped_steps=int(meta.get("skipped_steps", 0)),
         )
+        if self.state.iteration > self.train_iters:
+            flag = "--train-iters" if self.cfg.optim.train_iters else "--train-tokens"
+            raise ConfigError(f"{flag}: this run ends at iteration {self.train_iters}, before the iteration of "
+                              f"the checkpoint it resumes ({self.state.iteration}, {meta['path']}): raise {flag} "
+                              "to continue it, or pass --finetune to start a new run from its weights")
         # the data position is the consumed samples: the order is a function of (seed, consumed samples),
         # so it continues on any layout; the loader refuses a state whose order differs (seed, data, ...)
         data_state = meta.get("data_state")
