@@ -380,8 +380,8 @@ def save_error_reason(exc: BaseException, root: Optional[Path] = None) -> str:
         seen.append(e)
         code = e.errno if isinstance(e, OSError) else None
         if code is None:  # pickled across processes (the shard writers): only the text is left
-            m = re.search(r"\[Errno (\d+)\]", str(e))
-            code = int(m.group(1)) if m else None
+            m = re.search(r"\[Errno (\d+)\]|\(os error (\d+)\)", str(e))  # Python's, Rust's (safetensors)
+            code = int(m.group(1) or m.group(2)) if m else None
         if code in (errno.ENOSPC, errno.EDQUOT):
             return f"disk full ({os.strerror(code)})"
         failures = getattr(e, "failures", None)  # torch CheckpointException: {rank: (exc, trace)}

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from megatron_mdm.config import Config, ConfigError
 from megatron_mdm.hf.base import (
@@ -127,11 +128,22 @@ def _run_root(path: Path) -> Path:
     return path.parent if path.name.startswith("iter_") else path
 
 
-def _check_output(out: Path, run: Path, force: bool) -> None:
-    """Refuse to replace a non-empty directory that is not an export of the same run (unless ``force``)."""
-    if out.exists() and not out.is_dir():
+def _check_output(out: Path, ckpt: Path, run: Path, force: bool) -> None:
+    """Refuse an output that would replace what is being read or any training run, whatever the flags; refuse
+    a non-empty directory that is not an export of the same run unless ``force``."""
+    from megatron_mdm.checkpoint import layout
+
+    target, ckpt = out.resolve(), ckpt.resolve()
+    if target == ckpt or target in ckpt.parents or ckpt in target.parents:
+        where = "is" if target == ckpt else "contains" if target in ckpt.parents else "lies inside"
+        raise ConversionError(f"--output: {out} {where} the checkpoint being read ({ckpt}): the export would "
+                              f"replace it; choose a directory outside {run}")
+    if layout.owned_by_run(run, target) or layout.holds_run(target):
+        raise ConversionError(f"--output: {out} is part of a training run (checkpoints, marker, metrics): the "
+                              "export would replace it; choose another directory")
+    if target.exists() and not target.is_dir():
         raise ConversionError(f"--output: {out} exists and is not a directory")
-    if not out.is_dir() or not any(out.iterdir()) or force:
+    if not target.is_dir() or not any(target.iterdir()) or force:
         return
     try:
         previous = json.loads((out / EXPORT_MARKER).read_text()).get("run")
@@ -201,9 +213,14 @@ def export_to_hf(load_dir: str | os.PathLike, output_dir: str | os.PathLike, ite
         load_meta,
         resolve_checkpoint,
     )
+    from megatron_mdm.checkpoint.integrity import verify_files
 
+    out = Path(output_dir)
     try:
         path = resolve_checkpoint(load_dir, iteration)
+        run = _run_root(path)
+        _check_output(out, path, run, force)
+        verify_files(path)  # every file against its checksum before any is read (or unpickled)
         meta = load_meta(path)
     except CheckpointError as e:
         raise ConversionError(str(e)) from None
@@ -213,9 +230,6 @@ def export_to_hf(load_dir: str | os.PathLike, output_dir: str | os.PathLike, ite
         cfg = Config.from_dict(meta["config"], source=f"{path} meta")
     except ConfigError as e:
         raise ConversionError(f"{path}: not a megatron-mdm checkpoint of this version ({e})") from None
-    out = Path(output_dir)
-    run = _run_root(path)
-    _check_output(out, run, force)
     family = family_of(cfg)
     with _Stages("mdm-convert to-hf", 4, progress) as stage:
         stage("checking and reading the checkpoint")
@@ -224,7 +238,7 @@ def export_to_hf(load_dir: str | os.PathLike, output_dir: str | os.PathLike, ite
 
 def _export(path: Path, meta: dict, cfg: Config, family: Family, out: Path, run: Path, shard_size: int | str,
             stage: _Stages, progress: bool) -> Path:
-    tensors = read_checkpoint_tensors(path)
+    tensors = read_checkpoint_tensors(path, verify=False)  # verified before the meta was read
     tok = _load_tokenizer(path / "tokenizer")
     rows = tensors["embedding.word_embeddings.weight"].shape[0] if "embedding.word_embeddings.weight" in tensors else 0
     vocab_size = cfg.model.vocab_size or (tok.vocab_size if tok is not None else rows)
@@ -234,11 +248,11 @@ def _export(path: Path, meta: dict, cfg: Config, family: Family, out: Path, run:
     hf_sd = megatron_to_hf_state_dict(tensors, cfg, vocab_size, family)
     mdm = cfg.objective.objective == "mdm"
     special = _special_ids(tok)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
         dtype = hf_sd[family.param_map["embedding.word_embeddings.weight"]].dtype
         config = family.hf_config(cfg, vocab_size, dtype, mdm, special)
         config["transformers_version"] = _transformers_version()
@@ -262,6 +276,12 @@ def _export(path: Path, meta: dict, cfg: Config, family: Family, out: Path, run:
         marker = {"run": str(run), "iteration": meta.get("iteration"), "family": family.name}
         (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         _swap_in(tmp, out)
+    except (OSError, SafetensorError) as e:  # a full disk, a read-only file system: nothing replaced or left
+        shutil.rmtree(tmp, ignore_errors=True)
+        from megatron_mdm.checkpoint.integrity import save_error_reason
+
+        raise ConversionError(f"--output: could not write {out} ({save_error_reason(e, out.parent)}); "
+                              "nothing was replaced") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
