@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     args.progress = args.progress and sys.stderr.isatty()  # a log file gets the one-line result or error
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("megatron", "torch.distributed"):  # their INFO lines at import are not ours to show
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     from torch.distributed.checkpoint.api import CheckpointException
 
     from megatron_mdm.checkpoint.integrity import failure_line, verification
