@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -45,8 +46,6 @@ def runs(tmp_path_factory):
     """A training run (checkpoints at 2 and 4, metrics.jsonl, TensorBoard files), a copy of it as another run,
     and a tiny HF Llama."""
     from test_hf_convert import make_hf_llama
-
-    import shutil
 
     base = tmp_path_factory.mktemp("convert_safety")
     run_distributed(train_job, 1, {"train_iters": 4, "save_interval": 2, "save": str(base / "run"),
@@ -103,8 +102,6 @@ def test_to_hf_onto_a_full_disk_is_one_line(runs, tmp_path):
 
 def test_from_hf_never_rewinds_a_training_run(runs, tmp_path, capsys):
     run = tmp_path / "run"
-    import shutil
-
     shutil.copytree(runs / "run", run)
     before = _tree(run)
     for force in ([], ["--force"]):
@@ -129,8 +126,6 @@ def test_from_hf_into_a_non_empty_directory_needs_force(runs, tmp_path, capsys):
 
 def _damaged_llama(src: Path, dst: Path, edit) -> Path:
     """A copy of the HF model ``src`` whose weights (and config) ``edit(tensors, config)`` changes."""
-    import shutil
-
     from safetensors.torch import load_file, save_file
 
     shutil.copytree(src, dst)
@@ -171,8 +166,6 @@ def test_from_hf_refuses_weights_it_would_change_silently(runs, tmp_path, capsys
 
 
 def test_from_hf_invalid_config_json_is_one_line(runs, tmp_path, capsys):
-    import shutil
-
     hf = tmp_path / "hf"
     shutil.copytree(runs / "llama", hf)
     (hf / "config.json").write_text('{"model_type": "llama",\n "hidden_size": 64,,\n}')

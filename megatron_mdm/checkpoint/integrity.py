@@ -57,7 +57,8 @@ class _Settings:
     allow_flag: Optional[str] = ALLOW_UNVERIFIED_FLAG
 
 
-_settings: contextvars.ContextVar[_Settings] = contextvars.ContextVar("mdm_ckpt_verify", default=_Settings())
+_settings: contextvars.ContextVar[_Settings] = contextvars.ContextVar(
+    "mdm_ckpt_verify", default=_Settings())  # noqa: B039 - a frozen dataclass
 
 
 @contextlib.contextmanager
