@@ -350,7 +350,7 @@ def _check_import_output(out: Path, force: bool) -> None:
 
     if out.exists() and not out.is_dir():
         raise ConversionError(f"--output: {out} exists and is not a directory")
-    if not out.is_dir() or not any(out.iterdir()):
+    if not out.is_dir() or not any(p.name != layout.LOCK_FILE for p in out.iterdir()):  # empty, or a lock left
         return
     try:
         latest = layout.read_latest_iteration(out)
