@@ -271,6 +271,8 @@ class CheckpointConfig:
     load_rng: bool = True
     """On a resume, restore the random generators' states (same layout only); --no-load-rng keeps this
     run's seeding."""
+    allow_unverified_checkpoint: bool = False
+    """Load a checkpoint that lost its checksums.json (its files cannot be verified)."""
 
 
 @dataclass
@@ -549,7 +551,8 @@ def from_args(args: argparse.Namespace, presets: Optional[dict] = None) -> Confi
         set_field(cfg, k, v)
     explicit.update({k: "the command line" for k in overrides})
     if cfg.checkpoint.load:
-        saved = checkpoint_config(cfg.checkpoint.load, cfg.checkpoint.ckpt_iteration)
+        saved = checkpoint_config(cfg.checkpoint.load, cfg.checkpoint.ckpt_iteration, cfg.checkpoint.verify_checkpoint,
+                                  cfg.checkpoint.allow_unverified_checkpoint)
         if saved is not None:
             apply_checkpoint_architecture(cfg, saved.get("model", {}), explicit, cfg.checkpoint.load)
     return cfg
@@ -576,18 +579,24 @@ def _flat_keys(d: dict) -> list[str]:
     return keys
 
 
-def checkpoint_config(load: str | Path, iteration: Optional[int] = None) -> Optional[dict]:
+def checkpoint_config(load: str | Path, iteration: Optional[int] = None, verify: bool = True,
+                      allow_unverified: bool = False) -> Optional[dict]:
     """The config saved with a checkpoint (``config.yaml`` of its ``iter_*`` directory), or None when absent.
 
     ``load`` is a run directory (the marker file names the newest complete iteration) or an ``iter_*``
-    directory. A missing checkpoint returns None: the loader reports it later, naming ``--load``.
+    directory. A missing checkpoint returns None: the loader reports it later, naming ``--load``. The file is
+    checked against the checkpoint's checksums first (a damaged value would otherwise be reported as a
+    conflict with the user's flags): ``verify``/``allow_unverified`` are ``--[no-]verify-checkpoint`` and
+    ``--allow-unverified-checkpoint``.
     """
-    from megatron_mdm.checkpoint import layout  # noqa: PLC0415 - file names only (no torch)
+    from megatron_mdm.checkpoint import integrity, layout  # noqa: PLC0415 - file names and hashing (no torch)
 
     path = layout.latest_checkpoint_dir(load) if iteration is None else layout.iteration_dir(load, iteration)
     cfg_file = layout.config_file(path) if path is not None else None
     if cfg_file is None or not cfg_file.is_file():
         return None
+    with integrity.settings_changed(verify_hash=verify, allow_unverified=allow_unverified):
+        integrity.verify_entry(path, layout.CONFIG_FILE)
     try:
         data = yaml.safe_load(cfg_file.read_text()) or {}
     except yaml.YAMLError as e:

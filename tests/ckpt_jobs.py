@@ -44,14 +44,16 @@ def tiny_run_job(rank: int, world: int, root: str, tok_dir: Optional[str], itera
 
 
 def load_errors_job(rank: int, world: int, cases: list) -> list:
-    """Try to load each checkpoint directory (weights only) into a tiny model; the errors, or 'ok'."""
+    """Try to load each checkpoint directory (weights only) into a tiny model; the errors, or 'ok'. A case is a
+    path, or ``[path, True]`` to allow a checkpoint without its manifest (``--allow-unverified-checkpoint``)."""
     from megatron_mdm.checkpoint import checkpointing
 
     trainer = make_trainer(tiny_cfg())
     out = []
-    for path in cases:
+    for case in cases:
+        path, allow = (case, False) if isinstance(case, str) else case
         try:
-            checkpointing.load_checkpoint(path, trainer.model, finetune=True)
+            checkpointing.load_checkpoint(path, trainer.model, finetune=True, allow_unverified=allow)
             out.append("ok")
         except checkpointing.CheckpointError as e:
             out.append(str(e))
@@ -155,9 +157,18 @@ def tokenizer_job(rank: int, world: int, run: str, tok_a: str, tok_b: str) -> di
     return out
 
 
-def kill_job(rank: int, world: int, overrides: dict, kill: Optional[dict], log_path: str) -> dict:
+def descendants() -> list[int]:
+    """The pids of every process this one started (and they started), alive now."""
+    import psutil
+
+    return [p.pid for p in psutil.Process().children(recursive=True)]
+
+
+def kill_job(rank: int, world: int, overrides: dict, kill: Optional[dict], log_path: str,
+             children_path: Optional[str] = None) -> dict:
     """Train with ``overrides``, appending each step's loss and grad norm to ``log_path``; SIGKILL at ``kill``.
 
+    ``children_path``: where the pids of its live descendants are written just before the kill.
     ``kill``: ``{"after_step": k}`` (between steps), ``{"save_written": k}`` (inside the synchronous save
     of iteration k: every shard written, nothing committed), ``{"async_scheduled": k}`` (the
     asynchronous save of iteration k is writing, not finalised), ``{"swap": k}`` (a re-save of the
@@ -166,7 +177,12 @@ def kill_job(rank: int, world: int, overrides: dict, kill: Optional[dict], log_p
     from megatron_mdm.checkpoint import checkpointing, layout
 
     kill = kill or {}
-    die = lambda: os.kill(os.getpid(), signal.SIGKILL)  # noqa: E731
+
+    def die():
+        if children_path is not None:  # which processes of ours are alive when it dies
+            Path(children_path).write_text(json.dumps(descendants()))
+        os.kill(os.getpid(), signal.SIGKILL)
+
     cfg = tiny_cfg(**overrides)
     trainer = make_trainer(cfg)
     trainer.load()
@@ -209,3 +225,33 @@ def kill_job(rank: int, world: int, overrides: dict, kill: Optional[dict], log_p
     result = trainer.train()
     return {"iteration": result["iteration"], "losses": result["losses"]}
 
+
+
+def resume_mistakes_job(rank: int, world: int, base: str) -> dict:
+    """Runs saved with and without the distributed optimizer, then resumes that cannot work: each outcome."""
+    from megatron.core.num_microbatches_calculator import destroy_num_microbatches_calculator
+
+    from megatron_mdm.errors import UserError
+
+    def trainer(**overrides):
+        destroy_num_microbatches_calculator()  # one job after another in this process
+        return make_trainer(tiny_cfg(**overrides))
+
+    for name, distributed in (("dist", True), ("plain", False)):
+        trainer(train_iters=2, save=f"{base}/{name}", use_distributed_optimizer=distributed).train()
+    cases = {
+        "dist_without_flag": dict(load=f"{base}/dist"),
+        "plain_with_flag": dict(load=f"{base}/plain", use_distributed_optimizer=True),
+        "dist_with_flag": dict(load=f"{base}/dist", use_distributed_optimizer=True),
+        "dist_finetuned_without_flag": dict(load=f"{base}/dist", finetune=True),
+        "train_iters_below": dict(load=f"{base}/plain", train_iters=1),
+        "train_tokens_below": dict(load=f"{base}/plain", train_iters=None, train_tokens=16 * 8),
+    }
+    out = {}
+    for case, overrides in cases.items():
+        try:
+            trainer(**overrides).load()
+            out[case] = "ok"
+        except UserError as e:
+            out[case] = f"{type(e).__name__}: {e}"
+    return out

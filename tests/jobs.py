@@ -56,8 +56,9 @@ def make_trainer(cfg: Config, loader=None):
 
 
 def train_job(rank: int, world: int, overrides: dict, loader_kind: str = "synthetic",
-              stop_after: Optional[int] = None) -> dict:
-    """Train with ``overrides``; returns per-step losses and grad norms (and the final iteration)."""
+              stop_after: Optional[int] = None, stop_signal: str = "SIGTERM") -> dict:
+    """Train with ``overrides``; returns per-step losses and grad norms (and the final iteration).
+    ``stop_after``: rank 0 sends itself ``stop_signal`` after that many steps."""
     cfg = tiny_cfg(**overrides)
     loader = None
     if loader_kind == "memorise":  # the same 4 sequences every step
@@ -69,13 +70,13 @@ def train_job(rank: int, world: int, overrides: dict, loader_kind: str = "synthe
                                 cfg.optim.global_batch_size // cfg.optim.micro_batch_size // 2)
     trainer = make_trainer(cfg, loader)
     trainer.load()
-    if stop_after is not None:  # deliver SIGTERM to ourselves after this many steps
+    if stop_after is not None:  # deliver the signal to ourselves after this many steps
         original = trainer.train_step
 
         def step_then_signal():
             out = original()
             if trainer.state.iteration == stop_after and rank == 0:
-                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), getattr(signal, stop_signal))
             return out
 
         trainer.train_step = step_then_signal

@@ -40,6 +40,14 @@ def real_ckpt(path: Path, seed: int = 0) -> Path:
     return path
 
 
+def make_legacy(ck: Path) -> Path:
+    """A checkpoint as versions before checksums wrote it: no manifest, a config.yaml without
+    ``checkpoint.verify_checkpoint`` (which arrived with the checksums)."""
+    (ck / "checksums.json").unlink()
+    (ck / "config.yaml").write_text("model:\n  num_layers: 2\ncheckpoint:\n  save: run\n  keep_last: 2\n")
+    return ck
+
+
 # ---- checkpoint.layout ----------------------------------------------------------------------------------
 
 
@@ -94,6 +102,32 @@ def test_resolve_errors_name_the_complete_iterations(tmp_path):
         layout.resolve_checkpoint(tmp_path)
 
 
+@pytest.mark.parametrize("text", ["\u00b2", "\u0664", "4\u00b2", "\U0001d7d2", "\xff\xfe"])
+def test_marker_with_digits_int_does_not_read_is_one_line(tmp_path, text):
+    """Hostile case: str.isdigit() accepts '²' (int() fails with a traceback) and Arabic-Indic digits (int()
+    reads them); a marker holds ASCII digits only. Undecodable bytes too are one line naming the file."""
+    fake_ckpt(layout.iteration_dir(tmp_path, 4))
+    (tmp_path / layout.TRACKER).write_bytes(text.encode("latin-1") if text == "\xff\xfe" else text.encode())
+    with pytest.raises(CheckpointError) as e:
+        layout.read_latest_iteration(tmp_path)
+    assert str(e.value).startswith(f"{tmp_path / layout.TRACKER}: ") and "\n" not in str(e.value), e.value
+
+
+def test_owned_by_run_and_holds_run(tmp_path):
+    run = tmp_path / "run"
+    fake_ckpt(layout.iteration_dir(run, 2))
+    layout.write_tracker(run, 2)
+    for inside in ("", "iter_0000002", "iter_0000002/x", "tensorboard", "metrics.jsonl", layout.LOCK_FILE,
+                   "iter_0000009.tmp-ab"):
+        assert layout.owned_by_run(run, run / inside), inside
+    for outside in ("hf", "export/x"):
+        assert not layout.owned_by_run(run, run / outside), outside
+    assert not layout.owned_by_run(run, tmp_path)  # it contains the run: the callers check that themselves
+    (tmp_path / "link").symlink_to(run / "iter_0000002")
+    assert layout.owned_by_run(run, tmp_path / "link")
+    assert layout.holds_run(run) and not layout.holds_run(tmp_path) and not layout.holds_run(run / "nope")
+
+
 # ---- checkpoint.integrity ------------------------------------------------------------------------------
 
 
@@ -133,7 +167,7 @@ def test_damaged_file_is_named_with_the_previous_complete_iteration(tmp_path, ma
     real_ckpt(tmp_path / "iter_0000002", seed=1)
     ck = real_ckpt(tmp_path / "iter_0000004", seed=2)
     if not manifest:
-        (ck / "checksums.json").unlink()
+        make_legacy(ck)
     _damage(ck / name, how)
     if how == "flip" and not manifest:  # sizes are right: only a checksum can see this
         integrity.verify_files(ck)
@@ -157,12 +191,49 @@ def test_no_verify_skips_hashes_not_sizes_and_names_the_callers_flag(tmp_path):
     assert "__0_1.distcp" in str(e.value) and f"no earlier complete checkpoint in {tmp_path}" in str(e.value)
 
 
-def test_checkpoint_without_manifest_loads_with_a_warning(tmp_path, caplog):
-    ck = real_ckpt(tmp_path / "iter_0000001")
-    (ck / "checksums.json").unlink()
+def test_checkpoint_saved_before_checksums_loads_with_a_warning(tmp_path, caplog):
+    ck = make_legacy(real_ckpt(tmp_path / "iter_0000001"))
     with caplog.at_level(logging.WARNING):
         integrity.verify_files(ck)
-    assert "has no checksums.json" in caplog.text
+    assert "has no checksums.json (saved before checksums existed)" in caplog.text
+
+
+class _Touch:
+    """Unpickling it creates a file: a stand-in for code a pickled file runs when it is loaded."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+@pytest.mark.parametrize("config", ["current", "none"])
+def test_checkpoint_that_lost_its_manifest_is_refused_unless_allowed(tmp_path, caplog, config):
+    """Hostile case: checksums.json deleted from a checkpoint of this version and a shard flipped. It used to
+    export silently, unpickling ``.metadata`` on the way; now it is refused before any file is read, unless the
+    user opts in."""
+    import pickle
+
+    real_ckpt(tmp_path / "iter_0000001", seed=1)
+    ck = real_ckpt(tmp_path / "iter_0000002", seed=2)
+    if config == "current":
+        (ck / "config.yaml").write_text("checkpoint:\n  keep_last: 2\n  verify_checkpoint: true\n")
+    (ck / "checksums.json").unlink()
+    _damage(ck / "__0_0.distcp", "flip")
+    ran = tmp_path / "unpickled"
+    (ck / ".metadata").write_bytes(pickle.dumps(_Touch(ran)))
+    with pytest.raises(CheckpointError) as e:
+        integrity.verify_files(ck)
+    assert str(e.value).startswith(f"{ck / 'checksums.json'}: missing ("), e.value
+    assert "pass --allow-unverified-checkpoint to read the checkpoint unverified" in str(e.value)
+    assert str(e.value).endswith("load the previous complete checkpoint with --ckpt-iteration 1")
+    assert not ran.exists()  # nothing was unpickled
+    with integrity.verification(allow_unverified=True, allow_flag=None), pytest.raises(CheckpointError) as e:
+        integrity.verify_files(ck)  # opted in: the structure checks (which unpickle .metadata) run
+    assert ran.exists() and ".metadata: unreadable" in str(e.value)
+    with integrity.verification(allow_flag=None), pytest.raises(CheckpointError, match="restore it;"):
+        integrity.verify_files(ck)  # a tool without the flag does not advise it
 
 
 def test_previous_complete_skips_damaged_and_incomplete_iterations(tmp_path):

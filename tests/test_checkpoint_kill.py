@@ -78,3 +78,26 @@ def test_kill_points_resume_exactly(tmp_path):
     for r in chain:
         want = ref[r["iteration"]]
         assert (r["loss"], r["grad_norm"]) == (want["loss"], want["grad_norm"]), (r, want)
+
+
+def test_no_process_outlives_a_rank_killed_during_an_async_save(tmp_path):
+    """Hostile case (issue 21): after kill -9 of a rank during ``--async-save``, the checkpoint writer's
+    processes (megatron-core's multiprocessing Manager and its resource tracker, the forked writer) were still
+    running 20 minutes later. Now each dies with the process that started it."""
+    import psutil
+
+    children = tmp_path / "children.json"
+    run_killed(kill_job, dict(BASE, save=str(tmp_path / "run"), async_save=True), {"async_scheduled": 2},
+               str(tmp_path / "log.jsonl"), str(children))
+    procs = []
+    for pid in json.loads(children.read_text()):
+        try:
+            procs.append(psutil.Process(pid))
+        except psutil.NoSuchProcess:
+            pass
+    assert json.loads(children.read_text()), "the job started no writer process: nothing was tested"
+    _, alive = psutil.wait_procs(procs, timeout=20)
+    alive = [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+    for p in alive:
+        p.kill()
+    assert not alive, [p.cmdline()[:4] for p in alive]

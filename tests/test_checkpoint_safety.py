@@ -101,3 +101,23 @@ def test_checkpoint_without_tokenizer_record_uses_its_tokenizer_copy(tmp_path):
     check_tokenizer(ck, {}, same, finetune=False, allow_change=False)
     with pytest.raises(CheckpointError, match="is not the tokenizer checkpoint"):
         check_tokenizer(ck, {}, other, finetune=False, allow_change=False)
+
+
+def test_resumes_that_cannot_work_name_the_flag(tmp_path):
+    """Hostile cases (issue 21): a distributed-optimizer checkpoint resumed without --use-distributed-optimizer
+    died with ``KeyError: 'pre_wd_mult'`` (the other way round: "is it a checkpoint of the same architecture?");
+    --train-iters below the loaded iteration ran nothing and printed "last loss nan"."""
+    from ckpt_jobs import resume_mistakes_job
+
+    out = run_distributed(resume_mistakes_job, 1, str(tmp_path))[0]
+    assert out["dist_with_flag"] == out["dist_finetuned_without_flag"] == "ok"
+    for case, saved, fix in (("dist_without_flag", "with", "pass --use-distributed-optimizer to resume it"),
+                             ("plain_with_flag", "without", "drop --use-distributed-optimizer to resume it")):
+        msg = out[case]
+        assert msg.startswith(f"CheckpointError: --use-distributed-optimizer: checkpoint {tmp_path}"), msg
+        assert f"was saved {saved} the distributed optimizer" in msg and fix in msg and "--finetune" in msg, msg
+    for case, flag in (("train_iters_below", "--train-iters"), ("train_tokens_below", "--train-tokens")):
+        msg = out[case]
+        assert msg.startswith(f"ConfigError: {flag}: this run ends at iteration 1, before the iteration of the "
+                              "checkpoint it resumes (2, "), msg
+        assert f"raise {flag} to continue it, or pass --finetune" in msg, msg

@@ -4,6 +4,7 @@ resume, bad-input reports, and the CLIs as subprocesses."""
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -274,3 +275,44 @@ def test_txt_zst_reader_reads_shipped_corpus():
     docs = list(iter_documents(str(CORPUS), report=rep))
     assert docs[0][1] == 1 and docs[0][2].startswith("First Citizen:") and len(docs) > 7000
     assert not rep.counts
+
+
+def test_long_single_line_document_is_tokenized_in_bounded_pieces_with_progress(tok_dir, tmp_path, monkeypatch,
+                                                                              caplog):
+    """Hostile case (issue 21): a 47 MB single-line document went to the tokenizer whole (its encoding takes many
+    times the text's memory) with no progress until it was done. It is tokenized in pieces cut before a space
+    that starts a word: the same tokens as the whole (independent re-tokenization), progress inside it.
+    Scaled down here: 300 KB in pieces of 16 KB."""
+    import logging
+
+    from megatron_mdm.data import prepare as prepare_mod
+
+    rng = random.Random(3)
+    spaces = [" ", " ", " ", "  ", "\t ", " \n "]
+    text = "".join(rng.choice(WORDS) + rng.choice(spaces) for _ in range(75000)).strip()
+    (tmp_path / "long.txt").write_text(text)  # one line breaks inside: still one document (no blank line)
+    assert len(text) > 300_000
+    seen: list[int] = []
+    real = prepare_mod._tokenize
+
+    def spy(texts):
+        seen.extend(len(t) for t in texts)
+        return real(texts)
+
+    class EveryBatch(prepare_mod._Progress):
+        def __init__(self, total_bytes, rank, every_s=0.0):
+            super().__init__(total_bytes, rank, every_s=0.0)
+
+    monkeypatch.setattr(prepare_mod, "PIECE_CHARS", 16 << 10)
+    monkeypatch.setattr(prepare_mod, "BATCH_CHARS", 32 << 10)
+    monkeypatch.setattr(prepare_mod, "_tokenize", spy)
+    monkeypatch.setattr(prepare_mod, "_Progress", EveryBatch)
+    with caplog.at_level(logging.INFO):
+        m = prepare([str(tmp_path / "long.txt")], tok_dir, str(tmp_path / "o"), S)
+    assert max(seen) <= 16 << 10 and len(seen) > 18
+    assert m["num_documents"] == 1
+    want, _ = _reference(tok_dir, {str(tmp_path / "long.txt"): [text.replace("\r", "")]})
+    assert _read(tmp_path / "o") == want
+    assert "is one document of" in caplog.text
+    shares = [float(x) for x in re.findall(r"prepare\[rank 0\]: ([\d.]+)% of input", caplog.text)]
+    assert any(0 < x < 100 for x in shares) and shares[-1] == 100.0, shares

@@ -468,3 +468,24 @@ def test_megatron_backend_cache_and_selection():
     assert all(r["same"]) and len(r["same"]) == 8, r
     assert r["dual_filled"] and r["threshold_forwards"] < 2 * 12, r
     assert math.isfinite(r["max_err"])
+
+
+def test_cli_generate_beyond_the_trained_length(tmp_path):
+    """Hostile case (issue 21): a prompt longer than the length the model was trained on ran without a word. A
+    rotary-position model warns with both numbers; a BERT (learned positions: there are no more) is one line."""
+    from test_eval import make_hf_dir
+
+    prompt = " ".join(WORDS[i % len(WORDS)] for i in range(60))
+    d = make_mdm_dir(tmp_path / "mdm", _seed())
+    p = _cli(["--model", str(d), "--prompt", "the cat", "--prompt", prompt, "--gen-length", "8", "--steps", "8",
+              "--no-eos-stop", "--json", "--no-progress"], tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    warnings = [ln for ln in p.stderr.splitlines() if ln.startswith("mdm-generate: warning:")]
+    assert warnings == ["mdm-generate: warning: prompt 2 is 60 tokens, with --gen-length 8 68 positions, more than "
+                        "the 64 the model was trained on (max_position_embeddings): expect degraded samples"], p.stderr
+    bert = make_hf_dir(tmp_path / "bert", seed=0)  # 64 learned positions
+    p = _cli(["--model", str(bert), "--prompt", prompt, "--gen-length", "8", "--steps", "8"], tmp_path)
+    errors = [ln for ln in p.stderr.splitlines() if ln.startswith("mdm-generate")]
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert errors == ["mdm-generate: error: --prompt: prompt 1 is 60 tokens, with --gen-length 8 68 positions, more "
+                      "than the 64 the model has (max_position_embeddings): shorten the prompt or --gen-length"]

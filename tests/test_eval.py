@@ -249,6 +249,23 @@ def test_malformed_jsonl_names_file_and_line(tmp_path, capsys, cmd, content, whe
     assert _errors(capsys) == [f"mdm-eval: error: --data {tmp_path / 'none.jsonl'}: no such file"]
 
 
+@pytest.mark.parametrize("cmd,name,content", [
+    ("elbo", "data.txt", ""), ("elbo", "data.txt", "\n  \n\n"), ("elbo", "data.jsonl", "\n"), ("mc", "data.jsonl", ""),
+])
+def test_empty_data_file_is_one_line(tmp_path, capsys, cmd, name, content):
+    """Hostile case (issue 21): ``mdm-eval`` on an empty data file loaded the model, then failed in a trace."""
+    from megatron_mdm.cli.eval import main
+
+    data = tmp_path / name
+    data.write_text(content)
+    model = tmp_path / "model"
+    model.mkdir()  # not a model: never opened, the data is checked first
+    assert main([cmd, "--model", str(model), "--data", str(data)]) == 2
+    what = "document" if cmd == "elbo" else "example"
+    assert _errors(capsys) == [f"mdm-eval: error: --data {data}: holds no {what} to evaluate (an empty file, only "
+                               "blank lines, or --limit 0)"]
+
+
 def test_gold_written_as_float_or_string_still_reads(tmp_path):
     from megatron_mdm.evaluation.multiple_choice import load_jsonl_examples
 

@@ -296,6 +296,7 @@ def test_missing_iteration_and_checkpoint(world, tmp_path):
 def test_checkpoint_of_another_architecture(world, tmp_path):
     import torch.distributed.checkpoint as dcp
 
+    from megatron_mdm.checkpoint.integrity import verification
     from megatron_mdm.hf import ConversionError, export_to_hf, read_checkpoint_tensors
 
     src = world["base"] / "tp2" / "mdm" / "iter_0000003"
@@ -307,8 +308,8 @@ def test_checkpoint_of_another_architecture(world, tmp_path):
     dcp.save(sd, storage_writer=dcp.FileSystemWriter(str(gpt)), no_dist=True)
     for f in ("metadata.json", "common.pt"):
         shutil.copy2(src / f, gpt / f)
-    with pytest.raises(ConversionError, match="another architecture"):
-        export_to_hf(gpt, tmp_path / "x")
+    with verification(allow_unverified=True), pytest.raises(ConversionError, match="another architecture"):
+        export_to_hf(gpt, tmp_path / "x")  # written by hand: no checksums
     # (b) a config whose shapes do not fit the tensors
     wide = tmp_path / "wide" / "iter_0000001"
     shutil.copytree(src, wide)
@@ -316,7 +317,7 @@ def test_checkpoint_of_another_architecture(world, tmp_path):
     common["meta"]["config"]["model"]["hidden_size"] = 128
     torch.save(common, wide / "common.pt")
     (wide / "checksums.json").unlink()  # edited by hand: the checksums would (rightly) refuse it
-    with pytest.raises(ConversionError, match="linear_qkv|shape"):
+    with verification(allow_unverified=True), pytest.raises(ConversionError, match="linear_qkv|shape"):
         export_to_hf(wide, tmp_path / "y")
 
 

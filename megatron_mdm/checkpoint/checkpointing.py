@@ -42,7 +42,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_mdm import compat
-from megatron_mdm.checkpoint import integrity, layout
+from megatron_mdm.checkpoint import integrity, layout, writer_processes
 from megatron_mdm.checkpoint import optimizer as optimizer_state
 from megatron_mdm.checkpoint.layout import (  # noqa: F401 - re-exported: the public names of checkpoints
     TRACKER,
@@ -213,10 +213,12 @@ def save_checkpoint(
 
     try:
         if async_queue is None:
-            dist_checkpointing.save(sd, str(tmp), **_save_kwargs())
+            with writer_processes.tied_children():  # no writer process outlives this one
+                dist_checkpointing.save(sd, str(tmp), **_save_kwargs())
             finalize()
             return
-        request = dist_checkpointing.save(sd, str(tmp), async_sharded_save=True, **_save_kwargs())
+        with writer_processes.tied_children():
+            request = dist_checkpointing.save(sd, str(tmp), async_sharded_save=True, **_save_kwargs())
     except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
         raise failed(e) from None
     steps = list(request.finalize_fns)
@@ -230,7 +232,8 @@ def save_checkpoint(
             raise failed(e) from None
 
     request.finalize_fns[:] = [finalize_all]
-    async_queue.schedule_async_request(request)
+    with writer_processes.tied_children():  # the forked writer (and its own forks) die with this process
+        async_queue.schedule_async_request(request)
 
 
 def _commit_collective(root: Path, tmp: Path, iteration: int, keep_last: int, config_yaml: Optional[str],
@@ -319,6 +322,23 @@ def check_tokenizer(path: Path, meta: dict, tokenizer: Optional[tuple[str, str]]
                           f"or {fix} to finetune with a new one")
 
 
+def check_optimizer_kind(path: Path, meta: dict, distributed_optimizer: bool) -> None:
+    """Refuse to resume optimizer state saved by the other kind of optimizer (Megatron's distributed optimizer
+    and the plain one store their state differently: loading fails deep inside Megatron-core)."""
+    saved = ((meta.get("config") or {}).get("parallel") or {}).get("use_distributed_optimizer")
+    if saved is None or bool(saved) == distributed_optimizer:
+        return
+    if saved:
+        fix = "pass --use-distributed-optimizer to resume it"
+    else:
+        fix = "drop --use-distributed-optimizer to resume it"
+    raise CheckpointError(f"--use-distributed-optimizer: checkpoint {path} was saved "
+                          f"{'with' if saved else 'without'} the distributed optimizer, whose optimizer state "
+                          f"does not load into the {'plain' if saved else 'distributed'} one: {fix}, pass --no-load-optim "
+                          "to continue it with a fresh optimizer, or pass --finetune to load only its weights (new "
+                          "optimizer state, iteration 0)")
+
+
 def load_checkpoint(
     root: str | os.PathLike,
     model_chunks,
@@ -331,6 +351,8 @@ def load_checkpoint(
     allow_tokenizer_change: bool = False,
     load_optim: bool = True,
     load_rng: bool = True,
+    allow_unverified: bool = False,
+    distributed_optimizer: Optional[bool] = None,
 ) -> dict:
     """Load model (and unless ``finetune``, optimizer, scheduler, RNG and loader position).
 
@@ -340,16 +362,22 @@ def load_checkpoint(
     Works across TP/PP layouts (the sharded tensors are resharded on load). The RNG states are
     restored only on the same layout; the loader state (global, in ``meta``) on any layout.
     First the files are checked against the checkpoint's checksums (spread over the ranks; only
-    sizes with ``verify=False``) and ``tokenizer`` (hash, directory) against the checkpoint's.
+    sizes with ``verify=False``; a checkpoint without them is refused unless ``allow_unverified`` or saved
+    before they existed) and ``tokenizer`` (hash, directory) against the checkpoint's; with
+    ``distributed_optimizer`` (this run's ``--use-distributed-optimizer``), a resume whose optimizer state was
+    saved by the other kind of optimizer is refused naming the flag.
 
     Returns:
         ``meta`` of the checkpoint, with ``data_state`` (the loader's global state; None with ``finetune``
         or for a checkpoint saved before the global data order, whose per-DP-rank state is not read).
     """
     path = resolve_checkpoint(root, iteration)
-    integrity.verify_collective(path, verify_hash=verify)
+    with integrity.settings_changed(allow_unverified=allow_unverified):
+        integrity.verify_collective(path, verify_hash=verify)
     meta = load_meta(path)
     check_tokenizer(path, meta, tokenizer, finetune, allow_tokenizer_change)
+    if not finetune and load_optim and optimizer is not None and distributed_optimizer is not None:
+        check_optimizer_kind(path, meta, distributed_optimizer)
     same_layout = meta.get("layout") == _layout()
     want_state = not finetune
     load_optim = want_state and load_optim

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import errno
 import hashlib
 import json
@@ -31,26 +32,53 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator, Optional
 
-from megatron_mdm.checkpoint.layout import OLD_TAG, CheckpointError, complete_iterations, iteration_dir
+from megatron_mdm.checkpoint.layout import (
+    CONFIG_FILE,
+    OLD_TAG,
+    CheckpointError,
+    complete_iterations,
+    iteration_dir,
+)
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "checksums.json"
+ALLOW_UNVERIFIED_FLAG = "--allow-unverified-checkpoint"
 ALGORITHM = "sha256"
 _CHUNK = 8 << 20
 _ITER_NAME = re.compile(r"^iter_(\d{7,})")
 
 
-# (hash the files?, the flag that selects an iteration): set by ``verification``
-_settings: contextvars.ContextVar[tuple[bool, str]] = contextvars.ContextVar(
-    "mdm_ckpt_verify", default=(True, "--ckpt-iteration"))
+@dataclasses.dataclass(frozen=True)
+class _Settings:
+    verify_hash: bool = True
+    iteration_flag: str = "--ckpt-iteration"
+    allow_unverified: bool = False
+    allow_flag: Optional[str] = ALLOW_UNVERIFIED_FLAG
+
+
+_settings: contextvars.ContextVar[_Settings] = contextvars.ContextVar(
+    "mdm_ckpt_verify", default=_Settings())  # noqa: B039 - a frozen dataclass
 
 
 @contextlib.contextmanager
-def verification(verify: bool = True, iteration_flag: str = "--ckpt-iteration") -> Iterator[None]:
-    """Within this block, ``verify_files`` hashes (or, with ``verify=False``, only sizes) and error
-    messages name ``iteration_flag`` (``mdm-convert to-hf`` says ``--iteration``)."""
-    token = _settings.set((verify, iteration_flag))
+def verification(verify: bool = True, iteration_flag: str = "--ckpt-iteration", allow_unverified: bool = False,
+                 allow_flag: Optional[str] = ALLOW_UNVERIFIED_FLAG) -> Iterator[None]:
+    """Within this block, ``verify_files`` hashes (or, with ``verify=False``, only sizes), a checkpoint without
+    its manifest is refused unless ``allow_unverified``, and error messages name ``iteration_flag``
+    (``mdm-convert to-hf`` says ``--iteration``) and ``allow_flag`` (None: the tool has no such flag)."""
+    token = _settings.set(_Settings(verify, iteration_flag, allow_unverified, allow_flag))
+    try:
+        yield
+    finally:
+        _settings.reset(token)
+
+
+@contextlib.contextmanager
+def settings_changed(**changes) -> Iterator[None]:
+    """Within this block, the current verification settings with ``changes`` (``verify_hash``,
+    ``allow_unverified``, ...); the rest (the flags messages name) stay as the caller set them."""
+    token = _settings.set(dataclasses.replace(_settings.get(), **changes))
     try:
         yield
     finally:
@@ -191,13 +219,13 @@ def _assign(files: dict[str, dict], world: int) -> list[list[str]]:
 def find_problem(ckpt_dir: Path, rank: int = 0, world: int = 1, verify_hash: Optional[bool] = None
                  ) -> Optional[tuple[str, str]]:
     """This rank's share of the checks: (file, problem) or None. Rank 0 also checks the structure."""
-    verify_hash = _settings.get()[0] if verify_hash is None else verify_hash
+    verify_hash = _settings.get().verify_hash if verify_hash is None else verify_hash
     ckpt_dir = Path(ckpt_dir)
     files = read_manifest(ckpt_dir)
     if files is None:
-        if rank == 0:
-            log.warning("%s has no %s (saved before checksums existed): its files are checked for "
-                        "presence and size only", ckpt_dir, MANIFEST)
+        refused = _missing_manifest(ckpt_dir, warn=rank == 0)
+        if refused is not None:
+            return MANIFEST, refused
     else:
         mine = _assign(files, world)[rank]
         with ThreadPoolExecutor(max_workers=max(1, min(4, len(mine) or 1))) as pool:
@@ -206,6 +234,56 @@ def find_problem(ckpt_dir: Path, rank: int = 0, world: int = 1, verify_hash: Opt
             if problem is not None:
                 return name, problem
     return check_structure(ckpt_dir) if rank == 0 else None
+
+
+def saved_before_checksums(ckpt_dir: Path) -> bool:
+    """Whether the checkpoint was written by a version without checksums: its ``config.yaml`` (every version
+    writes one; YAML, read safely) lacks ``checkpoint.verify_checkpoint``, which arrived with them."""
+    import yaml
+
+    try:
+        cfg = yaml.safe_load((Path(ckpt_dir) / CONFIG_FILE).read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    section = cfg.get("checkpoint") if isinstance(cfg, dict) else None
+    return isinstance(section, dict) and "verify_checkpoint" not in section
+
+
+def _missing_manifest(ckpt_dir: Path, warn: bool) -> Optional[str]:
+    """None when a checkpoint without a manifest may be read (saved before checksums, or allowed by the user,
+    with a warning); else the problem, naming the flag that allows it."""
+    settings = _settings.get()
+    if saved_before_checksums(ckpt_dir):
+        if warn:
+            log.warning("%s has no %s (saved before checksums existed): its files are checked for "
+                        "presence and size only", ckpt_dir, MANIFEST)
+        return None
+    if settings.allow_unverified:
+        if warn:
+            log.warning("%s has no %s: its files cannot be verified; reading it anyway (%s)", ckpt_dir, MANIFEST,
+                        settings.allow_flag)
+        return None
+    how = f"restore it, or pass {settings.allow_flag} to read the checkpoint unverified" if settings.allow_flag \
+        else "restore it"
+    return (f"missing (this version writes one into every checkpoint: deleted, or not copied with the other "
+            f"files?), so its files cannot be verified: {how}")
+
+
+def verify_entry(ckpt_dir: str | os.PathLike, name: str) -> None:
+    """Check one file of a checkpoint against its manifest before it is read (a ``config.yaml`` before its
+    values are trusted); CheckpointError naming the file when it is damaged or cannot be verified."""
+    ckpt_dir = Path(ckpt_dir)
+    files = read_manifest(ckpt_dir)
+    if files is None:
+        problem = _missing_manifest(ckpt_dir, warn=False)
+        found = (MANIFEST, problem) if problem is not None else None
+    elif name not in files:
+        found = (name, f"not listed in {MANIFEST} (added after the save?)")
+    else:
+        problem = _file_problem(ckpt_dir, name, files[name], _settings.get().verify_hash)
+        found = (name, problem) if problem is not None else None
+    if found is not None:
+        raise CheckpointError(damaged_message(ckpt_dir, *found))
 
 
 def verify_files(ckpt_dir: str | os.PathLike) -> None:
@@ -282,7 +360,7 @@ def damaged_message(ckpt_dir: Path, name: str, problem: str) -> str:
     m = _ITER_NAME.match(ckpt_dir.name)
     what = f"checkpoint iteration {int(m.group(1))}" if m else "this checkpoint"
     prev = previous_complete(ckpt_dir)
-    flag = _settings.get()[1]
+    flag = _settings.get().iteration_flag
     if prev is not None:
         advice = f"load the previous complete checkpoint with {flag} {prev}"
     else:
@@ -303,8 +381,8 @@ def save_error_reason(exc: BaseException, root: Optional[Path] = None) -> str:
         seen.append(e)
         code = e.errno if isinstance(e, OSError) else None
         if code is None:  # pickled across processes (the shard writers): only the text is left
-            m = re.search(r"\[Errno (\d+)\]", str(e))
-            code = int(m.group(1)) if m else None
+            m = re.search(r"\[Errno (\d+)\]|\(os error (\d+)\)", str(e))  # Python's, Rust's (safetensors)
+            code = int(m.group(1) or m.group(2)) if m else None
         if code in (errno.ENOSPC, errno.EDQUOT):
             return f"disk full ({os.strerror(code)})"
         failures = getattr(e, "failures", None)  # torch CheckpointException: {rank: (exc, trace)}

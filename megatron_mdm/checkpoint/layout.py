@@ -9,6 +9,8 @@
     RUN/wandb/                               Weights & Biases files and the run's id (``WANDB_DIR``), with --wandb-project
     RUN/latest_checkpointed_iteration.txt    the marker: the newest complete checkpoint (``TRACKER``)
     RUN/iter_0000040/                        one checkpoint (``iteration_dir``), with its own config.yaml
+    RUN/save.lock                            the job writing the run (``LOCK_FILE``, ``checkpoint.lock``)
+    RUN/mdm_import.json                      a run written by ``mdm-convert from-hf`` (``IMPORT_FILE``)
 
 A save never removes or overwrites the checkpoint the marker names::
 
@@ -45,10 +47,16 @@ OLD_TAG = ".old-"
 COMPLETE_FILE = "metadata.json"  # written last by dist_checkpointing.save
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
+DROPPED_METRICS_FILE = "metrics.dropped.jsonl"  # records of steps a later run redid
 TENSORBOARD_DIR = "tensorboard"
 TENSORBOARD_TOKENS_DIR = "by_tokens"
 WANDB_DIR = "wandb"
 WANDB_ID_FILE = "run_id.txt"
+LOCK_FILE = "save.lock"
+IMPORT_FILE = "mdm_import.json"
+RUN_FILES = (TRACKER, CONFIG_FILE, METRICS_FILE, DROPPED_METRICS_FILE, TENSORBOARD_DIR, WANDB_DIR, LOCK_FILE,
+             IMPORT_FILE)
+"""The names a run directory owns besides its ``iter_*`` checkpoints."""
 _ITER = re.compile(r"^iter_(\d{7,})$")
 _AUX = re.compile(r"^iter_(\d{7,})(\.tmp-|\.old-)[0-9a-f]+$")
 
@@ -115,10 +123,33 @@ def read_latest_iteration(root: str | os.PathLike) -> Optional[int]:
     path = Path(root) / TRACKER
     if not path.is_file():
         return None
-    text = path.read_text().strip()
-    if not text.isdigit():
-        raise CheckpointError(f"{path}: expected an iteration number, found {text!r}")
+    try:
+        text = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable ({e})") from None
+    if not re.fullmatch(r"[0-9]+", text):  # str.isdigit() also accepts digits int() refuses, e.g. '²'
+        raise CheckpointError(f"{path}: expected an iteration number (ASCII digits), found {text[:40]!r}; "
+                              "the marker is damaged: write the newest complete iteration into it, or load one "
+                              "with --ckpt-iteration")
     return int(text)
+
+
+def owned_by_run(root: str | os.PathLike, path: str | os.PathLike) -> bool:
+    """Whether ``path`` is, or lies inside, one of the files run directory ``root`` owns (a checkpoint, the
+    marker, the config, the metrics, TensorBoard files, the lock). Both are resolved (symbolic links)."""
+    root, path = Path(root).resolve(), Path(path).resolve()
+    if path == root or root not in path.parents:
+        return path == root
+    first = path.relative_to(root).parts[0]
+    return first in RUN_FILES or first.startswith("iter_")
+
+
+def holds_run(path: str | os.PathLike) -> bool:
+    """Whether directory ``path`` holds a run: a marker, a lock or a checkpoint (``iter_*``) at its top."""
+    path = Path(path)
+    if not path.is_dir():
+        return False
+    return (path / TRACKER).exists() or (path / LOCK_FILE).exists() or any(path.glob("iter_*"))
 
 
 def is_complete(path: Path) -> bool:

@@ -1,10 +1,10 @@
 """``mdm-convert``: Megatron checkpoints <-> Hugging Face directories.
 
     mdm-convert to-hf   --load CKPT_DIR [--iteration N] --output HF_DIR [--shard-size 2GB] [--force]
-                        [--no-verify-checkpoint] [--no-progress]
+                        [--no-verify-checkpoint] [--allow-unverified-checkpoint] [--no-progress]
     mdm-convert from-hf --hf HF_DIR --output CKPT_DIR [--tensor-model-parallel-size T]
                         [--pipeline-model-parallel-size P] [--tokenizer DIR] [--objective mdm|arm]
-                        [--no-progress]
+                        [--force] [--no-progress]
 
 Progress (the stages, with the elapsed time, and the bytes read or written) goes to stderr when it is a
 terminal.
@@ -37,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="replace a non-empty --output that is not an export of the same run")
     to.add_argument("--no-verify-checkpoint", dest="verify_checkpoint", action="store_false",
                     help="skip the checksums of the checkpoint's files (sizes are still checked)")
+    to.add_argument("--allow-unverified-checkpoint", action="store_true",
+                    help="export a checkpoint that lost its checksums.json (its files cannot be verified)")
     to.add_argument("--no-progress", dest="progress", action="store_false",
                     help="no progress bars (shown on stderr when it is a terminal: stages, bytes written)")
     fr = sub.add_parser("from-hf", help="Hugging Face directory (Llama, Mistral, Qwen2, BERT, RoBERTa, XLM-R) "
@@ -48,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     fr.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the --hf directory)")
     fr.add_argument("--objective", choices=["mdm", "arm"], default="mdm",
                     help="objective recorded in the checkpoint's config (default mdm: diffusive adaptation)")
+    fr.add_argument("--force", action="store_true",
+                    help="write into a non-empty --output that is not an earlier import (never a training run)")
     fr.add_argument("--no-progress", dest="progress", action="store_false",
                     help="no progress bars (shown on stderr when it is a terminal: stages, bytes read)")
     return p
@@ -57,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     args.progress = args.progress and sys.stderr.isatty()  # a log file gets the one-line result or error
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("megatron", "torch.distributed"):  # their INFO lines at import are not ours to show
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     from torch.distributed.checkpoint.api import CheckpointException
 
     from megatron_mdm.checkpoint.integrity import failure_line, verification
@@ -64,14 +70,15 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "to-hf":
-            with verification(args.verify_checkpoint, iteration_flag="--iteration"):
+            with verification(args.verify_checkpoint, iteration_flag="--iteration",
+                              allow_unverified=args.allow_unverified_checkpoint):
                 out = export_to_hf(args.load, args.output, iteration=args.iteration,
                                    shard_size=args.shard_size, force=args.force, progress=args.progress)
             print(f"wrote {out}")
         else:
             out = import_from_hf(args.hf, args.output, tokenizer_dir=args.tokenizer,
                                  tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
-                                 objective=args.objective, progress=args.progress)
+                                 objective=args.objective, progress=args.progress, force=args.force)
             print(f"wrote {out}")
     except (UserError, FileNotFoundError) as e:
         return report("mdm-convert", f"error: {e}")

@@ -161,14 +161,20 @@ def _run(args: argparse.Namespace) -> None:
     if args.command == "elbo":
         from megatron_mdm.evaluation.corpus import corpus_elbo, read_texts
 
-        texts = read_texts(args.data)
+        texts, examples = read_texts(args.data), None
     else:
         from megatron_mdm.evaluation.multiple_choice import (
             load_jsonl_examples,
             score_multiple_choice,
         )
 
-        examples = load_jsonl_examples(args.data)[: args.limit]
+        texts, examples = None, load_jsonl_examples(args.data)[: args.limit]
+    if not (texts if args.command == "elbo" else examples):
+        from megatron_mdm.evaluation.loading import EvalInputError
+
+        what = "document" if args.command == "elbo" else "example"
+        raise EvalInputError(f"--data {args.data}: holds no {what} to evaluate (an empty file, only blank lines, "
+                             "or --limit 0)")
     logits_fn, tok, mask_id, vocab_size = load_logits_fn(
         args.model, args.device, trust_remote_code=args.trust_remote_code, allow_download=args.allow_download)
     g = torch.Generator().manual_seed(args.seed)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from megatron_mdm.cli import ArgumentParser
 from megatron_mdm.decoding.settings import DecodingConfig
@@ -57,8 +58,13 @@ def main(argv: list[str] | None = None) -> int:
         return report("mdm-generate", f"error: {e}")
     prompts = args.prompt or [""]
     eos_id = None if args.no_eos_stop else getattr(tok, "eos_id", None)
+    ids = [tok.encode(p) for p in prompts]
     try:
-        out = decode(logits_fn, [tok.encode(p) for p in prompts], settings, mask_id, eos_id=eos_id,
+        _beyond_trained_length(logits_fn, ids, settings.gen_length)
+    except UserError as e:
+        return report("mdm-generate", f"error: {e}")
+    try:
+        out = decode(logits_fn, ids, settings, mask_id, eos_id=eos_id,
                      generator=torch.Generator().manual_seed(args.seed), vocab_size=vocab_size, device=args.device,
                      progress=not args.no_progress)
     except ValueError as e:  # e.g. --cache on a model without KV cache support
@@ -68,6 +74,34 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"prompt": prompt, "completion": text, "ids": ids, "forwards": n}) if args.json
               else prompt + text)
     return 0
+
+
+def _beyond_trained_length(logits_fn, ids: list[list[int]], gen_length: int) -> None:
+    """A prompt and its completion longer than the model's positions (``max_position_embeddings`` of its
+    config.json, the length it was trained on): a warning with both numbers for rotary positions (they run, but
+    were never trained there); a one-line EvalInputError for learned absolute positions (BERT: they do not exist)."""
+    from megatron_mdm.evaluation.loading import EvalInputError
+
+    config = getattr(getattr(logits_fn, "model", None), "config", None)
+    trained = getattr(config, "max_position_embeddings", None)
+    if not isinstance(trained, int):
+        return
+    learned = ("bert", "roberta", "xlm-roberta")  # learned absolute positions (the BERT families we convert)
+    absolute = getattr(config, "model_type", None) in learned or \
+        getattr(config, "position_embedding_type", None) == "absolute"
+    if getattr(config, "model_type", None) in learned[1:]:  # RoBERTa's positions start after the padding id
+        trained -= int(getattr(config, "pad_token_id", 1) or 0) + 1
+    for k, prompt in enumerate(ids, 1):
+        need = len(prompt) + gen_length
+        if need <= trained:
+            continue
+        what = (f"prompt {k} is {len(prompt)} tokens, with --gen-length {gen_length} {need} positions, more than "
+                f"the {trained}")
+        if absolute:
+            raise EvalInputError(f"--prompt: {what} the model has (max_position_embeddings): shorten the prompt "
+                                 "or --gen-length")
+        print(f"mdm-generate: warning: {what} the model was trained on (max_position_embeddings): expect "
+              "degraded samples", file=sys.stderr)
 
 
 if __name__ == "__main__":

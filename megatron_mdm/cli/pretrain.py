@@ -75,6 +75,9 @@ def main(argv=None, prog: str = "mdm-pretrain") -> int:
         return 2
     except UserError as e:  # the user can act on it: a path, a file, a flag
         return _error(prog, f"{type(e).__name__}: {e}")
+    except KeyboardInterrupt:  # Ctrl-C before training started (once it runs, Ctrl-C saves and exits 0)
+        _error(prog, "interrupted before training started: nothing was trained or saved")
+        return 130
     except Exception as e:
         from megatron_mdm.training.loop import TrainingError
 
@@ -92,11 +95,17 @@ def main(argv=None, prog: str = "mdm-pretrain") -> int:
 
 def _checked_config(args):
     """The config of the flags, checked as far as it can be without torch (ranges, consistency, budget)."""
-    from megatron_mdm.config import from_args, num_train_iters
+    from megatron_mdm.config import ConfigError, from_args, num_train_iters
 
     cfg = from_args(args)
     cfg.validate()
     num_train_iters(cfg)
+    if cfg.checkpoint.save:  # a file, a read-only file system: before any worker starts
+        from megatron_mdm.checkpoint.lock import directory_problem
+
+        problem = directory_problem(cfg.checkpoint.save)
+        if problem is not None:
+            raise ConfigError(f"--save: {problem}")
     return cfg
 
 

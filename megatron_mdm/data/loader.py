@@ -164,16 +164,22 @@ class _Forever(Sampler):
         return count()
 
 
-def ignore_stop_signals(_worker_id: int = 0) -> None:
-    """DataLoader ``worker_init_fn``: a scheduler's SIGTERM/SIGUSR1 to the whole process group must not kill
-    the workers (the trainer, which gets it too, finishes the step, saves and exits; the workers end with it).
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGUSR1", "SIGINT", "SIGHUP", "SIGQUIT")
+                     if hasattr(signal, n))
+"""What makes the trainer finish its step, save and exit (``training.loop``): a DataLoader worker ignores them."""
 
-    A worker ignores both signals from anyone but its parent: a SIGTERM from the training process (the
+
+def ignore_stop_signals(_worker_id: int = 0) -> None:
+    """DataLoader ``worker_init_fn``: a stop signal to the whole process group (a scheduler's SIGTERM/SIGUSR1,
+    torchrun forwarding Ctrl-C as SIGINT, SIGHUP, SIGQUIT) must not kill the workers (the trainer, which gets
+    it too, finishes the step, saves and exits; the workers end with it).
+
+    A worker ignores these signals from anyone but its parent: a SIGTERM from the training process (the
     DataLoader's own ``terminate()`` at shutdown or at exit) still ends it. On Linux a thread waits for the
-    blocked signals with ``sigwaitinfo`` to see the sender. Elsewhere (macOS) both are ignored, and a worker
+    blocked signals with ``sigwaitinfo`` to see the sender. Elsewhere (macOS) they are ignored, and a worker
     ends through the DataLoader's own shutdown only.
     """
-    stop = {signal.SIGTERM, signal.SIGUSR1}
+    stop = set(STOP_SIGNALS)
     if not hasattr(signal, "sigwaitinfo"):
         for sig in stop:
             signal.signal(sig, signal.SIG_IGN)

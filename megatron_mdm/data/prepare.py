@@ -18,6 +18,7 @@ shards as input). Refused at the end: an input without a single document (unless
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import logging
@@ -25,6 +26,7 @@ import multiprocessing as mp
 import os
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -172,15 +174,65 @@ def _file_done(output: Path, i: int, path: str, params: dict) -> bool:
         _check_shards(output / fmt.VALID_DIR, rec["valid"]["shards"])
 
 
+PIECE_CHARS = 1 << 20
+"""A longer document is tokenized in pieces of at most this many characters (memory and progress stay bounded)."""
+BATCH_CHARS = 4 << 20
+"""A tokenization task holds at most ``batch_docs`` documents and about this many characters."""
+
+
+def document_pieces(text: str, limit: int = PIECE_CHARS) -> Iterator[str]:
+    """``text`` in pieces of at most ``limit`` characters, each cut just before a space that starts a word.
+
+    Byte-level BPE (what ``mdm-tokenizer`` trains; GPT-2 and Llama 3 style) and whitespace pre-tokenizers split
+    the text there too, so the pieces' tokens, concatenated, are the whole document's. A stretch of ``limit``
+    characters without such a space is cut at ``limit``.
+    """
+    start = 0
+    while len(text) - start > limit:
+        end = cut = start + limit
+        while True:
+            cut = text.rfind(" ", start + 1, cut)
+            if cut <= start:
+                cut = end
+                break
+            if not text[cut + 1].isspace():
+                break
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
+
+
 def _batches(path, text_key, report, progress, batch_docs):
-    batch: list[tuple[int, str]] = []
-    for _, line, text in iter_documents(path, text_key, report, progress.bytes):
-        batch.append((line, text))
-        if len(batch) >= batch_docs:
-            yield batch
-            batch = []
+    """Tasks of ``(line, piece, last piece of its document?, input bytes it stands for)``; a long document is
+    split into pieces (``document_pieces``) and its input bytes are shared out, so progress moves inside it."""
+    piece_chars = PIECE_CHARS
+    read = [0]
+
+    def count(n: int) -> None:
+        read[0] += n
+
+    batch: list[tuple[int, str, bool, int]] = []
+    chars = 0
+    for _, line, text in iter_documents(path, text_key, report, count):
+        nbytes, read[0] = read[0], 0
+        if len(text) > piece_chars:
+            log.info("prepare: %s:%d is one document of %d characters: tokenized in pieces of at most %d",
+                     path, line, len(text), piece_chars)
+        pieces = document_pieces(text, piece_chars)
+        piece = next(pieces)
+        while piece is not None:
+            following = next(pieces, None)
+            share = nbytes if following is None else nbytes * len(piece) // max(1, len(text))
+            nbytes -= share
+            batch.append((line, piece, following is None, share))
+            chars += len(piece)
+            if len(batch) >= batch_docs or chars >= BATCH_CHARS:
+                yield batch
+                batch, chars = [], 0
+            piece = following
     if batch:
         yield batch
+    progress.bytes(read[0])  # trailing bytes after the last document
 
 
 def _process_file(i: int, path: str, output: Path, params: dict, tok, pool, progress: _Progress,
@@ -197,17 +249,24 @@ def _process_file(i: int, path: str, output: Path, params: dict, tok, pool, prog
         splits[split] = (Packer(params["seq_length"], tok.eos_id, tok.mask_id),
                          ShardWriter(d, f"{i:05d}", spp, dtype, params["doc_boundaries"], params["zstd_level"]))
     batches = _batches(path, params["text_key"], report, progress, batch_docs)
-    pending = []  # (batch) kept to pair with the tokenized results in order
+    pending = collections.deque()  # (batch) kept to pair with the tokenized results in order
 
     def texts_of(bs):
         for b in bs:
-            pending.append(b)
-            yield [t for _, t in b]
+            pending.append([(line, last, share) for line, _, last, share in b])
+            yield [t for _, t, _, _ in b]
 
     results = pool.imap(_tokenize, texts_of(batches)) if pool else map(_tokenize, texts_of(batches))
+    parts: list[np.ndarray] = []  # the pieces of a long document so far
     for flat, lens in results:
-        batch = pending.pop(0)
-        for (line, _), ids in zip(batch, np.split(flat, np.cumsum(lens)[:-1])):
+        batch = pending.popleft()
+        for (line, last, share), ids in zip(batch, np.split(flat, np.cumsum(lens)[:-1])):
+            progress.bytes(share)
+            if not last:
+                parts.append(ids)
+                continue
+            if parts:
+                ids, parts = np.concatenate(parts + [ids]), []
             packer, writer = splits["valid" if _in_valid(path, line, params["val_fraction"]) else "train"]
             if not packer.add(ids):
                 report.add("mask_token", path, line, "document tokenizes to the mask id; skipped")

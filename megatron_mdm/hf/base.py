@@ -201,7 +201,12 @@ def hf_to_megatron_state_dict(hf_sd: dict[str, torch.Tensor], cfg: Config, padde
                 raise ConversionError(f"the Hugging Face model has no tensor {missing[0]!r}: not {family.name}-shaped")
             used.update(names)
             parts = [hf_sd[n] for n in names]
-            t = family.fused[meg_t][1](*parts, cfg) if isinstance(hf, tuple) else parts[0]
+            _check_import_tensors(names, parts, _fmt(hf_t, 0) if layer is not None else None, hf_sd)
+            try:
+                t = family.fused[meg_t][1](*parts, cfg) if isinstance(hf, tuple) else parts[0]
+            except RuntimeError as e:  # shapes a fused tensor cannot be built from
+                shapes = ", ".join(f"{n} {tuple(p.shape)}" for n, p in zip(names, parts))
+                raise ConversionError(f"{shapes}: do not fit the config ({e})") from None
             if meg_t in family.vocab_padded:
                 t = pad_vocab(t, padded_vocab)
             out[meg] = t.contiguous()
@@ -209,6 +214,20 @@ def hf_to_megatron_state_dict(hf_sd: dict[str, torch.Tensor], cfg: Config, padde
     if unknown:
         raise ConversionError(f"the Hugging Face model has tensors a {family.name} model does not have: {unknown[:5]}")
     return stack_layers(out, cfg.model.num_layers)
+
+
+def _check_import_tensors(names: tuple[str, ...], parts: list[torch.Tensor], layer0: HfNames | None,
+                          hf_sd: dict[str, torch.Tensor]) -> None:
+    """Every imported weight is floating point (an integer tensor would be cast silently: 68 for 0.068) and has
+    the shape of its layer-0 counterpart (which ``check_shapes`` holds to the config)."""
+    firsts = layer0 if isinstance(layer0, tuple) else (layer0,) * len(names)
+    for name, t, first in zip(names, parts, firsts):
+        if not t.is_floating_point():
+            raise ConversionError(f"{name} holds {str(t.dtype).replace('torch.', '')} values, not floating point "
+                                  "weights: the weight files are damaged or not of this model")
+        if first is not None and first in hf_sd and tuple(hf_sd[first].shape) != tuple(t.shape):
+            raise ConversionError(f"{name} has shape {tuple(t.shape)}, {first} has {tuple(hf_sd[first].shape)}: "
+                                  "every layer has the same shapes")
 
 
 def check_shapes(hf_sd: dict[str, torch.Tensor], want: dict[str, tuple]) -> None:

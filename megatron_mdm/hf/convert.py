@@ -18,11 +18,13 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from megatron_mdm.config import Config, ConfigError
 from megatron_mdm.hf.base import (
     ConversionError,
     Family,
+    check_shapes,
     hf_to_megatron_state_dict,
     megatron_to_hf_state_dict,
     read_hf_state_dict,
@@ -127,11 +129,22 @@ def _run_root(path: Path) -> Path:
     return path.parent if path.name.startswith("iter_") else path
 
 
-def _check_output(out: Path, run: Path, force: bool) -> None:
-    """Refuse to replace a non-empty directory that is not an export of the same run (unless ``force``)."""
-    if out.exists() and not out.is_dir():
+def _check_output(out: Path, ckpt: Path, run: Path, force: bool) -> None:
+    """Refuse an output that would replace what is being read or any training run, whatever the flags; refuse
+    a non-empty directory that is not an export of the same run unless ``force``."""
+    from megatron_mdm.checkpoint import layout
+
+    target, ckpt = out.resolve(), ckpt.resolve()
+    if target == ckpt or target in ckpt.parents or ckpt in target.parents:
+        where = "is" if target == ckpt else "contains" if target in ckpt.parents else "lies inside"
+        raise ConversionError(f"--output: {out} {where} the checkpoint being read ({ckpt}): the export would "
+                              f"replace it; choose a directory outside {run}")
+    if layout.owned_by_run(run, target) or layout.holds_run(target):
+        raise ConversionError(f"--output: {out} is part of a training run (checkpoints, marker, metrics): the "
+                              "export would replace it; choose another directory")
+    if target.exists() and not target.is_dir():
         raise ConversionError(f"--output: {out} exists and is not a directory")
-    if not out.is_dir() or not any(out.iterdir()) or force:
+    if not target.is_dir() or not any(target.iterdir()) or force:
         return
     try:
         previous = json.loads((out / EXPORT_MARKER).read_text()).get("run")
@@ -201,9 +214,14 @@ def export_to_hf(load_dir: str | os.PathLike, output_dir: str | os.PathLike, ite
         load_meta,
         resolve_checkpoint,
     )
+    from megatron_mdm.checkpoint.integrity import verify_files
 
+    out = Path(output_dir)
     try:
         path = resolve_checkpoint(load_dir, iteration)
+        run = _run_root(path)
+        _check_output(out, path, run, force)
+        verify_files(path)  # every file against its checksum before any is read (or unpickled)
         meta = load_meta(path)
     except CheckpointError as e:
         raise ConversionError(str(e)) from None
@@ -213,9 +231,6 @@ def export_to_hf(load_dir: str | os.PathLike, output_dir: str | os.PathLike, ite
         cfg = Config.from_dict(meta["config"], source=f"{path} meta")
     except ConfigError as e:
         raise ConversionError(f"{path}: not a megatron-mdm checkpoint of this version ({e})") from None
-    out = Path(output_dir)
-    run = _run_root(path)
-    _check_output(out, run, force)
     family = family_of(cfg)
     with _Stages("mdm-convert to-hf", 4, progress) as stage:
         stage("checking and reading the checkpoint")
@@ -224,7 +239,7 @@ def export_to_hf(load_dir: str | os.PathLike, output_dir: str | os.PathLike, ite
 
 def _export(path: Path, meta: dict, cfg: Config, family: Family, out: Path, run: Path, shard_size: int | str,
             stage: _Stages, progress: bool) -> Path:
-    tensors = read_checkpoint_tensors(path)
+    tensors = read_checkpoint_tensors(path, verify=False)  # verified before the meta was read
     tok = _load_tokenizer(path / "tokenizer")
     rows = tensors["embedding.word_embeddings.weight"].shape[0] if "embedding.word_embeddings.weight" in tensors else 0
     vocab_size = cfg.model.vocab_size or (tok.vocab_size if tok is not None else rows)
@@ -234,11 +249,11 @@ def _export(path: Path, meta: dict, cfg: Config, family: Family, out: Path, run:
     hf_sd = megatron_to_hf_state_dict(tensors, cfg, vocab_size, family)
     mdm = cfg.objective.objective == "mdm"
     special = _special_ids(tok)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
         dtype = hf_sd[family.param_map["embedding.word_embeddings.weight"]].dtype
         config = family.hf_config(cfg, vocab_size, dtype, mdm, special)
         config["transformers_version"] = _transformers_version()
@@ -262,6 +277,12 @@ def _export(path: Path, meta: dict, cfg: Config, family: Family, out: Path, run:
         marker = {"run": str(run), "iteration": meta.get("iteration"), "family": family.name}
         (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         _swap_in(tmp, out)
+    except (OSError, SafetensorError) as e:  # a full disk, a read-only file system: nothing replaced or left
+        shutil.rmtree(tmp, ignore_errors=True)
+        from megatron_mdm.checkpoint.integrity import save_error_reason
+
+        raise ConversionError(f"--output: could not write {out} ({save_error_reason(e, out.parent)}); "
+                              "nothing was replaced") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -296,9 +317,57 @@ def _add_token_rows(hf_sd: dict[str, torch.Tensor], vocab_size: int, names: list
     return out
 
 
+def _read_hf_config(hf_dir: Path) -> dict:
+    path = hf_dir / "config.json"
+    if not path.is_file():
+        raise ConversionError(f"--hf: {hf_dir} has no config.json")
+    try:
+        hf_cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        where = f" (line {e.lineno}, column {e.colno}: {e.msg})" if isinstance(e, json.JSONDecodeError) else ""
+        raise ConversionError(f"--hf: {path} is not valid JSON{where}") from None
+    if not isinstance(hf_cfg, dict):
+        raise ConversionError(f"--hf: {path} holds {type(hf_cfg).__name__}, not a JSON object")
+    return hf_cfg
+
+
+def _earlier_import(out: Path) -> bool:
+    """Whether ``out`` holds only what an import writes (its record, iteration 0, the marker at 0)."""
+    from megatron_mdm.checkpoint import layout
+
+    if (out / layout.IMPORT_FILE).is_file():
+        return True
+    zero = layout.iteration_dir(out, 0).name
+    names = {p.name for p in out.iterdir()}
+    return (layout.read_latest_iteration(out) == 0
+            and all(n.startswith(zero) or n in (layout.TRACKER, layout.LOCK_FILE) for n in names))
+
+
+def _check_import_output(out: Path, force: bool) -> None:
+    """Refuse to write into a training run (its marker would move back to 0, whatever the flags), and into a
+    non-empty directory that is not an earlier import unless ``force``."""
+    from megatron_mdm.checkpoint import layout
+
+    if out.exists() and not out.is_dir():
+        raise ConversionError(f"--output: {out} exists and is not a directory")
+    if not out.is_dir() or not any(p.name != layout.LOCK_FILE for p in out.iterdir()):  # empty, or a lock left
+        return
+    try:
+        latest = layout.read_latest_iteration(out)
+    except layout.CheckpointError:
+        latest = -1  # a damaged marker: not an import's
+    if latest is not None and latest != 0:
+        raise ConversionError(f"--output: {out} holds a training run (its marker names iteration {latest}): an "
+                              "import would move the marker back to 0 and later saves would replace its "
+                              "checkpoints; choose another directory")
+    if not force and not _earlier_import(out):
+        raise ConversionError(f"--output: {out} is not empty and is not an earlier import; choose another "
+                              "directory or pass --force to write the import into it")
+
+
 def import_from_hf(hf_dir: str | os.PathLike, output_dir: str | os.PathLike,
                    tokenizer_dir: str | os.PathLike | None = None, tp: int = 1, pp: int = 1,
-                   objective: str = "mdm", progress: bool = False) -> Path:
+                   objective: str = "mdm", progress: bool = False, force: bool = False) -> Path:
     """Convert an HF model of a supported family into a Megatron checkpoint (iteration 0, model only).
 
     The family comes from ``config.json``'s ``model_type`` (Llama, Mistral, Qwen2, BERT, RoBERTa, XLM-R,
@@ -316,13 +385,14 @@ def import_from_hf(hf_dir: str | os.PathLike, output_dir: str | os.PathLike,
         tp, pp: the tensor/pipeline-parallel sizes the checkpoint is meant for (recorded in its config).
         objective: ``mdm`` (diffusive adaptation, the default) or ``arm``.
         progress: show the stages and the bytes read on stderr (tqdm).
+        force: write into a non-empty ``output_dir`` that is not an earlier import (never into a training
+            run: a marker past iteration 0 is refused whatever the flags).
     Returns:
         The checkpoint's ``iter_*`` directory.
     """
     hf_dir = Path(hf_dir)
-    if not (hf_dir / "config.json").is_file():
-        raise ConversionError(f"--hf: {hf_dir} has no config.json")
-    hf_cfg = json.loads((hf_dir / "config.json").read_text())
+    hf_cfg = _read_hf_config(hf_dir)
+    _check_import_output(Path(output_dir), force)
     family = family_for_hf(hf_cfg)
     cfg = family.config_from_hf(hf_cfg)
     if objective not in model_family(cfg).objectives:
@@ -350,7 +420,12 @@ def _import(hf_sd: dict[str, torch.Tensor], hf_dir: Path, hf_cfg: dict, cfg: Con
         raise ConversionError(f"no tokenizer in {tok_dir}; pass --tokenizer DIR")
     emb = _vocab_names(family)[0]
     rows = hf_sd[emb].shape[0] if emb in hf_sd else 0
-    cfg.model.vocab_size = max(tok.vocab_size, rows, hf_cfg.get("vocab_size", 0))
+    stated = hf_cfg.get("vocab_size")
+    if rows and stated is not None and stated != rows:
+        raise ConversionError(f"--hf: {hf_dir / 'config.json'} says vocab_size {stated} but {emb} has {rows} rows: "
+                              "the config and the weights are of different models")
+    check_shapes(hf_sd, family.hf_shapes(cfg, rows))
+    cfg.model.vocab_size = max(tok.vocab_size, rows, stated or 0)
     hf_sd = _add_token_rows(hf_sd, cfg.model.vocab_size, _vocab_names(family))
     cfg.optim.bf16 = hf_sd[emb].dtype == torch.bfloat16 if rows else False
     try:
@@ -361,4 +436,10 @@ def _import(hf_sd: dict[str, torch.Tensor], hf_dir: Path, hf_cfg: dict, cfg: Con
     stage(f"mapping {len(hf_sd)} tensors")
     tensors = hf_to_megatron_state_dict(hf_sd, cfg, padded, family)
     stage("writing the Megatron checkpoint")
-    return save_megatron(tensors, cfg, padded, out, tok)
+    from megatron_mdm.checkpoint import layout, lock
+
+    with lock.holding(out, "--output"):  # no training job writes it meanwhile
+        _check_import_output(out, force=True)  # (again, under the lock) never a training run
+        record = {"hf": str(hf_dir.resolve()), "family": family.name, "objective": cfg.objective.objective}
+        (out / layout.IMPORT_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        return save_megatron(tensors, cfg, padded, out, tok)

@@ -20,18 +20,20 @@ from megatron_mdm.config import Config
 from megatron_mdm.hf.base import _PER_LAYER, MODEL_PREFIXES, ConversionError
 
 
-def read_checkpoint_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def read_checkpoint_tensors(path: str | os.PathLike, verify: bool = True) -> dict[str, torch.Tensor]:
     """All model tensors of one torch_dist checkpoint directory, full (unsharded), on CPU.
 
     Reads with ``torch.distributed.checkpoint`` in this process alone (no process group); the stored
-    tensors carry global shapes, so the TP/PP layout of the run that saved them does not matter.
+    tensors carry global shapes, so the TP/PP layout of the run that saved them does not matter. The files
+    are checked against the checkpoint's checksums first, unless ``verify=False`` (the caller did).
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     from megatron_mdm.checkpoint.integrity import verify_files
 
-    verify_files(path)  # checksums and sizes; one-line CheckpointError naming a damaged file
+    if verify:
+        verify_files(path)  # checksums and sizes; one-line CheckpointError naming a damaged file
     reader = dcp.FileSystemReader(str(path))
     try:
         md = reader.read_metadata()

@@ -98,12 +98,24 @@ def present(template: str, cfg: Config) -> bool:
 def hf_shapes(cfg: Config, vocab_size: int) -> dict[str, tuple]:
     m = cfg.model
     nq, _, d = _heads(cfg)
+    _, g, _ = _heads(cfg)
+    h, f, layer = m.hidden_size, m.ffn_hidden_size, "model.layers.0."
     return {
-        "model.embed_tokens.weight": (vocab_size, m.hidden_size),
-        "model.layers.0.self_attn.o_proj.weight": (m.hidden_size, nq * d),
-        "model.layers.0.mlp.down_proj.weight": (m.hidden_size, m.ffn_hidden_size),
-        "model.layers.0.input_layernorm.weight": (m.hidden_size,),
-        "model.norm.weight": (m.hidden_size,),
+        "model.embed_tokens.weight": (vocab_size, h),
+        layer + "self_attn.q_proj.weight": (nq * d, h),
+        layer + "self_attn.k_proj.weight": (g * d, h),
+        layer + "self_attn.v_proj.weight": (g * d, h),
+        layer + "self_attn.q_proj.bias": (nq * d,),  # Qwen2 only (checked where present)
+        layer + "self_attn.k_proj.bias": (g * d,),
+        layer + "self_attn.v_proj.bias": (g * d,),
+        layer + "self_attn.o_proj.weight": (h, nq * d),
+        layer + "mlp.gate_proj.weight": (f, h),
+        layer + "mlp.up_proj.weight": (f, h),
+        layer + "mlp.down_proj.weight": (h, f),
+        layer + "input_layernorm.weight": (h,),
+        layer + "post_attention_layernorm.weight": (h,),
+        "model.norm.weight": (h,),
+        "lm_head.weight": (vocab_size, h),
     }
 
 

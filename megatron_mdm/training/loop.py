@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import signal
 import time
 from functools import partial
@@ -42,6 +43,7 @@ from megatron.core.utils import get_batch_on_this_cp_rank
 
 from megatron_mdm import runtime
 from megatron_mdm.checkpoint import checkpointing, layout
+from megatron_mdm.checkpoint import lock as save_lock
 from megatron_mdm.config import Config, ConfigError, lr_warmup_iters, num_train_iters
 from megatron_mdm.models.build import build_model
 from megatron_mdm.models.flops import flops_per_sequence
@@ -263,20 +265,43 @@ class TrainState:
 
 
 class _StopSignal:
-    """SIGTERM/SIGUSR1 (sent by schedulers before preemption): finish the step, save, exit 0."""
+    """A request to stop: finish the step, save, exit 0.
+
+    SIGTERM/SIGUSR1 (schedulers before preemption), SIGINT (Ctrl-C), SIGHUP (the terminal closed) and SIGQUIT
+    all stop gracefully. A second one aborts at once without saving (exit 128 + the signal; the previous
+    checkpoint stays in force): a second Ctrl-C, or torchrun's SIGTERM after a second Ctrl-C reached it. One
+    that arrives within ``DUPLICATE_S`` of the first is taken for the same request delivered twice (to the
+    process group and forwarded by a launcher) and ignored.
+    """
+
+    SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT", "SIGHUP", "SIGQUIT")
+    DUPLICATE_S = 1.0
 
     def __init__(self):
         self.received = False
+        self._first = 0.0
         self._previous = {}
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for name in self.SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is None:  # pragma: no cover - not on this platform
+                continue
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread
                 pass
 
     def _handle(self, signum, frame):
-        log.warning("received signal %d: saving after this step, then exiting", signum)
-        self.received = True
+        name, now = signal.Signals(signum).name, time.monotonic()
+        if self.received:
+            if now - self._first < self.DUPLICATE_S:
+                return  # the first request, delivered twice
+            log.error("received %s again: stopping at once without saving (the last checkpoint stays in force)",
+                      name)
+            logging.shutdown()
+            os._exit(128 + signum)
+        self.received, self._first = True, now
+        log.warning("received %s: saving after this step, then exiting (a second signal aborts without saving)",
+                    name)
 
     def any_rank(self) -> bool:
         flag = torch.tensor([1.0 if self.received else 0.0], device=runtime.device())
@@ -353,7 +378,9 @@ class Trainer:
                                              iteration=ck.ckpt_iteration, finetune=ck.finetune,
                                              verify=ck.verify_checkpoint, tokenizer=self._tokenizer_id(),
                                              allow_tokenizer_change=ck.allow_tokenizer_change,
-                                             load_optim=ck.load_optim, load_rng=ck.load_rng)
+                                             load_optim=ck.load_optim, load_rng=ck.load_rng,
+                                             allow_unverified=ck.allow_unverified_checkpoint,
+                                             distributed_optimizer=self.cfg.parallel.use_distributed_optimizer)
         self._loaded = {"loaded_from": str(ck.load), "loaded_iteration": int(meta.get("iteration", 0)),
                         "finetune": bool(ck.finetune)}
         if ck.finetune:
@@ -364,6 +391,11 @@ class Trainer:
             consumed_samples=int(meta.get("consumed_samples", 0)),
             skipped_steps=int(meta.get("skipped_steps", 0)),
         )
+        if self.state.iteration > self.train_iters:
+            flag = "--train-iters" if self.cfg.optim.train_iters else "--train-tokens"
+            raise ConfigError(f"{flag}: this run ends at iteration {self.train_iters}, before the iteration of "
+                              f"the checkpoint it resumes ({self.state.iteration}, {meta['path']}): raise {flag} "
+                              "to continue it, or pass --finetune to start a new run from its weights")
         if not ck.load_optim:  # a fresh optimizer; the learning-rate schedule continues where it was
             self.scheduler.step(increment=self.state.iteration)
             log.info("--no-load-optim: optimizer state not loaded; learning-rate schedule at iteration %d",
@@ -586,7 +618,9 @@ def pretrain(cfg: Config, train_loader=None, valid_loader=None) -> dict:
     cfg.validate(world_size=world)  # before Megatron sees the layout: errors name our flags
     num_train_iters(cfg)
     launch = runtime.init_distributed(cfg.parallel, cfg.model.num_layers)
+    held = None
     try:
+        held = save_lock.acquire_collective(cfg.checkpoint.save)  # before anything is written into --save
         tokenizer, train_loader, valid_loader = build_data(cfg, train_loader, valid_loader, tokenizer)
         if launch.rank == 0:
             log.info("resolved config:\n%s", cfg.to_yaml())
@@ -600,6 +634,8 @@ def pretrain(cfg: Config, train_loader=None, valid_loader=None) -> dict:
         result["history"] = trainer.history
         return result
     finally:
+        if held is not None:
+            held.release()
         destroy_num_microbatches_calculator()
         runtime.shutdown()
 

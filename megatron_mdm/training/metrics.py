@@ -242,7 +242,7 @@ def _start_wandb(args: dict, save_dir: Optional[str]):
     return run
 
 
-DROPPED_NAME = "metrics.dropped.jsonl"
+DROPPED_NAME = layout.DROPPED_METRICS_FILE
 
 
 def drop_redone_records(path: Path, iteration: int) -> int:

@@ -159,11 +159,12 @@ def load_megatron_for_inference(load_dir: str | os.PathLike, iteration: int | No
         (with the parallel layout set to 1) and its ``MDMTokenizer`` or None when it has none.
     """
     from megatron_mdm import runtime
-    from megatron_mdm.checkpoint import checkpointing
+    from megatron_mdm.checkpoint import checkpointing, integrity
     from megatron_mdm.hf import ensure_single_process_world
     from megatron_mdm.models.build import build_model
 
     path = checkpointing.resolve_checkpoint(load_dir, iteration)
+    integrity.verify_files(path)  # every file against its checksum before any is read
     meta = checkpointing.load_meta(path)
     cfg = Config.from_dict(meta["config"])
     local = copy.deepcopy(cfg)
@@ -175,7 +176,7 @@ def load_megatron_for_inference(load_dir: str | os.PathLike, iteration: int | No
     ensure_single_process_world(local, force_cpu=False)
     runtime.set_seed(local.logging.seed)
     chunks = build_model(local, padded, causal=cfg.objective.objective == "arm")
-    checkpointing.load_checkpoint(path, chunks, finetune=True)
+    checkpointing.load_checkpoint(path, chunks, finetune=True, verify=False)  # hashed above; sizes again
     tokenizer = None
     if (path / "tokenizer").exists():
         from megatron_mdm.tokenization import MDMTokenizer
