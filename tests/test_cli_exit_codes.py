@@ -18,6 +18,7 @@ SCRIPTS = {e.name: e.value for e in entry_points(group="console_scripts") if e.v
 
 # script -> (arguments with a user's error, what the one line must contain); {tmp} is a fresh directory
 CASES = {
+    "mdm-pretrain": (["--train-iters", "3", "--config", "{tmp}/missing.yaml"], "{tmp}/missing.yaml"),
     "mdm-tokenizer": (["train", "--input", "{tmp}/missing.txt", "--vocab-size", "300", "--output", "{tmp}/tok"],
                       "{tmp}/missing.txt: no input file matches"),
     "mdm-data": (["prepare", "--input", "{tmp}/missing.jsonl", "--tokenizer", "{tmp}/tok", "--output", "{tmp}/d",
