@@ -237,7 +237,8 @@ class CheckpointConfig:
     save: Optional[str] = None
     """Run directory: checkpoints, resolved config, metrics.jsonl."""
     load: Optional[str] = None
-    """Checkpoint directory to resume (or finetune) from."""
+    """Checkpoint directory to resume (or finetune) from. Equal to --save, it may hold no checkpoint yet (the
+    first start of a job whose restarts pass the same flags): training then starts from scratch."""
     save_interval: Optional[int] = None
     """Save every N steps (and at the end)."""
     keep_last: int = 2

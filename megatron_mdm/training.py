@@ -40,7 +40,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_batch_on_this_cp_rank
 
-from megatron_mdm import checkpointing, runtime
+from megatron_mdm import checkpointing, ckpt_files, runtime
 from megatron_mdm.config import Config, ConfigError, num_train_iters
 from megatron_mdm.metrics import MetricsWriter, Throughput, format_line, memory_gib, peak_tflops
 from megatron_mdm.model import build_model, flops_per_sequence
@@ -341,6 +341,11 @@ class Trainer:
         if ck.allow_tokenizer_change and not ck.finetune:
             raise ConfigError("--allow-tokenizer-change: only applies with --finetune (a resume keeps "
                               "the checkpoint's tokenizer)")
+        if not ck.finetune and ck.ckpt_iteration is None and ckpt_files.nothing_to_resume(ck.load, ck.save):
+            if self.rank == 0:
+                log.info("--load %s: no checkpoint there yet (it is the --save directory): starting from scratch",
+                         ck.load)
+            return
         meta = checkpointing.load_checkpoint(ck.load, self.model, self.optimizer, self.scheduler,
                                              iteration=ck.ckpt_iteration, finetune=ck.finetune,
                                              verify=ck.verify_checkpoint, tokenizer=self._tokenizer_id(),
