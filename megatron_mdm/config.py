@@ -254,6 +254,12 @@ class CheckpointConfig:
     the hashing, for speed on trusted storage; file sizes are still checked)."""
     allow_tokenizer_change: bool = False
     """With --finetune, allow a tokenizer other than the checkpoint's (its token ids change meaning)."""
+    exit_interval: Optional[int] = None
+    """Save and exit 0 after an iteration divisible by N (Megatron-LM's flag, for schedulers that send no
+    signal before a time limit); a resumed run goes on to the next multiple."""
+    exit_duration_in_mins: Optional[float] = None
+    """Save and exit 0 after the first step that ends more than this many minutes after training set-up
+    began (Megatron-LM's flag; the ranks agree on it); set it below the scheduler's time limit."""
 
 
 @dataclass
@@ -603,6 +609,7 @@ RANGES: dict[str, str] = {
     "max_consecutive_nan_steps": "[1, inf)",
     # checkpoint
     "save_interval": "[1, inf)", "keep_last": "[0, inf)", "ckpt_iteration": "[0, inf)",
+    "exit_interval": "[1, inf)", "exit_duration_in_mins": "(0, inf)",
     # logging
     "log_interval": "[1, inf)", "eval_interval": "[1, inf)", "eval_iters": "[0, inf)",
     "seed": "[0, 4294967295]", "peak_tflops": "(0, inf)",

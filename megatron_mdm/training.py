@@ -275,10 +275,11 @@ class _StopSignal:
         log.warning("received signal %d: saving after this step, then exiting", signum)
         self.received = True
 
-    def any_rank(self) -> bool:
-        flag = torch.tensor([1.0 if self.received else 0.0], device=runtime.device())
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item() > 0)
+    def any_rank(self, time_up: bool = False) -> tuple[bool, bool]:
+        """(a signal reached some rank, ``time_up`` on some rank): one all-reduce, so every rank stops together."""
+        flags = torch.tensor([float(self.received), float(time_up)], device=runtime.device())
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        return bool(flags[0].item() > 0), bool(flags[1].item() > 0)
 
     def restore(self):
         for sig, handler in self._previous.items():
@@ -332,6 +333,7 @@ class Trainer:
         self.throughput = Throughput(tokens_per_step, flops, self.world_size,
                                      peak_tflops(cfg.logging.peak_tflops))
         self.history: list[dict] = []
+        self.started = time.monotonic()  # --exit-duration-in-mins counts from here (pretrain(): its own start)
 
     # -- checkpoints --
     def load(self) -> None:
@@ -491,9 +493,14 @@ class Trainer:
                     self._validate(result)
                 if self.async_queue is not None:
                     self.async_queue.maybe_finalize_async_calls(blocking=False)
-                if stop.any_rank():
+                reason = self._exit_reason(stop)
+                if reason is not None:
                     self.save()
-                    result["stopped_by_signal"] = True
+                    result["stopped_by_signal"] = reason == "signal"
+                    result["exit_reason"] = reason
+                    if self.rank == 0:
+                        log.info("exiting at iteration %d (%s)%s", it, reason,
+                                 ": checkpoint saved" if ck.save is not None else "")
                     break
                 if ck.save_interval and it % ck.save_interval == 0 and it < self.train_iters:
                     self.save()
@@ -511,6 +518,20 @@ class Trainer:
         result["iteration"] = self.state.iteration
         result["skipped_steps"] = self.state.skipped_steps
         return result
+
+    def _exit_reason(self, stop: _StopSignal) -> Optional[str]:
+        """Why training stops after this step: "signal", "--exit-interval", "--exit-duration-in-mins", or None."""
+        ck, it = self.cfg.checkpoint, self.state.iteration
+        minutes = (time.monotonic() - self.started) / 60
+        signalled, time_up = stop.any_rank(ck.exit_duration_in_mins is not None
+                                           and minutes >= ck.exit_duration_in_mins)
+        if signalled:
+            return "signal"
+        if it >= self.train_iters:  # the last step: the run ends and saves as usual
+            return None
+        if ck.exit_interval and it % ck.exit_interval == 0:
+            return "--exit-interval"
+        return "--exit-duration-in-mins" if time_up else None
 
     def _validate(self, result: dict) -> None:
         val = self.evaluate()
@@ -559,6 +580,7 @@ def pretrain(cfg: Config, train_loader=None, valid_loader=None) -> dict:
 
     Loaders may be given (tests); otherwise they are built from ``cfg.data``.
     """
+    started = time.monotonic()
     world = (torch.distributed.get_world_size() if torch.distributed.is_initialized()
              else runtime.detect_launch_env().world_size)
     cfg.validate(world_size=world)  # before Megatron sees the layout: errors name our flags
@@ -575,6 +597,7 @@ def pretrain(cfg: Config, train_loader=None, valid_loader=None) -> dict:
                 (Path(cfg.checkpoint.save) / "config.yaml").write_text(cfg.to_yaml())
         trainer = Trainer(cfg, tokenizer.vocab_size, tokenizer.mask_id, tokenizer.pad_id,
                           train_loader, valid_loader, tokenizer_dir=cfg.data.tokenizer)
+        trainer.started = started
         trainer.load()
         result = trainer.train()
         result["history"] = trainer.history
