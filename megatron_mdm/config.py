@@ -190,8 +190,9 @@ class ParallelConfig:
     """Overlap the data-parallel gradient reduction with backward (GPU)."""
     overlap_param_gather: bool = False
     """Overlap the distributed optimizer's parameter all-gather with forward (GPU)."""
-    distributed_timeout_minutes: int = 10
-    """Timeout of collective operations."""
+    distributed_timeout_minutes: float = 10
+    """Timeout of collective operations, in minutes (fractions allowed): a rank that stops answering (hung,
+    stopped, its node lost) ends the job after this long, with an error naming it (on gloo)."""
 
 
 @dataclass
@@ -600,7 +601,7 @@ RANGES: dict[str, str] = {
     # parallel
     "tensor_model_parallel_size": "[1, inf)", "pipeline_model_parallel_size": "[1, inf)",
     "num_layers_per_virtual_pipeline_stage": "[1, inf)", "context_parallel_size": "[1, inf)",
-    "distributed_timeout_minutes": "[1, inf)",
+    "distributed_timeout_minutes": "(0, inf)",
     # optim
     "micro_batch_size": "[1, inf)", "global_batch_size": "[1, inf)", "train_iters": "[1, inf)",
     "train_tokens": "[1, inf)", "lr": "(0, inf)", "min_lr": "[0, inf)", "lr_warmup_iters": "[0, inf)",

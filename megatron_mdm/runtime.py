@@ -28,6 +28,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from megatron_mdm import heartbeat
 from megatron_mdm.config import ParallelConfig, virtual_pipeline_size
 
 log = logging.getLogger(__name__)
@@ -147,6 +148,9 @@ def init_distributed(
             timeout=datetime.timedelta(minutes=parallel.distributed_timeout_minutes),
         )
     init_parallel_state(parallel, num_layers)
+    heartbeat.start(os.environ.get("MASTER_ADDR", launch.master_addr),
+                    int(os.environ.get("MASTER_PORT", launch.master_port)), launch.rank, launch.world_size,
+                    parallel.distributed_timeout_minutes)
     return launch
 
 
@@ -186,6 +190,7 @@ def shutdown() -> None:
     """Destroy the parallel state and the process group; leave the CPU development mode."""
     from megatron.core import parallel_state as ps
 
+    heartbeat.stop()
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     if torch.distributed.is_initialized():

@@ -40,7 +40,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_batch_on_this_cp_rank
 
-from megatron_mdm import checkpointing, ckpt_files, runtime
+from megatron_mdm import checkpointing, ckpt_files, heartbeat, runtime
 from megatron_mdm.config import Config, ConfigError, num_train_iters
 from megatron_mdm.metrics import MetricsWriter, Throughput, format_line, memory_gib, peak_tflops
 from megatron_mdm.model import build_model, flops_per_sequence
@@ -510,6 +510,10 @@ class Trainer:
                 elif ck.save is not None and self.rank == 0:
                     log.info("iteration %d is already saved in %s: nothing to save",
                              self.state.iteration, ck.save)
+        except RuntimeError as e:  # another rank stopped answering or died: name it (gloo names none)
+            if isinstance(e, (checkpointing.CheckpointError, TrainingError)) or not heartbeat.is_peer_failure(e):
+                raise
+            raise TrainingError(heartbeat.describe_peer_failure(e)) from None
         finally:
             stop.restore()
             if self.async_queue is not None:
