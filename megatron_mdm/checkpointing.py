@@ -41,7 +41,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from torch.distributed.checkpoint.api import CheckpointException
 
-from megatron_mdm import ckpt_files, ckpt_integrity, ckpt_optimizer, compat
+from megatron_mdm import child_processes, ckpt_files, ckpt_integrity, ckpt_optimizer, compat
 from megatron_mdm.ckpt_files import (  # noqa: F401 - re-exported: the public names of checkpoints
     TRACKER,
     CheckpointError,
@@ -209,6 +209,7 @@ def save_checkpoint(
         return CheckpointError(f"--save: checkpoint iteration {iteration} could not be written to {root} "
                                f"({ckpt_integrity.save_error_reason(e, root)}); {kept}")
 
+    child_processes.writer_queue_dies_with_parent()  # not an orphan holding the job's output after a kill -9
     try:
         if async_queue is None:
             dist_checkpointing.save(sd, str(tmp), **_save_kwargs())
