@@ -19,6 +19,7 @@ import datetime
 import logging
 import os
 import re
+import socket
 import threading
 import time
 from typing import Optional
@@ -79,6 +80,7 @@ class Heartbeat:
                 pass
 
         def changes() -> list[int]:
+            socket.create_connection((self.host, self.port), timeout=5).close()  # refused: the host is gone
             store = self._connect()  # its own connection: the thread's may be mid-request
 
             def read() -> list[int]:
