@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import datetime
 import logging
-import os
 import re
 import socket
 import threading
@@ -38,8 +37,7 @@ class Heartbeat:
         self.host, self.port, self.rank, self.world_size = host, port, rank, world_size
         self.timeout_minutes = timeout_minutes
         self.interval = min(5.0, max(0.5, timeout_minutes * 60 / 6))
-        # a torchrun restart reuses the agent's store: its counters start afresh
-        self._prefix = f"mdm_heartbeat/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+        self._prefix = "mdm_heartbeat/"  # a stale counter of an earlier attempt (shared torchrun store) stays still
         self._store = self._connect()
         self._store.add(self._key(rank), 1)
         self._stop = threading.Event()
