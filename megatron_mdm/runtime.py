@@ -147,6 +147,11 @@ def init_distributed(
             world_size=launch.world_size,
             timeout=datetime.timedelta(minutes=parallel.distributed_timeout_minutes),
         )
+    if (launch.rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0):
+        log.warning("torchrun --max-restarts with its TCPStore shared with the workers: a restarted worker can read "
+                    "the previous attempt's addresses from it and fail to connect (pytorch/pytorch#135712); start "
+                    "torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (docs/CLUSTER.md)")
     init_parallel_state(parallel, num_layers)
     heartbeat.start(os.environ.get("MASTER_ADDR", launch.master_addr),
                     int(os.environ.get("MASTER_PORT", launch.master_port)), launch.rank, launch.world_size,
