@@ -8,7 +8,7 @@ store (the TCPStore at MASTER_ADDR:MASTER_PORT that ``init_process_group`` joine
 stopped or dead process's counter stops. After such a failure, ``describe_peer_failure`` reads the counters
 twice and names the ranks whose counter did not move.
 
-Cost: one small store request per rank per interval (at most 5 s), and one thread. The store host is the
+Cost: one small store request per rank per interval (at most 2 s), and one thread. The store host is the
 torchrun agent of the first node, or rank 0's own process under srun and mpirun: when that process is the
 one that stopped, the store does not answer either, and the message says so.
 """
@@ -36,7 +36,7 @@ class Heartbeat:
     def __init__(self, host: str, port: int, rank: int, world_size: int, timeout_minutes: float):
         self.host, self.port, self.rank, self.world_size = host, port, rank, world_size
         self.timeout_minutes = timeout_minutes
-        self.interval = min(5.0, max(0.5, timeout_minutes * 60 / 6))
+        self.interval = min(2.0, max(0.5, timeout_minutes * 60 / 6))
         self._prefix = "mdm_heartbeat/"  # a stale counter of an earlier attempt (shared torchrun store) stays still
         self._store = self._connect()
         self._store.add(self._key(rank), 1)
