@@ -1,9 +1,11 @@
-"""A trainer killed with SIGKILL after a checkpoint save leaves no process behind (megatron_mdm.child_processes).
+"""The checkpoint writer's helper process lives and dies with the trainer (megatron_mdm.child_processes).
 
-megatron-core's checkpoint writer keeps a multiprocessing Manager process from the first save on; before the fix
-it outlived a SIGKILLed trainer (an orphan holding the task's output open: srun waited 60 s for it, and it
-stayed). Here a real process saves a real checkpoint, lists its children, and is killed; every child must be
-gone within a few seconds.
+megatron-core's checkpoint writer keeps a multiprocessing Manager process from the first save on. Before the
+fix it died of a scheduler's SIGUSR1/SIGTERM to the job step (which Slurm delivers to each node at its own
+moment: a save begun by the signal on another node lost its Manager) and outlived a SIGKILLed trainer (an
+orphan holding the task's output open: srun waited 60 s for it, and it stayed). Here a real process saves a
+real checkpoint and lists its children; SIGUSR1 and SIGTERM to the Manager leave it running, and after the
+trainer is killed every child must be gone within a few seconds.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
-def test_a_killed_trainer_leaves_no_checkpoint_helper_behind(tmp_path):
+def test_checkpoint_helper_survives_stop_signals_and_ends_with_a_killed_trainer(tmp_path):
     env = dict(os.environ, RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
                OMP_NUM_THREADS="1")
     script = SCRIPT.format(tests=str(Path(__file__).parent), root=str(tmp_path / "run"))
@@ -57,6 +59,11 @@ def test_a_killed_trainer_leaves_no_checkpoint_helper_behind(tmp_path):
         assert (tmp_path / "run" / "iter_0000001" / "metadata.json").is_file(), "no checkpoint was saved"
         helpers = [c for c in children if b"multiprocessing" in Path(f"/proc/{c}/cmdline").read_bytes()]
         assert helpers, f"the save started no helper process (children {children}): nothing to check"
+        manager = next(c for c in helpers if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes())
+        os.kill(manager, signal.SIGUSR1)  # what a scheduler sends to every process of the job step
+        os.kill(manager, signal.SIGTERM)
+        time.sleep(1)
+        assert _alive(manager), "the checkpoint writer's Manager died of a stop signal"
         p.kill()
         p.wait()
         deadline = time.time() + 20
