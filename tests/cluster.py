@@ -1,4 +1,5 @@
-"""A real two-node Slurm cluster on this machine, started and stopped by the tests (tests/test_slurm.py).
+"""A real two-node Slurm cluster on this machine, started and stopped by the tests (tests/test_slurm.py), and
+what the launcher tests share: a launcher-free environment and a fresh copy of the repository.
 
 One ``slurmctld`` and two ``slurmd`` daemons (nodes ``n1`` and ``n2``, one CPU each) and a ``munged``, all
 from Debian's ``slurm-wlm`` 22.05 and ``munge`` (installed with apt-get when missing; that needs root).
@@ -27,6 +28,7 @@ from typing import Optional
 
 from megatron_mdm.ports import free_port
 
+REPO = Path(__file__).resolve().parents[1]
 LOCK = Path(tempfile.gettempdir()) / "megatron-mdm-slurm-cluster.lock"
 NODES = ("n1", "n2")
 BINARIES = ("slurmctld", "slurmd", "slurmstepd", "sbatch", "srun", "scontrol", "munged")
@@ -42,6 +44,19 @@ def clean_env(**extra: str) -> dict:
                                 "TORCHELASTIC_"))}
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
     return env
+
+
+def fresh_copy(dest: Path, repo: Path = REPO) -> Path:
+    """The files a fresh clone of ``repo`` would have (tracked, and untracked but not ignored), copied to ``dest``:
+    what a user who just cloned runs the launchers from (no logs/, no outputs/, no .venv)."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=repo, check=True,
+                           capture_output=True).stdout.split(b"\0")
+    for name in filter(None, files):
+        src = repo / name.decode()
+        if src.is_file():
+            (dest / name.decode()).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name.decode())
+    return dest
 
 
 def missing_reason() -> Optional[str]:

@@ -22,13 +22,12 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from cluster import SlurmCluster, clean_env, missing_reason
+from cluster import SlurmCluster, clean_env, fresh_copy, missing_reason
 from real_data import WORDS, prepare_word_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,18 +53,6 @@ def cluster():
     yield c
     c.stop()
     shutil.rmtree(c.root, ignore_errors=True)
-
-
-def fresh_copy(dest: Path) -> Path:
-    """The files a fresh clone of this checkout would have (tracked, and untracked but not ignored)."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, check=True,
-                           capture_output=True).stdout.split(b"\0")
-    for name in filter(None, files):
-        src = REPO / name.decode()
-        if src.is_file():
-            (dest / name.decode()).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / name.decode())
-    return dest
 
 
 @pytest.fixture(scope="module")
