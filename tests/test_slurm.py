@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -206,3 +207,26 @@ def test_hung_node_ends_the_job_after_the_timeout_naming_the_rank(jobs):
             "rank 1 stopped answering")
     assert want in log, log[-3000:]
     assert "pretrain_mdm.py: TrainingError: " + want in log  # one line from the CLI, no traceback
+
+
+def test_container_mounts_cover_repo_data_tokenizer_and_save(tmp_path):
+    """With CONTAINER set, srun gets pyxis' options and the mounts cover what the job reads and writes (pyxis is
+    not on the test cluster: a stand-in srun on PATH records the arguments the script gives it)."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "srun").write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$FAKE_SRUN_OUT"\n')
+    (fake / "srun").chmod(0o755)
+    data, tok, save = tmp_path / "data" / "shards", tmp_path / "tok", tmp_path / "ckpt" / "run"
+    data.mkdir(parents=True)
+    tok.mkdir()
+    env = clean_env(PATH=f"{fake}:{os.environ['PATH']}", FAKE_SRUN_OUT=str(tmp_path / "args"), CONTAINER="mdm.sqsh",
+                    DATA=str(data), TOK=str(tok), SAVE=str(save), SLURM_SUBMIT_DIR=str(REPO))
+    p = subprocess.run(["bash", str(REPO / SCRIPT), "--train-iters", "1"], env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 0, p.stderr
+    args = (tmp_path / "args").read_text().splitlines()
+    mounts = next(a for a in args if a.startswith("--container-mounts=")).split("=", 1)[1].split(",")
+    for path in (REPO, data, tok, save):
+        assert f"{path}:{path}" in mounts, (path, mounts)
+    assert "--container-image=mdm.sqsh" in args and f"--container-workdir={REPO}" in args
+    assert args[args.index("--save") + 1] == str(save) and args[-2:] == ["--train-iters", "1"]
