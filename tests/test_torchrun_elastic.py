@@ -66,9 +66,13 @@ def _finish(procs: list[subprocess.Popen], logs: Path) -> str:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)  # the agent we started and its workers
                 p.wait()
-    out = "".join((logs / f"agent{i}.log").read_text(errors="replace") for i in range(len(procs)))
+    out = _logs(logs)
     assert all(p.returncode == 0 for p in procs), f"{[p.returncode for p in procs]}\n{out[-5000:]}"
     return out
+
+
+def _logs(logs: Path) -> str:
+    return "".join(f.read_text(errors="replace") for f in sorted(logs.glob("agent*.log")))
 
 
 def _steps(run: Path, name: str = "metrics.jsonl") -> list[tuple]:
@@ -125,6 +129,11 @@ def test_max_restarts_resumes_from_the_save_directory_after_a_worker_is_killed(d
         victim = _worker_of(procs[1])
         assert victim is not None
         os.kill(victim, signal.SIGKILL)  # the worker on the second "node"
+        t_kill = time.time()
+        while _logs(tmp_path).count("training mdm: iterations") < 2 and all(p.poll() is None for p in procs):
+            time.sleep(0.2)
+        print(f"\n[measured] kill -9 of a worker -> both agents' new workers training again: "
+              f"{time.time() - t_kill:.1f} s")
     finally:
         out = _finish(procs, tmp_path)
     assert out.count("no checkpoint there yet (it is the --save directory): starting from scratch") == 1, out[-5000:]
