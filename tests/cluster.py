@@ -85,8 +85,20 @@ def _resolves_to_loopback(name: str) -> bool:
         return False
 
 
+def _resolves(name: str) -> bool:
+    try:
+        socket.gethostbyname(name)
+        return True
+    except OSError:
+        return False
+
+
 def ensure_hosts(names=NODES) -> None:
+    """``names`` resolve to 127.0.0.1, and so does this machine's own name if it resolves to nothing."""
     missing = [n for n in names if not _resolves_to_loopback(n)]
+    host = socket.gethostname().split(".")[0]
+    if not _resolves(host):
+        missing.append(host)
     if missing:
         with open("/etc/hosts", "a") as f:
             f.write(f"127.0.0.1 {' '.join(missing)}  # megatron-mdm tests/cluster.py: Slurm test nodes\n")
