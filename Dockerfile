@@ -5,6 +5,11 @@
 #   docker run --gpus all --ipc=host --ulimit memlock=-1 --ulimit stack=67108864 -it --rm \
 #       -v /data:/data megatron-mdm bash examples/quickstart.sh
 #
+# The quickstart's set-up step (examples/setup_env.sh) finds that the image's python3 already imports torch,
+# megatron.core and this checkout's megatron_mdm, and makes .venv a thin venv over the image's environment:
+# nothing is installed, and the image's torch, Transformer Engine and Apex are the ones that run
+# (tests/test_setup_env.py). Under Slurm with pyxis/enroot: CONTAINER=<image> in examples/slurm/ (docs/CLUSTER.md).
+#
 # BASE_IMAGE: 25.03 or newer (torch >= 2.7 pre-release builds; pyproject.toml needs torch >= 2.6, and the 25.01
 # build's 2.6.0a0 sorts below 2.6). 25.04 has Python 3.12, so pyproject.toml's marker selects megatron-core
 # >= 0.16.1, < 0.20, and Transformer Engine 2.x (FP8 tensorwise recipe needs TE >= 2.2).

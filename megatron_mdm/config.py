@@ -197,8 +197,9 @@ class ParallelConfig:
     """Overlap the data-parallel gradient reduction with backward (GPU)."""
     overlap_param_gather: bool = False
     """Overlap the distributed optimizer's parameter all-gather with forward (GPU)."""
-    distributed_timeout_minutes: int = 10
-    """Timeout of collective operations."""
+    distributed_timeout_minutes: float = 10
+    """Timeout of collective operations, in minutes (fractions allowed): a rank that stops answering (hung,
+    stopped, its node lost) ends the job after this long, with an error naming it (on gloo)."""
 
 
 @dataclass
@@ -249,7 +250,8 @@ class CheckpointConfig:
     save: Optional[str] = None
     """Run directory: checkpoints, resolved config, metrics.jsonl."""
     load: Optional[str] = None
-    """Checkpoint directory to resume (or finetune) from."""
+    """Checkpoint directory to resume (or finetune) from. Equal to --save, it may hold no checkpoint yet (the
+    first start of a job whose restarts pass the same flags): training then starts from scratch."""
     save_interval: Optional[int] = None
     """Save every N steps (and at the end)."""
     keep_last: int = 2
@@ -273,6 +275,12 @@ class CheckpointConfig:
     run's seeding."""
     allow_unverified_checkpoint: bool = False
     """Load a checkpoint that lost its checksums.json (its files cannot be verified)."""
+    exit_interval: Optional[int] = None
+    """Save and exit 0 after an iteration divisible by N (Megatron-LM's flag, for schedulers that send no
+    signal before a time limit); a resumed run goes on to the next multiple."""
+    exit_duration_in_mins: Optional[float] = None
+    """Save and exit 0 after the first step that ends more than this many minutes after training set-up
+    began (Megatron-LM's flag; the ranks agree on it); set it below the scheduler's time limit."""
 
 
 @dataclass
@@ -660,7 +668,7 @@ RANGES: dict[str, str] = {
     # parallel
     "tensor_model_parallel_size": "[1, inf)", "pipeline_model_parallel_size": "[1, inf)",
     "num_layers_per_virtual_pipeline_stage": "[1, inf)", "context_parallel_size": "[1, inf)",
-    "distributed_timeout_minutes": "[1, inf)",
+    "distributed_timeout_minutes": "(0, inf)",
     # optim
     "micro_batch_size": "[1, inf)", "global_batch_size": "[1, inf)", "train_iters": "[1, inf)",
     "train_tokens": "[1, inf)", "train_samples": "[1, inf)", "lr": "(0, inf)", "min_lr": "[0, inf)",
@@ -670,6 +678,7 @@ RANGES: dict[str, str] = {
     "max_consecutive_nan_steps": "[1, inf)",
     # checkpoint
     "save_interval": "[1, inf)", "keep_last": "[0, inf)", "ckpt_iteration": "[0, inf)",
+    "exit_interval": "[1, inf)", "exit_duration_in_mins": "(0, inf)",
     # logging
     "log_interval": "[1, inf)", "eval_interval": "[1, inf)", "eval_iters": "[0, inf)",
     "seed": "[0, 4294967295]", "peak_tflops": "(0, inf)",

@@ -28,6 +28,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from megatron_mdm import heartbeat
 from megatron_mdm.config import ParallelConfig, virtual_pipeline_size
 
 log = logging.getLogger(__name__)
@@ -157,7 +158,15 @@ def init_distributed(
             world_size=launch.world_size,
             timeout=datetime.timedelta(minutes=parallel.distributed_timeout_minutes),
         )
+    if (launch.rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0):
+        log.warning("torchrun --max-restarts with its TCPStore shared with the workers: a restarted worker can read "
+                    "the previous attempt's addresses from it and fail to connect (pytorch/pytorch#135712); start "
+                    "torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (docs/CLUSTER.md)")
     init_parallel_state(parallel, num_layers)
+    heartbeat.start(os.environ.get("MASTER_ADDR", launch.master_addr),
+                    int(os.environ.get("MASTER_PORT", launch.master_port)), launch.rank, launch.world_size,
+                    parallel.distributed_timeout_minutes)
     return launch
 
 
@@ -197,6 +206,7 @@ def shutdown() -> None:
     """Destroy the parallel state and the process group; leave the CPU development mode."""
     from megatron.core import parallel_state as ps
 
+    heartbeat.stop()
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     if torch.distributed.is_initialized():

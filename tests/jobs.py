@@ -88,6 +88,7 @@ def train_job(rank: int, world: int, overrides: dict, loader_kind: str = "synthe
         "iteration": result["iteration"],
         "val": result["val"],
         "stopped_by_signal": result.get("stopped_by_signal", False),
+        "exit_reason": result.get("exit_reason"),
         "skipped_steps": result["skipped_steps"],
     }
 

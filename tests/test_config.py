@@ -131,7 +131,7 @@ def test_no_numeric_field_accepts_minus_one_or_nan(name):
     ("--log-interval", "0", "must be >= 1"),
     ("--eval-interval", "0", "must be >= 1"),
     ("--seed", "-3", "must be in"),
-    ("--distributed-timeout-minutes", "0", "must be >= 1"),
+    ("--distributed-timeout-minutes", "0", "must be > 0"),
     ("--max-consecutive-nan-steps", "0", "must be >= 1"),
     ("--keep-last", "-1", "must be >= 0"),
     ("--ckpt-iteration", "-1", "must be >= 0"),

@@ -1,16 +1,16 @@
-"""The training entry (python -m megatron_mdm.cli.pretrain) launched the way clusters launch it: mpirun (OpenMPI env) and SLURM (srun env).
+"""The training entry (python -m megatron_mdm.cli.pretrain) launched with only the environment srun gives its
+tasks (no RANK/WORLD_SIZE), so ``runtime.detect_launch_env`` must find rank, size and master.
 
-torchrun is covered by test_examples.py. Here two processes get only the launcher's own environment
-variables (no RANK/WORLD_SIZE), so ``runtime.detect_launch_env`` must find rank, size and master.
+torchrun is covered by test_examples.py and test_torchrun_elastic.py, mpirun (OpenMPI's environment) by
+test_mpirun_launcher.py through examples/mpirun/pretrain_mdm.sh, real Slurm jobs by test_slurm.py.
 """
 
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from cluster import clean_env
 
 from megatron_mdm.launch import PRETRAIN_MODULE, free_port
 
@@ -22,13 +22,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.dist]
 
 def _port() -> str:
     return str(free_port())
-
-
-def _clean_env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "SLURM_", "OMPI_", "PMI"))}
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
-    return env
 
 
 @pytest.fixture(scope="module")
@@ -54,26 +47,13 @@ def _check_run(run: Path, out: str) -> None:
     assert (run / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
 
 
-def test_mpirun_launch(data, tmp_path):
-    mpirun = shutil.which("mpirun") or str(Path(sys.executable).parent / "mpirun")
-    if not Path(mpirun).exists():
-        pytest.skip("mpirun is not installed (pip install '.[mpi]')")
-    run = tmp_path / "run"
-    env = _clean_env(MASTER_PORT=_port())
-    p = subprocess.run([mpirun, "--allow-run-as-root", "--oversubscribe", "-n", "2", "-x", "OMP_NUM_THREADS",
-                        "-x", "MASTER_PORT", sys.executable] + _args(data, run),
-                       env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    _check_run(run, p.stdout + p.stderr)
-
-
 def test_slurm_environment_launch(data, tmp_path):
     """Two processes with what srun sets (SLURM_PROCID/NTASKS/LOCALID/JOB_NODELIST/JOB_ID), nothing else."""
     run = tmp_path / "run"
     job_id = str(int(_port()) % 10000 + 1)  # the runtime derives MASTER_PORT = 20000 + job id % 10000
     procs = []
     for rank in range(2):
-        env = _clean_env(SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_LOCALID=str(rank),
+        env = clean_env(SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_LOCALID=str(rank),
                          SLURM_JOB_NODELIST="127.0.0.1", SLURM_JOB_ID=job_id)
         procs.append(subprocess.Popen([sys.executable] + _args(data, run), env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))

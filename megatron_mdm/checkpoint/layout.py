@@ -211,6 +211,14 @@ def resolve_checkpoint(root: str | os.PathLike, iteration: Optional[int] = None)
     return path
 
 
+def nothing_to_resume(load: str | os.PathLike, save: Optional[str | os.PathLike]) -> bool:
+    """``--load`` is the run's own ``--save`` directory and holds no checkpoint yet (no marker, no complete
+    iteration): the first start of a job whose every (re)start passes ``--load D --save D``."""
+    if save is None or Path(load).resolve() != Path(save).resolve():
+        return False
+    return read_latest_iteration(load) is None and not complete_iterations(load)
+
+
 def fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)

@@ -89,7 +89,8 @@ def main(argv=None, prog: str = "mdm-pretrain") -> int:
         last = result["losses"][-1] if result["losses"] else float("nan")
         print(f"done: iteration {result['iteration']}, last loss {last:.4f}, "
               f"skipped steps {result['skipped_steps']}"
-              + (", stopped by signal (checkpoint saved)" if result.get("stopped_by_signal") else ""))
+              + (", stopped by signal (checkpoint saved)" if result.get("stopped_by_signal") else
+                 f", stopped by {result['exit_reason']} (checkpoint saved)" if result.get("exit_reason") else ""))
     return 0
 
 

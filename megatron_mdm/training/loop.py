@@ -41,7 +41,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_batch_on_this_cp_rank
 
-from megatron_mdm import runtime
+from megatron_mdm import heartbeat, runtime
 from megatron_mdm.checkpoint import checkpointing, layout
 from megatron_mdm.checkpoint import lock as save_lock
 from megatron_mdm.config import Config, ConfigError, lr_warmup_iters, num_train_iters
@@ -303,10 +303,11 @@ class _StopSignal:
         log.warning("received %s: saving after this step, then exiting (a second signal aborts without saving)",
                     name)
 
-    def any_rank(self) -> bool:
-        flag = torch.tensor([1.0 if self.received else 0.0], device=runtime.device())
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item() > 0)
+    def any_rank(self, time_up: bool = False) -> tuple[bool, bool]:
+        """(a signal reached some rank, ``time_up`` on some rank): one all-reduce, so every rank stops together."""
+        flags = torch.tensor([float(self.received), float(time_up)], device=runtime.device())
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        return bool(flags[0].item() > 0), bool(flags[1].item() > 0)
 
     def restore(self):
         for sig, handler in self._previous.items():
@@ -365,6 +366,7 @@ class Trainer:
         self.throughput = Throughput(tokens_per_step, flops, self.world_size,
                                      peak_tflops(cfg.logging.peak_tflops))
         self.history: list[dict] = []
+        self.started = time.monotonic()  # --exit-duration-in-mins counts from here (pretrain(): its own start)
 
     # -- checkpoints --
     def load(self) -> None:
@@ -374,6 +376,11 @@ class Trainer:
         if ck.allow_tokenizer_change and not ck.finetune:
             raise ConfigError("--allow-tokenizer-change: only applies with --finetune (a resume keeps "
                               "the checkpoint's tokenizer)")
+        if not ck.finetune and ck.ckpt_iteration is None and layout.nothing_to_resume(ck.load, ck.save):
+            if self.rank == 0:
+                log.info("--load %s: no checkpoint there yet (it is the --save directory): starting from scratch",
+                         ck.load)
+            return
         meta = checkpointing.load_checkpoint(ck.load, self.model, self.optimizer, self.scheduler,
                                              iteration=ck.ckpt_iteration, finetune=ck.finetune,
                                              verify=ck.verify_checkpoint, tokenizer=self._tokenizer_id(),
@@ -534,9 +541,14 @@ class Trainer:
                     self._validate(result)
                 if self.async_queue is not None:
                     self.async_queue.maybe_finalize_async_calls(blocking=False)
-                if stop.any_rank():
+                reason = self._exit_reason(stop)
+                if reason is not None:
                     self.save()
-                    result["stopped_by_signal"] = True
+                    result["stopped_by_signal"] = reason == "signal"
+                    result["exit_reason"] = reason
+                    if self.rank == 0:
+                        log.info("exiting at iteration %d (%s)%s", it, reason,
+                                 ": checkpoint saved" if ck.save is not None else "")
                     break
                 if ck.save_interval and it % ck.save_interval == 0 and it < self.train_iters:
                     self.save()
@@ -546,6 +558,10 @@ class Trainer:
                 elif ck.save is not None and self.rank == 0:
                     log.info("iteration %d is already saved in %s: nothing to save",
                              self.state.iteration, ck.save)
+        except RuntimeError as e:  # another rank stopped answering or died: name it (gloo names none)
+            if isinstance(e, (checkpointing.CheckpointError, TrainingError)) or not heartbeat.is_peer_failure(e):
+                raise
+            raise TrainingError(heartbeat.describe_peer_failure(e)) from None
         finally:
             stop.restore()
             if self.async_queue is not None:
@@ -558,6 +574,20 @@ class Trainer:
     def _tokens(self) -> int:
         """Tokens consumed so far (consumed samples x sequence length)."""
         return self.state.consumed_samples * self.cfg.data.seq_length
+
+    def _exit_reason(self, stop: _StopSignal) -> Optional[str]:
+        """Why training stops after this step: "signal", "--exit-interval", "--exit-duration-in-mins", or None."""
+        ck, it = self.cfg.checkpoint, self.state.iteration
+        minutes = (time.monotonic() - self.started) / 60
+        signalled, time_up = stop.any_rank(ck.exit_duration_in_mins is not None
+                                           and minutes >= ck.exit_duration_in_mins)
+        if signalled:
+            return "signal"
+        if it >= self.train_iters:  # the last step: the run ends and saves as usual
+            return None
+        if ck.exit_interval and it % ck.exit_interval == 0:
+            return "--exit-interval"
+        return "--exit-duration-in-mins" if time_up else None
 
     def _validate(self, result: dict) -> None:
         val = self.evaluate()
@@ -611,6 +641,7 @@ def pretrain(cfg: Config, train_loader=None, valid_loader=None) -> dict:
     """
     from megatron_mdm.training.data import build_data, resolve_config  # noqa: PLC0415 - imports the data stack
 
+    started = time.monotonic()
     world = (torch.distributed.get_world_size() if torch.distributed.is_initialized()
              else runtime.detect_launch_env().world_size)
     cfg.validate(world_size=world)  # the flags alone first: a bad layout is named before files are read
@@ -629,6 +660,7 @@ def pretrain(cfg: Config, train_loader=None, valid_loader=None) -> dict:
                 layout.config_file(cfg.checkpoint.save).write_text(cfg.to_yaml())
         trainer = Trainer(cfg, tokenizer.vocab_size, tokenizer.mask_id, tokenizer.pad_id,
                           train_loader, valid_loader, tokenizer_dir=cfg.data.tokenizer)
+        trainer.started = started
         trainer.load()
         result = trainer.train()
         result["history"] = trainer.history
