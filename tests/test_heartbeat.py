@@ -15,6 +15,7 @@ import sys
 import time
 
 import pytest
+
 from megatron_mdm.launch import free_port
 
 pytestmark = [pytest.mark.dist]

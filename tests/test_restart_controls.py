@@ -25,6 +25,7 @@ pytestmark = [pytest.mark.dist]
 def runs_job(rank: int, world: int, runs: list) -> list:
     """``train_job`` for each overrides dict in turn; a CheckpointError is returned as {"error": message}."""
     from megatron.core.num_microbatches_calculator import destroy_num_microbatches_calculator
+
     from megatron_mdm.checkpoint.checkpointing import CheckpointError
 
     out = []

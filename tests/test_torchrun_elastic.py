@@ -20,8 +20,9 @@ from pathlib import Path
 
 import pytest
 from cluster import clean_env
-from megatron_mdm.launch import free_port
 from real_data import WORDS, prepare_word_dataset
+
+from megatron_mdm.launch import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 ITERS = 24
