@@ -207,17 +207,19 @@ def test_cached_kv_and_window_logits_equal_a_fresh_forward():
             k = captured[(i, "k")].view(3, 20, 2, 8).transpose(1, 2)  # [b, kv heads, s, d]
             v = captured[(i, "v")].view(3, 20, 2, 8).transpose(1, 2)
             k = _rope(k, torch.arange(20), 100.0)
-            ck, cv = cache.prefix[i]
-            assert torch.allclose(ck.double(), k[:, :, :lo], atol=1e-5)
-            assert torch.allclose(cv.double(), v[:, :, :lo].double(), atol=1e-5)
-            if mode == "dual":
-                sk, sv = cache.suffix[i]
-                assert torch.allclose(sk.double(), k[:, :, hi:], atol=1e-5)
-                assert torch.allclose(sv.double(), v[:, :, hi:].double(), atol=1e-5)
+            ck, cv = cache.keys[i], cache.values[i]  # the recording forward's own K/V, whole sequence
+            assert torch.allclose(ck.double(), k, atol=1e-5)
+            assert torch.allclose(cv.double(), v.double(), atol=1e-5)
+            kept = {i: (ck[:, :, :lo].clone(), ck[:, :, hi:].clone())}
         cache.window(lo, hi if mode == "dual" else 20)
         window = x[:, lo:hi] if mode == "dual" else x[:, lo:]
         got = fn.forward(window, select=None if mode == "dual" else slice(0, hi - lo), start=lo, cache=cache)
         assert torch.allclose(got, full[:, lo:hi], atol=1e-5), mode
+        # the window wrote its K/V in place: the cached prefix (and, dual, suffix) are untouched
+        before, after = kept[1], cache.keys[1]
+        assert torch.equal(after[:, :, :lo], before[0])
+        if mode == "dual":
+            assert torch.equal(after[:, :, hi:], before[1])
     # a token of the block changes: the window sees it, the stale cached suffix does not
     y = x.clone()
     y[:, 10] = 5
