@@ -117,13 +117,15 @@ def apply_cfg(cond: torch.Tensor, uncond: torch.Tensor, cfg_scale: float) -> tor
     return uncond + (cfg_scale + 1.0) * (cond - uncond)
 
 
-def clip_logits(logits: torch.Tensor, mask_id: int, vocab_size: int | None) -> torch.Tensor:
+def clip_logits(logits: torch.Tensor, mask_id: int, vocab_size: int | None, owned: bool = False) -> torch.Tensor:
     """Drop padded-vocabulary logits and forbid the mask token.
 
     Args:
         logits: [..., V_padded] model output.
         mask_id: id of the mask token (its logit becomes -inf).
         vocab_size: real vocabulary size (mask token included); None keeps all of V_padded.
+        owned: ``logits`` is a fresh tensor nobody else holds: float32/64 logits are changed in place
+            instead of copied.
 
     Returns:
         float32 (or float64, if given) logits [..., V].
@@ -132,7 +134,7 @@ def clip_logits(logits: torch.Tensor, mask_id: int, vocab_size: int | None) -> t
         logits = logits[..., :vocab_size]
     if not logits.is_floating_point() or logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
-    else:
+    elif not owned:
         logits = logits.clone()
     if 0 <= mask_id < logits.shape[-1]:
         logits[..., mask_id] = float("-inf")
@@ -167,15 +169,16 @@ def model_logits(
     Returns:
         float logits [b, s, V] (or as selected) with the mask token at -inf.
     """
+    owned = isinstance(logits_fn, ModelForward)  # its forward returns a fresh tensor
     if cfg_scale == 0.0:
-        return clip_logits(run_model(logits_fn, input_ids, select, start, cache), mask_id, vocab_size)
+        return clip_logits(run_model(logits_fn, input_ids, select, start, cache), mask_id, vocab_size, owned)
     if prompt_mask is None:
         raise ValueError("cfg_scale != 0 needs prompt_mask (the positions masked in the unconditional input)")
     uncond_ids = input_ids.masked_fill(prompt_mask.to(input_ids.device), mask_id)  # [b, s]
     if isinstance(select, torch.Tensor):
         select = torch.cat([select, select], dim=0)  # [2b, s]
     both = run_model(logits_fn, torch.cat([input_ids, uncond_ids], dim=0), select, start, cache)
-    both = clip_logits(both, mask_id, vocab_size)  # [2b, s, V] or [2n, V]
+    both = clip_logits(both, mask_id, vocab_size, owned)  # [2b, s, V] or [2n, V]
     cond, uncond = both.chunk(2, dim=0)
     guided = apply_cfg(cond, uncond, cfg_scale)
     if 0 <= mask_id < guided.shape[-1]:

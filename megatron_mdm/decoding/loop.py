@@ -34,9 +34,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from megatron_mdm.decoding.logits import LogitsFn, ModelForward, model_logits
-from megatron_mdm.decoding.settings import DecodingConfig
-from megatron_mdm.decoding.unmasking import (
+from .logits import LogitsFn, ModelForward, model_logits
+from .settings import DecodingConfig
+from .unmasking import (
     confidence,
     count_factor,
     count_threshold,
@@ -124,22 +124,30 @@ class _BlockForward:
                                  "or a model from decoding.backends.hf / decoding.backends.megatron.MegatronForward)")
             self.cache = model.new_cache()
 
-    def logits(self, x: torch.Tensor, lo: int, hi: int, refresh: bool) -> torch.Tensor:
-        """Guided, clipped logits [g, hi - lo, V] of the block ``[lo, hi)`` of x [g, L]."""
+    def logits(self, x: torch.Tensor, lo: int, hi: int, refresh: bool, want: torch.Tensor | None = None):
+        """Guided, clipped logits of the block ``[lo, hi)`` of x [g, L]: [g, hi - lo, V], or [n, V] at the
+        True entries of ``want`` [g, hi - lo] (row-major order) when it is given."""
         s, L = self.s, x.shape[1]
         # a shifted model (--shift-logits) gets entry i from position i - 1: windows start one earlier
         ws = max(lo - 1, 0) if getattr(self.model, "shift", False) else lo
         if self.cache is None or refresh:
             if self.cache is not None:
                 self.cache.record(ws, hi if s.cache == "dual" else None)
-            start, ids, sel = 0, x, slice(lo, hi)
+            start, ids = 0, x
         elif s.cache == "prefix":
             self.cache.window(ws, L)
-            start, ids, sel = ws, x[:, ws:], slice(lo - ws, hi - ws)
+            start, ids = ws, x[:, ws:]
         else:  # dual
             self.cache.window(ws, hi)
-            start, ids, sel = ws, x[:, ws:hi], (slice(lo - ws, hi - ws) if ws < lo else None)
-        pm = self.prompt_mask[:, start : start + ids.shape[1]]
+            start, ids = ws, x[:, ws:hi]
+        if want is None:
+            sel = None if (start, ids.shape[1]) == (lo, hi - lo) else slice(lo - start, hi - start)
+        elif (start, ids.shape[1]) == (lo, hi - lo):
+            sel = want
+        else:
+            sel = torch.zeros(ids.shape, dtype=torch.bool, device=want.device)
+            sel[:, lo - start : hi - start] = want
+        pm = self.prompt_mask[:, start : start + ids.shape[1]] if s.cfg_scale != 0.0 else None
         return model_logits(self.model, ids, s.mask_id, s.vocab_size, s.cfg_scale, pm, select=sel, start=start,
                             cache=self.cache)
 
@@ -160,54 +168,53 @@ def _decode_group(model: LogitsFn, prompt: torch.Tensor, s: _Settings, generator
     x[:, :p] = prompt
     prompt_mask = torch.zeros_like(x, dtype=torch.bool)
     prompt_mask[:, :p] = True
-    done = torch.zeros(g, dtype=torch.bool, device=x.device)
-    per_row = torch.zeros(g, dtype=torch.long)
+    done = torch.zeros(g, dtype=torch.bool, device=x.device)  # rows stopped at EOS (only with eos_id)
+    per_row = torch.zeros(g, dtype=torch.long, device=x.device)
     fwd = _BlockForward(model, s, prompt_mask)
     forwards = 0
     adaptive = s.threshold is not None or s.factor is not None
+    stops = s.eos_id is not None
     for blk in range(s.gen_length // s.block_length):
         lo, hi = p + blk * s.block_length, p + (blk + 1) * s.block_length
-        plan = None if adaptive else num_transfer_tokens((x[:, lo:hi] == s.mask_id).sum(dim=1), s.steps_per_block)
+        if not adaptive:
+            plan = num_transfer_tokens((x[:, lo:hi] == s.mask_id).sum(dim=1), s.steps_per_block)  # [g, steps]
+            busy = (plan.max(dim=0).values > 0).tolist()  # steps with something to unmask (before EOS stops)
         step, block_forwards = 0, 0
         while True:
-            if bool(done.all()):
-                return x, forwards, per_row
+            if stops and bool(done.all()):
+                return x, forwards, per_row.cpu()
             masked = x[:, lo:hi] == s.mask_id  # [g, B]
+            candidate = masked & ~done[:, None] if stops else masked  # [g, B]
             if adaptive:
-                if not bool(masked.any()):
+                if not bool(candidate.any()):
                     break
                 planned = None
-                wants = masked.any(dim=1) & ~done  # [g]
+                wants = candidate.any(dim=1)  # [g]
             else:
                 if step == s.steps_per_block:
                     break
-                planned = plan[:, step].masked_fill(done, 0)  # [g]
+                planned = plan[:, step].masked_fill(done, 0) if stops else plan[:, step]  # [g]
                 step += 1
-                if int(planned.max()) == 0:
+                if not busy[step - 1] or (stops and int(planned.max()) == 0):
                     continue
                 wants = planned > 0
             refresh = block_forwards == 0 or (s.refresh_interval is not None and block_forwards % s.refresh_interval == 0)
-            logits = fwd.logits(x, lo, hi, refresh)  # [g, B, V]
+            rows, cols = candidate.nonzero(as_tuple=True)
+            lg = fwd.logits(x, lo, hi, refresh, candidate)  # [n, V]: the candidates' logits only
             forwards += 1
             block_forwards += 1
-            per_row += wants.cpu().long()
-            candidate = masked & ~done[:, None]  # [g, B]
-            rows, cols = candidate.nonzero(as_tuple=True)
-            lg = logits[rows, cols]  # [n, V]
+            per_row += wants
             x0 = sample_candidates(filter_top_k_top_p(lg, s.top_k, s.top_p), s.temperature, generator)  # [n]
             score = torch.full(masked.shape, float("-inf"), dtype=torch.float64, device=x.device)
             score[rows, cols] = confidence(lg, x0, s.remasking, generator)
             n = _num_to_unmask(s, score, candidate, planned)  # [g]
-            transfer = candidate & (rank_candidates(score) < n[:, None])  # [g, B]
-            block = x[:, lo:hi]
-            proposal = block.clone()
-            proposal[rows, cols] = x0
-            x[:, lo:hi] = torch.where(transfer, proposal, block)
+            take = (rank_candidates(score) < n[:, None])[rows, cols]  # [n]: the candidates unmasked now
+            x[rows[take], cols[take] + lo] = x0[take]
             if progress is not None:
-                progress.update(int(transfer.sum()))
-            if s.eos_id is not None:
+                progress.update(int(take.sum()))
+            if stops:
                 _apply_eos(x, p, s.gen_length, s.mask_id, s.eos_id, done)
-    return x, forwards, per_row
+    return x, forwards, per_row.cpu()
 
 
 def _as_rows(prompt_ids: torch.Tensor | Sequence[Sequence[int]]) -> list[list[int]]:
