@@ -336,7 +336,8 @@ WORDS = ["the", "cat", "dog", "sat", "ran", "on", "mat", "a", "is", "red", "blue
 
 
 def make_mdm_dir(path: Path, seed: int) -> Path:
-    """An exported-style MDM directory: MDMForMaskedLM weights, its shipped code, a word-level tokenizer."""
+    """An exported-style MDM directory: MDMForMaskedLM weights of ``model_type`` eurobert (as mdm-convert writes a
+    plain Llama MDM), the shipped code, a word-level tokenizer."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -346,13 +347,17 @@ def make_mdm_dir(path: Path, seed: int) -> Path:
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]",
                                   mask_token="[MASK]")
+    from megatron_mdm.hf import modeling as hf_modeling
+
     model = tiny_mdm(seed, vocab=len(vocab), mask_id=3, sharp=4.0)
-    model.config.auto_map = {"AutoConfig": "configuration_mdm.MDMConfig",
-                             "AutoModelForMaskedLM": "modeling_mdm.MDMForMaskedLM"}
+    model.config.eos_token_id = 2
     model.save_pretrained(path)
-    for name in ("configuration_mdm.py", "modeling_mdm.py"):
-        shutil.copy(REPO / "megatron_mdm" / "hf" / "modeling" / name, path / name)
+    for name, src in hf_modeling.shipped_files().items():  # what mdm-convert to-hf ships
+        shutil.copy(src, path / name)
     tok.save_pretrained(path)
+    config = json.loads((path / "config.json").read_text())
+    config.update(model_type=hf_modeling.STOCK_MODEL_TYPE, auto_map=hf_modeling.AUTO_MAP)
+    (path / "config.json").write_text(json.dumps(config))
     return path
 
 

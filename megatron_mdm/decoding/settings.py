@@ -13,8 +13,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from megatron_mdm.decoding.cache import MODES
-from megatron_mdm.decoding.unmasking import PROBABILITY_SCORES, REMASKING
+from .cache import MODES
+from .unmasking import PROBABILITY_SCORES, REMASKING
 
 
 @dataclass(frozen=True)

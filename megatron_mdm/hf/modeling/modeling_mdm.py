@@ -24,6 +24,13 @@ cache field is named differently across transformers versions). A ``transformers
 works as a plain prefix cache (it appends); megatron-mdm's ``decoding.KVCache`` keeps prefix and suffix.
 With ``shift_logits``, entry 0 of a window that does not start the sequence has no previous position in
 the window: ask for windows one position wider on the left.
+
+**Sampling.** ``MDMForMaskedLM.generate`` (alias ``diffusion_generate``) is megatron-mdm's decoding loop
+(``DiffusionGenerationMixin`` of ``hf_generation.py``): semi-autoregressive blocks, low-confidence / random /
+margin / entropy remasking, temperature, top-k, top-p, classifier-free guidance, prefix and dual KV caches,
+threshold and factor unmasking, stop at EOS. ``mdm-convert to-hf`` ships that module and the ones it imports
+(``cache.py``, ``logits.py``, ``loop.py``, ``settings.py``, ``unmasking.py``) beside this file, byte for byte
+the package's ``megatron_mdm/decoding/`` files; inside megatron-mdm they are imported from there.
 """
 
 import inspect
@@ -34,6 +41,13 @@ from transformers.modeling_outputs import BaseModelOutput, MaskedLMOutput
 from transformers.models.llama.modeling_llama import LlamaModel, LlamaPreTrainedModel
 
 from .configuration_mdm import MDMConfig
+
+try:  # an export: the decoding modules are shipped beside this file
+    from .hf_generation import DiffusionGenerationMixin
+except ImportError:
+    if not __name__.startswith("megatron_mdm."):
+        raise
+    from megatron_mdm.decoding.hf_generation import DiffusionGenerationMixin
 
 
 def _bidirectional_mask(config, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None):
@@ -82,6 +96,8 @@ class MDMPreTrainedModel(LlamaPreTrainedModel):
 class MDMModel(MDMPreTrainedModel, LlamaModel):
     """Llama decoder stack with full (bidirectional) self-attention; returns hidden states."""
 
+    _keys_to_ignore_on_load_unexpected = [r"^lm_head\."]  # noqa: RUF012 - the head of a full export
+
     def __init__(self, config: MDMConfig):
         LlamaModel.__init__(self, config)
         for layer in self.layers:
@@ -129,8 +145,8 @@ class MDMModel(MDMPreTrainedModel, LlamaModel):
         return BaseModelOutput(last_hidden_state=self.norm(hidden))
 
 
-class MDMForMaskedLM(MDMPreTrainedModel):
-    """Bidirectional Llama with the output head: logits [b, s, vocab] at every position."""
+class MDMForMaskedLM(DiffusionGenerationMixin, MDMPreTrainedModel):
+    """Bidirectional Llama with the output head: logits [b, s, vocab] at every position; ``generate`` samples."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}  # noqa: RUF012 - transformers API
 
