@@ -104,10 +104,11 @@ def test_shipped_files_are_the_package_files(tmp_path):
 
 def test_generate_settings_and_layout():
     """Defaults from generation_config.decoding, max_new_tokens, padding dropped, unknown settings named."""
+    from test_decoding import tiny_mdm
+
     from megatron_mdm.decoding import decode
     from megatron_mdm.decoding.hf_generation import HFForward
     from megatron_mdm.decoding.settings import DecodingConfig
-    from test_decoding import tiny_mdm
 
     model = tiny_mdm(int(torch.randint(0, 10_000, ())), vocab=16, mask_id=15, sharp=3.0)
     model.generation_config.decoding = {"gen_length": 8, "steps": 8, "block_length": 4, "cache": "dual"}
