@@ -83,23 +83,49 @@ SETTINGS = [
 
 @pytest.mark.parametrize("kw", SETTINGS)
 def test_cache_off_equals_legacy_sampler(kw):
+    """Rows grouped by prompt length (the toy model) as the legacy sampler; the HF model decodes prompts of
+    several lengths as one padded batch (tested below), so it gets prompts of one length here."""
     seed = _seed()
     toy = TinyBidirectional(seed=seed)
     hf = tiny_mdm(seed, vocab=V + 5)  # padded vocabulary: logits beyond V are dropped
     prompts = _prompts(4, 2, 5, seed)
-    for model, new in ((toy, toy), (plain(hf), HFForward(hf))):
+    for model, new, rows in ((toy, toy, prompts), (plain(hf), HFForward(hf), _prompts(4, 4, 4, seed))):
         for gen, steps, block in ((8, 4, 4), (12, 12, 3)):
             args = dict(kw, gen_length=gen, steps=steps, block_length=block, mask_id=MASK, vocab_size=V)
-            ref = legacy_generate(model, prompts, **args, generator=torch.Generator().manual_seed(seed))
-            out = generate(new, prompts, **args, generator=torch.Generator().manual_seed(seed))
+            ref = legacy_generate(model, rows, **args, generator=torch.Generator().manual_seed(seed))
+            out = generate(new, rows, **args, generator=torch.Generator().manual_seed(seed))
             assert torch.equal(out.tokens, ref.tokens), (kw, gen, steps, block)
             assert out.num_forward == ref.num_forward
+
+
+PADDED = [
+    {"cache": "none"}, {"cache": "prefix", "cfg_scale": 0.7}, {"cache": "dual", "remasking": "margin"},
+    {"cache": "dual", "threshold": 0.5, "eos_id": 9}, {"cache": "prefix", "factor": 1.0, "refresh_interval": 2},
+]
+
+
+@pytest.mark.parametrize("kw", PADDED)
+def test_padded_batch_gives_each_row_its_tokens_alone(kw):
+    """Prompts of several lengths in one left-padded batch (the pad keys masked, positions per row) decode to the
+    tokens each prompt gets alone (greedy: no random stream to share), in fewer forwards."""
+    seed = _seed()
+    fn = HFForward(tiny_mdm(seed, sharp=3.0))
+    assert fn.supports_padding
+    prompts = _prompts(5, 1, 6, seed)
+    args = dict(kw, gen_length=12, steps=12, block_length=4, mask_id=MASK, vocab_size=V)
+    batch = generate(fn, prompts, **args)
+    for i, p in enumerate(prompts):
+        alone = generate(fn, [p], **args)
+        assert batch.tokens[i, : len(p) + 12].tolist() == alone.tokens[0].tolist(), (kw, i)
+        assert batch.forwards_per_row[i] == alone.forwards_per_row[0]
+    if "threshold" not in kw and "factor" not in kw and "eos_id" not in kw:
+        assert batch.num_forward == 12  # one batch, not one per prompt length
 
 
 @pytest.mark.parametrize("remasking", ["low_confidence", "margin"])
 def test_threshold_one_and_vanishing_factor_are_one_token_per_step(remasking):
     seed = _seed()
-    prompts = _prompts(3, 2, 4, seed)
+    prompts = _prompts(3, 3, 3, seed)
     hf = tiny_mdm(seed, vocab=V)
     for model, new in ((TinyBidirectional(seed=seed),) * 2, (plain(hf), HFForward(hf))):
         for temperature in (0.0, 1.0):
@@ -295,7 +321,7 @@ def test_cached_decoding_fills_everything_and_counts_forwards():
     for cache in ("prefix", "dual"):
         sched = generate(fn, prompts, gen_length=16, steps=16, block_length=4, mask_id=MASK, vocab_size=V,
                          cache=cache)
-        assert sched.num_forward == 16 * len({len(q) for q in prompts})  # one batch per prompt length
+        assert sched.num_forward == 16  # prompts of several lengths: one padded batch
         fast = generate(fn, prompts, gen_length=16, steps=16, block_length=4, mask_id=MASK, vocab_size=V,
                         cache=cache, threshold=0.3)
         for out in (sched, fast):

@@ -72,6 +72,10 @@ class KVCache:
             raise RuntimeError("KVCache: a prefix cache serves windows that run to the end of the sequence")
         self._mode = "window"
 
+    def key_length(self, q: int) -> int:
+        """How many keys the next forward's queries attend to (``q`` when it records: the whole sequence)."""
+        return q if self._mode == "record" else self._seq_len
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Cached positions before the window (transformers' ``Cache`` protocol)."""
         return self._lo

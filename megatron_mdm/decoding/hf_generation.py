@@ -46,6 +46,7 @@ class HFForward(ModelForward):
         params = inspect.signature(model.forward).parameters
         self._keeps = "logits_to_keep" in params
         self.supports_cache = "past_key_values" in params and self._keeps
+        self.supports_padding = self.supports_cache  # the export: a key mask with a cache, positions per row
         self.shift = bool(getattr(getattr(model, "config", None), "shift_logits", False))  # re-aligned in the model
         self._positions = torch.arange(0, device=self.device)[None]
 
@@ -55,13 +56,22 @@ class HFForward(ModelForward):
             self._positions = torch.arange(2 * (start + q), device=self.device)[None]
         return self._positions[:, start : start + q]
 
-    def forward(self, input_ids: torch.Tensor, select: Select = None, start: int = 0, cache=None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, select: Select = None, start: int = 0, cache=None,
+                pad: torch.Tensor | None = None) -> torch.Tensor:
         kwargs = {}
+        q = input_ids.shape[1]
         if cache is not None or start:
             if not self.supports_cache:
                 raise ValueError(f"{type(self.model).__name__} takes no past_key_values: use cache='none'")
-            kwargs["position_ids"] = self._position_ids(start, input_ids.shape[1])
+            kwargs["position_ids"] = self._position_ids(start, q)
             kwargs["past_key_values"] = cache
+        if pad is not None:
+            if not self.supports_padding:
+                raise ValueError(f"{type(self.model).__name__} takes no padding")
+            pad = pad.to(self.device)
+            kwargs["position_ids"] = (self._position_ids(start, q) - pad[:, None]).clamp(min=0)
+            keys = q if cache is None else cache.key_length(q)
+            kwargs["attention_mask"] = (self._position_ids(0, keys) >= pad[:, None]).long()
         if select is not None and self._keeps:
             kwargs["logits_to_keep"] = select
         with torch.no_grad():

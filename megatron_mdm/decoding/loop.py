@@ -17,9 +17,12 @@ step of a block:
 Stop at EOS: once a row's generated span holds ``eos_id`` at position j and every position before j is
 unmasked, positions after j are set to ``eos_id`` and the row is done; the loop stops when all rows are.
 
-Prompts may differ in length (given as a list of lists): rows are grouped by prompt length and each
-group is decoded as one batch, so no padding token is ever seen by the bidirectional model, and a row's
-tokens sit at ``[p_i, p_i + gen_length)``. At temperature 0 with ``low_confidence``/``margin``/``entropy``
+Prompts may differ in length (given as a list of lists). A model that takes padding
+(``ModelForward.supports_padding``: the exported HF model) decodes them as one batch, left-padded to the
+longest prompt: the pad positions are left out of every attention (a key mask) and each row's RoPE positions
+start at its first token, so a row attends exactly to what it would alone. Other models decode the rows of
+each prompt length as one batch. Either way no pad token is seen by the bidirectional model, and a row's
+tokens sit at ``[p_i, p_i + gen_length)`` of the output. At temperature 0 with ``low_confidence``/``margin``/``entropy``
 the output is a deterministic function of the logits (ties broken by position, stable sort). With
 ``cache="none"`` and the schedule rule this is exactly the LLaDA sampler.
 
@@ -115,8 +118,8 @@ def _apply_eos(x: torch.Tensor, p: int, gen_length: int, mask_id: int, eos_id: i
 class _BlockForward:
     """The forwards of one group: full, or a window against the group's KV cache."""
 
-    def __init__(self, model: LogitsFn, s: _Settings, prompt_mask: torch.Tensor):
-        self.model, self.s, self.prompt_mask = model, s, prompt_mask
+    def __init__(self, model: LogitsFn, s: _Settings, prompt_mask: torch.Tensor, pad: torch.Tensor | None = None):
+        self.model, self.s, self.prompt_mask, self.pad = model, s, prompt_mask, pad
         self.cache = None
         if s.cache != "none":
             if not isinstance(model, ModelForward) or not model.supports_cache:
@@ -149,7 +152,7 @@ class _BlockForward:
             sel[:, lo - start : hi - start] = want
         pm = self.prompt_mask[:, start : start + ids.shape[1]] if s.cfg_scale != 0.0 else None
         return model_logits(self.model, ids, s.mask_id, s.vocab_size, s.cfg_scale, pm, select=sel, start=start,
-                            cache=self.cache)
+                            cache=self.cache, pad=self.pad)
 
 
 def _num_to_unmask(s: _Settings, score: torch.Tensor, candidate: torch.Tensor, planned: torch.Tensor | None):
@@ -161,16 +164,20 @@ def _num_to_unmask(s: _Settings, score: torch.Tensor, candidate: torch.Tensor, p
 
 
 @torch.no_grad()
-def _decode_group(model: LogitsFn, prompt: torch.Tensor, s: _Settings, generator, progress) -> tuple:
-    """Decode rows that share one prompt length. prompt: [g, p]. Returns (x [g, p + n], forwards, per_row)."""
+def _decode_group(model: LogitsFn, prompt: torch.Tensor, s: _Settings, generator, progress,
+                  pad: torch.Tensor | None = None) -> tuple:
+    """Decode one batch. prompt: [g, p], left-padded by ``pad`` [g] positions per row (None: no padding).
+    Returns (x [g, p + n], forwards, per_row)."""
     g, p = prompt.shape
     x = torch.full((g, p + s.gen_length), s.mask_id, dtype=torch.long, device=prompt.device)
     x[:, :p] = prompt
     prompt_mask = torch.zeros_like(x, dtype=torch.bool)
     prompt_mask[:, :p] = True
+    if pad is not None:
+        prompt_mask &= torch.arange(x.shape[1], device=x.device)[None, :] >= pad[:, None]
     done = torch.zeros(g, dtype=torch.bool, device=x.device)  # rows stopped at EOS (only with eos_id)
     per_row = torch.zeros(g, dtype=torch.long, device=x.device)
-    fwd = _BlockForward(model, s, prompt_mask)
+    fwd = _BlockForward(model, s, prompt_mask, pad)
     forwards = 0
     adaptive = s.threshold is not None or s.factor is not None
     stops = s.eos_id is not None
@@ -325,12 +332,20 @@ def decode(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(rows) * gen_length, unit="tok", desc="decoding", disable=None, leave=False)
+    padded = len(set(lengths)) > 1 and getattr(logits_fn, "supports_padding", False)
+    groups = [list(range(len(rows)))] if padded else [[i for i, n in enumerate(lengths) if n == p]
+                                                         for p in sorted(set(lengths))]
     try:
-        for p in sorted(set(lengths)):
-            idx = [i for i, n in enumerate(lengths) if n == p]
-            prompt = torch.tensor([rows[i] for i in idx], dtype=torch.long, device=device).view(len(idx), p)
-            x, n, counts = _decode_group(logits_fn, prompt, s, generator, bar)
-            out[idx, : p + gen_length] = x.cpu()
+        for idx in groups:
+            p = max(lengths[i] for i in idx)
+            prompt = torch.zeros((len(idx), p), dtype=torch.long)
+            for k, i in enumerate(idx):  # left-padded (only in a padded batch)
+                prompt[k, p - lengths[i] :] = torch.tensor(rows[i], dtype=torch.long)
+            left = torch.tensor([p - lengths[i] for i in idx], device=device) if padded else None
+            x, n, counts = _decode_group(logits_fn, prompt.to(device), s, generator, bar, left)
+            x = x.cpu()
+            for k, i in enumerate(idx):
+                out[i, : lengths[i] + gen_length] = x[k, p - lengths[i] :]
             forwards += n
             for i, c in zip(idx, counts.tolist()):
                 per_row[i] = c

@@ -51,11 +51,22 @@ except ImportError:
 
 
 def _bidirectional_mask(config, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None):
-    """Padding-only attention mask in the form the configured attention backend expects (or None)."""
+    """Padding-only attention mask in the form the configured attention backend expects (or None).
+
+    ``attention_mask`` [b, keys] marks the keys the queries may attend to; with a cache the keys are the whole
+    sequence and the queries (``inputs_embeds``) a window of it: every query gets the same key mask.
+    """
     if attention_mask is None or attention_mask.dim() == 4:
         return attention_mask
     if bool(attention_mask.all()):
         return None
+    b, q = inputs_embeds.shape[:2]
+    keys = attention_mask.shape[-1]
+    if keys != q:  # a window: the mask of the whole sequence, its first q query rows (all rows are alike)
+        if getattr(config, "_attn_implementation", None) == "sdpa":
+            return attention_mask[:, None, None, :].bool().expand(b, 1, q, keys)
+        full = _bidirectional_mask(config, inputs_embeds.new_empty((b, keys, 0)), attention_mask)
+        return full[:, :, :q] if full.shape[2] != 1 else full
     try:
         from transformers.masking_utils import create_bidirectional_mask
     except ImportError:  # older transformers: an additive [b, 1, 1, s] float mask
@@ -119,7 +130,8 @@ class MDMModel(MDMPreTrainedModel, LlamaModel):
         """input_ids [b, q] (or inputs_embeds [b, q, h]) -> last_hidden_state [b, q, h].
 
         ``past_key_values`` (or ``cache``): an object with ``update(key, value, layer_idx, ...)`` (see
-        the module docstring); default positions then start at its ``get_seq_length()``.
+        the module docstring); default positions then start at its ``get_seq_length()``. With a cache,
+        ``attention_mask`` [b, keys] is the padding mask of the keys the cache returns (the whole sequence).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
@@ -129,9 +141,7 @@ class MDMModel(MDMPreTrainedModel, LlamaModel):
         if position_ids is None:
             start = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
             position_ids = torch.arange(start, start + inputs_embeds.shape[1], device=inputs_embeds.device)[None]
-        if cache is not None and attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError("a padding attention_mask cannot be combined with past_key_values")
-        mask = None if cache is not None else _bidirectional_mask(self.config, inputs_embeds, attention_mask)
+        mask = _bidirectional_mask(self.config, inputs_embeds, attention_mask)
         hidden = inputs_embeds
         position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)
         extra = {}
