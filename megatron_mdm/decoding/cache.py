@@ -49,6 +49,7 @@ class KVCache:
         self.seq_dim = seq_dim
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
+        self._slots: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (layer, width) -> window views
         self._mode: str | None = None
         self._lo = 0  # window start recorded
         self._hi: int | None = None  # window end recorded (dual); None: windows run to the end (prefix)
@@ -59,6 +60,7 @@ class KVCache:
         self._mode, self._lo, self._hi = "record", lo, hi
         self.keys.clear()
         self.values.clear()
+        self._slots.clear()
 
     def window(self, lo: int, hi: int) -> None:
         """The next forward is positions ``[lo, hi)``; the rest comes from the recorded K/V."""
@@ -95,9 +97,13 @@ class KVCache:
             self.keys[layer_idx], self.values[layer_idx] = key, value  # no copy: the forward's own tensors
             return key, value
         if self._mode == "window":
-            keys, values = self.keys[layer_idx], self.values[layer_idx]
             n = key.shape[self.seq_dim]
-            keys.narrow(self.seq_dim, self._lo, n).copy_(key)
-            values.narrow(self.seq_dim, self._lo, n).copy_(value)
-            return keys, values
+            slot = self._slots.get((layer_idx, n))
+            if slot is None:  # the window's positions in the recorded tensors (views, made once per record)
+                slot = (self.keys[layer_idx].narrow(self.seq_dim, self._lo, n),
+                        self.values[layer_idx].narrow(self.seq_dim, self._lo, n))
+                self._slots[layer_idx, n] = slot
+            slot[0].copy_(key)
+            slot[1].copy_(value)
+            return self.keys[layer_idx], self.values[layer_idx]
         raise RuntimeError("KVCache.update outside record()/window()")

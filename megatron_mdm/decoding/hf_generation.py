@@ -49,6 +49,10 @@ class HFForward(ModelForward):
         self.supports_padding = self.supports_cache  # the export: a key mask with a cache, positions per row
         self.shift = bool(getattr(getattr(model, "config", None), "shift_logits", False))  # re-aligned in the model
         self._positions = torch.arange(0, device=self.device)[None]
+        # the export takes precomputed RoPE tables: a window decoded many times computes them once
+        self._rope = getattr(getattr(model, "model", None), "rotary_emb", None) \
+            if "position_embeddings" in params else None
+        self._tables: dict = {}
 
     def _position_ids(self, start: int, q: int) -> torch.Tensor:
         """[1, q] positions ``start..start + q - 1``, sliced from one arange that grows when needed."""
@@ -72,11 +76,23 @@ class HFForward(ModelForward):
             kwargs["position_ids"] = (self._position_ids(start, q) - pad[:, None]).clamp(min=0)
             keys = q if cache is None else cache.key_length(q)
             kwargs["attention_mask"] = (self._position_ids(0, keys) >= pad[:, None]).long()
+        if cache is not None and self._rope is not None:
+            kwargs["position_embeddings"] = self._rope_tables(kwargs["position_ids"], start, q, pad)
         if select is not None and self._keeps:
             kwargs["logits_to_keep"] = select
         with torch.no_grad():
             logits = self.model(input_ids=input_ids.to(self.device), **kwargs).logits.float()
         return logits if self._keeps else apply_select(logits, select)
+
+    def _rope_tables(self, position_ids: torch.Tensor, start: int, q: int, pad: torch.Tensor | None):
+        """(cos, sin) of ``position_ids``, kept per window (start, width, padding) of the current decoding."""
+        key = (start, q, None if pad is None else id(pad))
+        if key not in self._tables:
+            if len(self._tables) > 64 or (pad is not None and self._tables.get("pad") is not pad):
+                self._tables = {"pad": pad}
+            dtype = self.model.get_input_embeddings().weight.dtype
+            self._tables[key] = self._rope(torch.empty(0, dtype=dtype, device=self.device), position_ids=position_ids)
+        return self._tables[key]
 
     def new_cache(self) -> KVCache:
         if not self.supports_cache:

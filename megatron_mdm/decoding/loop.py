@@ -45,7 +45,6 @@ from .unmasking import (
     count_threshold,
     filter_top_k_top_p,
     num_transfer_tokens,
-    rank_candidates,
     sample_candidates,
 )
 
@@ -181,15 +180,19 @@ def _decode_group(model: LogitsFn, prompt: torch.Tensor, s: _Settings, generator
     forwards = 0
     adaptive = s.threshold is not None or s.factor is not None
     stops = s.eos_id is not None
+    uniform_forwards = 0  # forwards in which every row had tokens to unmask (counted per step otherwise)
     for blk in range(s.gen_length // s.block_length):
         lo, hi = p + blk * s.block_length, p + (blk + 1) * s.block_length
+        same = None
         if not adaptive:
             plan = num_transfer_tokens((x[:, lo:hi] == s.mask_id).sum(dim=1), s.steps_per_block)  # [g, steps]
             busy = (plan.max(dim=0).values > 0).tolist()  # steps with something to unmask (before EOS stops)
+            # every row unmasks the same number at each step (no EOS stop): that number, else None
+            same = plan[0].tolist() if not stops and bool((plan == plan[:1]).all()) else None
         step, block_forwards = 0, 0
         while True:
             if stops and bool(done.all()):
-                return x, forwards, per_row.cpu()
+                return x, forwards, (per_row + uniform_forwards).cpu()
             masked = x[:, lo:hi] == s.mask_id  # [g, B]
             candidate = masked & ~done[:, None] if stops else masked  # [g, B]
             if adaptive:
@@ -200,28 +203,44 @@ def _decode_group(model: LogitsFn, prompt: torch.Tensor, s: _Settings, generator
             else:
                 if step == s.steps_per_block:
                     break
-                planned = plan[:, step].masked_fill(done, 0) if stops else plan[:, step]  # [g]
                 step += 1
-                if not busy[step - 1] or (stops and int(planned.max()) == 0):
+                if not busy[step - 1]:
                     continue
-                wants = planned > 0
+                if same is None:
+                    planned = plan[:, step - 1].masked_fill(done, 0) if stops else plan[:, step - 1]  # [g]
+                    if stops and int(planned.max()) == 0:
+                        continue
+                    wants = planned > 0
             refresh = block_forwards == 0 or (s.refresh_interval is not None and block_forwards % s.refresh_interval == 0)
             rows, cols = candidate.nonzero(as_tuple=True)
             lg = fwd.logits(x, lo, hi, refresh, candidate)  # [n, V]: the candidates' logits only
             forwards += 1
             block_forwards += 1
-            per_row += wants
+            if same is None:
+                per_row += wants
+            else:  # every row had tokens to unmask
+                uniform_forwards += 1
             x0 = sample_candidates(filter_top_k_top_p(lg, s.top_k, s.top_p), s.temperature, generator)  # [n]
             score = torch.full(masked.shape, float("-inf"), dtype=torch.float64, device=x.device)
             score[rows, cols] = confidence(lg, x0, s.remasking, generator)
-            n = _num_to_unmask(s, score, candidate, planned)  # [g]
-            take = (rank_candidates(score) < n[:, None])[rows, cols]  # [n]: the candidates unmasked now
-            x[rows[take], cols[take] + lo] = x0[take]
+            block = x[:, lo:hi]  # [g, B] view: written in place
+            proposal = torch.empty_like(block)
+            proposal[rows, cols] = x0
+            order = torch.sort(score, dim=1, descending=True, stable=True).indices  # best first, ties by position
+            if same is not None:  # the k best of every row
+                chosen = order[:, : same[step - 1]]
+                block.scatter_(1, chosen, proposal.gather(1, chosen))
+                unmasked = chosen.numel()
+            else:
+                n = _num_to_unmask(s, score, candidate, planned)  # [g]
+                transfer = (order.argsort(dim=1) < n[:, None]) & candidate  # rank < n
+                block.copy_(torch.where(transfer, proposal, block))
+                unmasked = transfer
             if progress is not None:
-                progress.update(int(take.sum()))
+                progress.update(unmasked if isinstance(unmasked, int) else int(unmasked.sum()))
             if stops:
                 _apply_eos(x, p, s.gen_length, s.mask_id, s.eos_id, done)
-    return x, forwards, per_row.cpu()
+    return x, forwards, (per_row + uniform_forwards).cpu()
 
 
 def _as_rows(prompt_ids: torch.Tensor | Sequence[Sequence[int]]) -> list[list[int]]:

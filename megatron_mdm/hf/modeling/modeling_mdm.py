@@ -125,6 +125,7 @@ class MDMModel(MDMPreTrainedModel, LlamaModel):
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         past_key_values=None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs,
     ) -> BaseModelOutput:
         """input_ids [b, q] (or inputs_embeds [b, q, h]) -> last_hidden_state [b, q, h].
@@ -132,6 +133,8 @@ class MDMModel(MDMPreTrainedModel, LlamaModel):
         ``past_key_values`` (or ``cache``): an object with ``update(key, value, layer_idx, ...)`` (see
         the module docstring); default positions then start at its ``get_seq_length()``. With a cache,
         ``attention_mask`` [b, keys] is the padding mask of the keys the cache returns (the whole sequence).
+        ``position_embeddings``: the (cos, sin) RoPE tables of ``position_ids``, when the caller has them (a
+        decoder running one window many times); default: computed here.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
@@ -143,7 +146,8 @@ class MDMModel(MDMPreTrainedModel, LlamaModel):
             position_ids = torch.arange(start, start + inputs_embeds.shape[1], device=inputs_embeds.device)[None]
         mask = _bidirectional_mask(self.config, inputs_embeds, attention_mask)
         hidden = inputs_embeds
-        position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)
+        if position_embeddings is None:
+            position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)
         extra = {}
         if cache is not None:
             if not hasattr(self, "_cache_kw"):
@@ -182,6 +186,7 @@ class MDMForMaskedLM(DiffusionGenerationMixin, MDMPreTrainedModel):
         labels: torch.LongTensor | None = None,
         past_key_values=None,
         logits_to_keep=None,
+        position_embeddings=None,
         **kwargs,
     ) -> MaskedLMOutput:
         """input_ids [b, q] -> logits [b, q, vocab]; with ``labels`` (-100 = ignore) also the mean CE.
@@ -190,10 +195,12 @@ class MDMForMaskedLM(DiffusionGenerationMixin, MDMPreTrainedModel):
             past_key_values: per-layer K/V of the other positions, updated in place (module docstring).
             logits_to_keep: positions that get logits: None/0 all, an int n the last n, a slice, an
                 index tensor, or a bool mask [b, q] (logits ``[n, vocab]``); ``labels`` are selected alike.
+            position_embeddings: precomputed RoPE (cos, sin) of ``position_ids`` (``MDMModel.forward``).
         """
         cache = kwargs.pop("cache", None) if past_key_values is None else past_key_values
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            inputs_embeds=inputs_embeds, past_key_values=cache).last_hidden_state
+                            inputs_embeds=inputs_embeds, past_key_values=cache,
+                            position_embeddings=position_embeddings).last_hidden_state
         if getattr(self.config, "shift_logits", False):  # output i predicts i + 1: entry i gets output i - 1
             hidden = torch.cat([hidden[:, :1], hidden[:, :-1]], dim=1)
         logits = self.lm_head(_keep_positions(hidden, logits_to_keep))
