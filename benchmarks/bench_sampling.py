@@ -63,13 +63,18 @@ def _schedule(mask_index: torch.Tensor, steps: int) -> torch.Tensor:
     return out
 
 
-@torch.no_grad()
-def llada_generate(model, prompt: torch.Tensor, steps: int, gen_length: int, block_length: int, mask_id: int):
-    """LLaDA's ``generate`` at temperature 0, low-confidence remasking, no CFG. Returns (x, forwards)."""
+def _canvas(prompt: torch.Tensor, steps: int, gen_length: int, block_length: int, mask_id: int):
+    """Both peers' prologue: the prompt then ``gen_length`` masks; (x, number of blocks, steps per block)."""
     x = torch.full((prompt.shape[0], prompt.shape[1] + gen_length), mask_id, dtype=torch.long)
     x[:, : prompt.shape[1]] = prompt.clone()
     num_blocks = gen_length // block_length
-    steps = steps // num_blocks
+    return x, num_blocks, steps // num_blocks
+
+
+@torch.no_grad()
+def llada_generate(model, prompt: torch.Tensor, steps: int, gen_length: int, block_length: int, mask_id: int):
+    """LLaDA's ``generate`` at temperature 0, low-confidence remasking, no CFG. Returns (x, forwards)."""
+    x, num_blocks, steps = _canvas(prompt, steps, gen_length, block_length, mask_id)
     forwards = 0
     for num_block in range(num_blocks):
         end = prompt.shape[1] + (num_block + 1) * block_length
@@ -159,10 +164,7 @@ def fastdllm_generate(model, prompt: torch.Tensor, steps: int, gen_length: int, 
     """Fast-dLLM's ``generate`` / ``generate_with_prefix_cache`` / ``generate_with_dual_cache`` at temperature 0
     (low-confidence remasking), with rows (their code runs one row; every row shares the block, so the dual
     cache's ``replace_position`` indices are the first row's). Returns (x, forwards)."""
-    x = torch.full((prompt.shape[0], prompt.shape[1] + gen_length), mask_id, dtype=torch.long)
-    x[:, : prompt.shape[1]] = prompt.clone()
-    num_blocks = gen_length // block_length
-    steps = steps // num_blocks
+    x, num_blocks, steps = _canvas(prompt, steps, gen_length, block_length, mask_id)
     nfe = 0
     for num_block in range(num_blocks):
         start = prompt.shape[1] + num_block * block_length

@@ -199,8 +199,9 @@ def _run(args: argparse.Namespace) -> None:
         from megatron_mdm.evaluation.jsonl_tasks import score_language_modeling
 
         r = score_language_modeling(
-            logits_fn, tok.encode, examples, mask_id, args.method, args.num_samples, g, vocab_size, args.cfg_scale,
-            args.batch_size, args.order, progress=not args.no_progress,
+            logits_fn, tok.encode, examples, mask_id, progress=not args.no_progress, method=args.method,
+            num_samples=args.num_samples, generator=g, vocab_size=vocab_size, cfg_scale=args.cfg_scale,
+            batch_size=args.batch_size, order=args.order,
         )
         row = {"data": args.data, "form": task.form, "method": args.method, **r.to_dict()}
         _report({**row, "per_example": r.per_example}, [row], list(row), args.output)

@@ -21,11 +21,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from tqdm.auto import tqdm
 
 from megatron_mdm.decoding.logits import LogitsFn
-from megatron_mdm.evaluation.multiple_choice import Example, conditional_loglik, encode_pair
+from megatron_mdm.evaluation.multiple_choice import Example, accuracy, conditional_loglik, encode_pair
 
 FORMS = {
     "mc": ("context", "choices", "gold"),
@@ -103,32 +102,24 @@ def score_language_modeling(
     encode: Callable[[str], list[int]],
     examples: Iterable[tuple[str, str]],
     mask_id: int,
-    method: str = "chain",
-    num_samples: int = 128,
-    generator: torch.Generator | None = None,
-    vocab_size: int | None = None,
-    cfg_scale: float = 0.0,
-    batch_size: int | None = None,
-    order: str = "left_to_right",
     progress: bool = True,
+    **likelihood: Any,
 ) -> LanguageModelingResult:
     """lm-eval's ``loglikelihood`` metrics: ``acc`` = mean of ``is_greedy``, ``perplexity`` = exp(-mean log p).
 
-    The arguments are those of ``multiple_choice.score_multiple_choice``; the continuation's tokens follow the
-    context's as there (``encode_pair``: trailing context spaces move onto the continuation, as lm-eval does).
+    ``likelihood``: ``multiple_choice.conditional_loglik``'s settings (``method``, default the chain rule, whose
+    ``is_greedy`` the accuracy needs; ``num_samples``, ``generator``, ``vocab_size``, ``cfg_scale``,
+    ``batch_size``, ``order``). The continuation's tokens follow the context's as in multiple-choice scoring
+    (``encode_pair``: trailing context spaces move onto the continuation, as lm-eval does).
     """
+    likelihood.setdefault("method", "chain")
     records = []
     for context, continuation in tqdm(examples, desc="lm", unit="example", disable=not progress, file=sys.stderr):
         ctx, cont = encode_pair(encode, context, continuation)
-        ll, greedy = conditional_loglik(logits_fn, ctx, cont, mask_id, method, num_samples, generator, vocab_size,
-                                        cfg_scale, batch_size, order)
+        ll, greedy = conditional_loglik(logits_fn, ctx, cont, mask_id, **likelihood)
         records.append({"loglik": ll, "is_greedy": bool(greedy), "num_tokens": len(cont)})
-    n = len(records)
-    if n == 0:
-        raise ValueError("no examples to score")
-    acc = sum(r["is_greedy"] for r in records) / n
-    se = math.sqrt(acc * (1 - acc) / (n - 1)) if n > 1 else 0.0
-    ppl = math.exp(-sum(r["loglik"] for r in records) / n)
+    acc, se = accuracy([r["is_greedy"] for r in records])
+    ppl = math.exp(-sum(r["loglik"] for r in records) / len(records))
     return LanguageModelingResult(acc, se, ppl, records)
 
 

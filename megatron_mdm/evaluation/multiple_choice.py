@@ -136,12 +136,16 @@ def score_multiple_choice(
             scores.append(ll / denom)
         pred = max(range(len(scores)), key=lambda i: scores[i])
         records.append({"scores": scores, "pred": pred, "gold": int(gold), "correct": pred == int(gold)})
-    n = len(records)
+    return MultipleChoiceResult(*accuracy([r["correct"] for r in records]), records)
+
+
+def accuracy(outcomes: Sequence[bool]) -> tuple[float, float]:
+    """(mean of 0/1 outcomes, its standard error sqrt(acc (1 - acc) / (n - 1))); ValueError when there are none."""
+    n = len(outcomes)
     if n == 0:
         raise ValueError("no examples to score")
-    acc = sum(r["correct"] for r in records) / n
-    se = math.sqrt(acc * (1 - acc) / (n - 1)) if n > 1 else 0.0
-    return MultipleChoiceResult(acc, se, records)
+    acc = sum(map(bool, outcomes)) / n
+    return acc, math.sqrt(acc * (1 - acc) / (n - 1)) if n > 1 else 0.0
 
 
 def load_jsonl_examples(path: str) -> list[Example]:
