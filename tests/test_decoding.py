@@ -83,23 +83,49 @@ SETTINGS = [
 
 @pytest.mark.parametrize("kw", SETTINGS)
 def test_cache_off_equals_legacy_sampler(kw):
+    """Rows grouped by prompt length (the toy model) as the legacy sampler; the HF model decodes prompts of
+    several lengths as one padded batch (tested below), so it gets prompts of one length here."""
     seed = _seed()
     toy = TinyBidirectional(seed=seed)
     hf = tiny_mdm(seed, vocab=V + 5)  # padded vocabulary: logits beyond V are dropped
     prompts = _prompts(4, 2, 5, seed)
-    for model, new in ((toy, toy), (plain(hf), HFForward(hf))):
+    for model, new, rows in ((toy, toy, prompts), (plain(hf), HFForward(hf), _prompts(4, 4, 4, seed))):
         for gen, steps, block in ((8, 4, 4), (12, 12, 3)):
             args = dict(kw, gen_length=gen, steps=steps, block_length=block, mask_id=MASK, vocab_size=V)
-            ref = legacy_generate(model, prompts, **args, generator=torch.Generator().manual_seed(seed))
-            out = generate(new, prompts, **args, generator=torch.Generator().manual_seed(seed))
+            ref = legacy_generate(model, rows, **args, generator=torch.Generator().manual_seed(seed))
+            out = generate(new, rows, **args, generator=torch.Generator().manual_seed(seed))
             assert torch.equal(out.tokens, ref.tokens), (kw, gen, steps, block)
             assert out.num_forward == ref.num_forward
+
+
+PADDED = [
+    {"cache": "none"}, {"cache": "prefix", "cfg_scale": 0.7}, {"cache": "dual", "remasking": "margin"},
+    {"cache": "dual", "threshold": 0.5, "eos_id": 9}, {"cache": "prefix", "factor": 1.0, "refresh_interval": 2},
+]
+
+
+@pytest.mark.parametrize("kw", PADDED)
+def test_padded_batch_gives_each_row_its_tokens_alone(kw):
+    """Prompts of several lengths in one left-padded batch (the pad keys masked, positions per row) decode to the
+    tokens each prompt gets alone (greedy: no random stream to share), in fewer forwards."""
+    seed = _seed()
+    fn = HFForward(tiny_mdm(seed, sharp=3.0))
+    assert fn.supports_padding
+    prompts = _prompts(5, 1, 6, seed)
+    args = dict(kw, gen_length=12, steps=12, block_length=4, mask_id=MASK, vocab_size=V)
+    batch = generate(fn, prompts, **args)
+    for i, p in enumerate(prompts):
+        alone = generate(fn, [p], **args)
+        assert batch.tokens[i, : len(p) + 12].tolist() == alone.tokens[0].tolist(), (kw, i)
+        assert batch.forwards_per_row[i] == alone.forwards_per_row[0]
+    if "threshold" not in kw and "factor" not in kw and "eos_id" not in kw:
+        assert batch.num_forward == 12  # one batch, not one per prompt length
 
 
 @pytest.mark.parametrize("remasking", ["low_confidence", "margin"])
 def test_threshold_one_and_vanishing_factor_are_one_token_per_step(remasking):
     seed = _seed()
-    prompts = _prompts(3, 2, 4, seed)
+    prompts = _prompts(3, 3, 3, seed)
     hf = tiny_mdm(seed, vocab=V)
     for model, new in ((TinyBidirectional(seed=seed),) * 2, (plain(hf), HFForward(hf))):
         for temperature in (0.0, 1.0):
@@ -207,17 +233,19 @@ def test_cached_kv_and_window_logits_equal_a_fresh_forward():
             k = captured[(i, "k")].view(3, 20, 2, 8).transpose(1, 2)  # [b, kv heads, s, d]
             v = captured[(i, "v")].view(3, 20, 2, 8).transpose(1, 2)
             k = _rope(k, torch.arange(20), 100.0)
-            ck, cv = cache.prefix[i]
-            assert torch.allclose(ck.double(), k[:, :, :lo], atol=1e-5)
-            assert torch.allclose(cv.double(), v[:, :, :lo].double(), atol=1e-5)
-            if mode == "dual":
-                sk, sv = cache.suffix[i]
-                assert torch.allclose(sk.double(), k[:, :, hi:], atol=1e-5)
-                assert torch.allclose(sv.double(), v[:, :, hi:].double(), atol=1e-5)
+            ck, cv = cache.keys[i], cache.values[i]  # the recording forward's own K/V, whole sequence
+            assert torch.allclose(ck.double(), k, atol=1e-5)
+            assert torch.allclose(cv.double(), v.double(), atol=1e-5)
+            kept = {i: (ck[:, :, :lo].clone(), ck[:, :, hi:].clone())}
         cache.window(lo, hi if mode == "dual" else 20)
         window = x[:, lo:hi] if mode == "dual" else x[:, lo:]
         got = fn.forward(window, select=None if mode == "dual" else slice(0, hi - lo), start=lo, cache=cache)
         assert torch.allclose(got, full[:, lo:hi], atol=1e-5), mode
+        # the window wrote its K/V in place: the cached prefix (and, dual, suffix) are untouched
+        before, after = kept[1], cache.keys[1]
+        assert torch.equal(after[:, :, :lo], before[0])
+        if mode == "dual":
+            assert torch.equal(after[:, :, hi:], before[1])
     # a token of the block changes: the window sees it, the stale cached suffix does not
     y = x.clone()
     y[:, 10] = 5
@@ -293,7 +321,7 @@ def test_cached_decoding_fills_everything_and_counts_forwards():
     for cache in ("prefix", "dual"):
         sched = generate(fn, prompts, gen_length=16, steps=16, block_length=4, mask_id=MASK, vocab_size=V,
                          cache=cache)
-        assert sched.num_forward == 16 * len({len(q) for q in prompts})  # one batch per prompt length
+        assert sched.num_forward == 16  # prompts of several lengths: one padded batch
         fast = generate(fn, prompts, gen_length=16, steps=16, block_length=4, mask_id=MASK, vocab_size=V,
                         cache=cache, threshold=0.3)
         for out in (sched, fast):
@@ -334,7 +362,8 @@ WORDS = ["the", "cat", "dog", "sat", "ran", "on", "mat", "a", "is", "red", "blue
 
 
 def make_mdm_dir(path: Path, seed: int) -> Path:
-    """An exported-style MDM directory: MDMForMaskedLM weights, its shipped code, a word-level tokenizer."""
+    """An exported-style MDM directory: MDMForMaskedLM weights of ``model_type`` eurobert (as mdm-convert writes a
+    plain Llama MDM), the shipped code, a word-level tokenizer."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -344,13 +373,17 @@ def make_mdm_dir(path: Path, seed: int) -> Path:
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]",
                                   mask_token="[MASK]")
+    from megatron_mdm.hf import modeling as hf_modeling
+
     model = tiny_mdm(seed, vocab=len(vocab), mask_id=3, sharp=4.0)
-    model.config.auto_map = {"AutoConfig": "configuration_mdm.MDMConfig",
-                             "AutoModelForMaskedLM": "modeling_mdm.MDMForMaskedLM"}
+    model.config.eos_token_id = 2
     model.save_pretrained(path)
-    for name in ("configuration_mdm.py", "modeling_mdm.py"):
-        shutil.copy(REPO / "megatron_mdm" / "hf" / "modeling" / name, path / name)
+    for name, src in hf_modeling.shipped_files().items():  # what mdm-convert to-hf ships
+        shutil.copy(src, path / name)
     tok.save_pretrained(path)
+    config = json.loads((path / "config.json").read_text())
+    config.update(model_type=hf_modeling.STOCK_MODEL_TYPE, auto_map=hf_modeling.AUTO_MAP)
+    (path / "config.json").write_text(json.dumps(config))
     return path
 
 
@@ -426,11 +459,8 @@ def megatron_decoding_job(rank: int, world: int, seed: int) -> dict:
             mixed = qkv[i].view(20, 2, 2, 4 * 16)  # [s, b, groups, (2 q + k + v) * d]
             k = _rope(mixed[..., 32:48].permute(1, 2, 0, 3), torch.arange(20), 100.0).permute(2, 0, 1, 3)
             v = mixed[..., 48:64]
-            ck, cv = cache.prefix[i]
-            errs += [float((ck.double() - k[:lo]).abs().max()), float((cv - v[:lo]).abs().max())]
-            if mode == "dual":
-                sk, sv = cache.suffix[i]
-                errs += [float((sk.double() - k[hi:]).abs().max()), float((sv - v[hi:]).abs().max())]
+            ck, cv = cache.keys[i], cache.values[i]  # the recording forward's K/V, whole sequence
+            errs += [float((ck.double() - k).abs().max()), float((cv - v).abs().max())]
         cache.window(lo, hi if mode == "dual" else 20)
         window = x[:, lo:hi] if mode == "dual" else x[:, lo:]
         got = fn.forward(window, select=None if mode == "dual" else slice(0, hi - lo), start=lo, cache=cache)

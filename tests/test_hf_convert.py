@@ -196,12 +196,14 @@ def test_export_directory_contents(world, tmp_path):
     assert cfg["mask_token_id"] == tok.mask_token_id == 0
     assert json.loads((out / "generation_config.json").read_text())["mask_token_id"] == 0
     readme = (out / "README.md").read_text()
-    assert "mdm-generate" in readme and "Mask token id" in readme and "`mdm`" in readme
+    assert "model.generate(" in readme and "Mask token id" in readme and "`mdm`" in readme
     assert (out / "model.safetensors").is_file() and (out / "modeling_mdm.py").is_file()
     base = AutoModel.from_pretrained(str(out), trust_remote_code=True)
     assert type(base).__name__ == "MDMModel"
-    for src in ("modeling_mdm.py", "configuration_mdm.py"):  # stands alone: no project import
-        assert "megatron_mdm" not in (out / src).read_text().split('"""', 2)[2]
+    assert "megatron_mdm" not in (out / "configuration_mdm.py").read_text().split('"""', 2)[2]  # stands alone
+    # modeling_mdm.py imports the project only as the fallback inside the package (the export has the files)
+    code = (out / "modeling_mdm.py").read_text().split('"""', 2)[2]
+    assert code.count("from megatron_mdm") == 1 and 'if not __name__.startswith("megatron_mdm."):' in code
 
 
 # ---- (3) bidirectional ----------------------------------------------------------------------------

@@ -296,7 +296,7 @@ def test_unsupported_architecture_names_itself_and_the_supported(tmp_path, capsy
 
     d = tmp_path / "gpt2"
     GPT2Config(n_layer=2, n_embd=64, n_head=4, architectures=["GPT2LMHeadModel"]).save_pretrained(str(d))
-    with pytest.raises(ConversionError, match="'gpt2' \\(GPT2LMHeadModel\\).*supported model types: bert, llama, "
+    with pytest.raises(ConversionError, match="'gpt2' \\(GPT2LMHeadModel\\).*supported model types: bert, eurobert, llama, "
                                               "mdm_llama, mistral, qwen2, roberta, xlm-roberta"):
         import_from_hf(d, tmp_path / "out")
     assert main(["from-hf", "--hf", str(d), "--output", str(tmp_path / "out")]) == 2

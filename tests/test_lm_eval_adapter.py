@@ -15,6 +15,7 @@ pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402
 from test_eval import WORDS, make_hf_dir  # noqa: E402
 
+from megatron_mdm.decoding.settings import DecodingConfig  # noqa: E402
 from megatron_mdm.evaluation.lm_eval_adapter import MDMLM  # noqa: E402
 from megatron_mdm.evaluation.loading import EvalInputError  # noqa: E402
 from megatron_mdm.evaluation.multiple_choice import encode_pair  # noqa: E402
@@ -125,28 +126,34 @@ def test_model_args_reach_the_sampler(hf_dir, monkeypatch):
 
     def spy(*a, **kw):  # records the settings, returns "the" at every position
         seen.append((a, kw))
-        prompts, n = a[1], a[2]
+        prompts, n = a[1], a[2].gen_length
         return GenerationOutput(torch.full((len(prompts), max(map(len, prompts)) + n), 4), [len(p) for p in prompts], n)
 
-    monkeypatch.setattr(lm_eval_adapter, "generate", spy)
+    monkeypatch.setattr(lm_eval_adapter, "decode", spy)
     lm = MDMLM.create_from_arg_string(
         f"pretrained={hf_dir},steps=8,gen_length=8,block_length=4,cfg_scale=0.5,temperature=0.7,remasking=margin,"
-        "cache=dual,threshold=0.9,refresh_interval=2,seed=5")
+        "cache=dual,threshold=0.9,refresh_interval=2,seed=5,top_k=3")
     out = lm.generate_until([Instance("generate_until", {}, ("the cat", {"until": ["."]}), 0)], disable_tqdm=True)
     assert out == [" ".join(["the"] * 8)]
     (a, kw), = seen
-    assert a[2:5] == (8, 8, lm.mask_id)  # gen_length, steps, mask id
-    assert {k: kw[k] for k in ("block_length", "cfg_scale", "temperature", "remasking", "cache", "threshold",
-                               "factor", "refresh_interval")} == dict(
-        block_length=4, cfg_scale=0.5, temperature=0.7, remasking="margin", cache="dual", threshold=0.9,
-        factor=None, refresh_interval=2)
+    assert a[3] == lm.mask_id and a[2] == DecodingConfig(
+        gen_length=8, steps=8, block_length=4, cfg_scale=0.5, temperature=0.7, remasking="margin", cache="dual",
+        threshold=0.9, refresh_interval=2, top_k=3)
     seen.clear()
     lm = MDMLM.create_from_arg_string(f"pretrained={hf_dir},steps=4,gen_length=8,factor=1.5,block_length=2")
     lm.generate_until([Instance("generate_until", {}, ("a", {"max_gen_toks": 4, "do_sample": False}), 0)],
                       disable_tqdm=True)
     (a, kw), = seen
-    assert a[2:4] == (4, 4) and (kw["factor"], kw["threshold"], kw["block_length"], kw["temperature"]) == (
+    d = a[2]
+    assert (d.gen_length, d.steps) == (4, 4) and (d.factor, d.threshold, d.block_length, d.temperature) == (
         1.5, None, 2, 0.0)
+    # a task's (or --gen_kwargs') generation kwargs override the model args per request
+    seen.clear()
+    lm.generate_until([Instance("generate_until", {}, ("a", {"max_gen_toks": 8, "steps": "8", "cache": "prefix",
+                                                            "block_length": 4, "factor": None}), 0)],
+                      disable_tqdm=True)
+    (a, kw), = seen
+    assert a[2] == DecodingConfig(gen_length=8, steps=8, block_length=4, cache="prefix")
     # likelihood settings: MC draws per request
     assert MDMLM.create_from_arg_string(f"pretrained={hf_dir},num_samples=3,eps=0.01").num_samples == 3
     # bad settings: one line naming the setting, before the model loads

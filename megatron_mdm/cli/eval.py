@@ -2,8 +2,11 @@
 
 Subcommands:
   elbo     ELBO perplexity bound on held-out text (.txt one document per line, or .jsonl ``text``)
-  mc       zero-shot multiple choice on a jsonl of {"context", "choices", "gold"}
+  mc       zero-shot scoring of a jsonl task file: multiple choice {"context" or "query", "choices", "gold"}
+           (native and Mosaic forms), or Mosaic language modeling {"context", "continuation"}
   lm-eval  lm-eval harness tasks through the ``mdm`` adapter (offline; ``--include-path`` for local tasks)
+  harness  lm-eval's own command line, every flag, with the model ``mdm`` registered:
+           mdm-eval harness run --model mdm --model_args pretrained=DIR --tasks T --log_samples --output_path OUT
 
 Each prints a readable table and, with ``--output``, writes the report as JSON. A bad input (a missing
 ``--model`` directory, a malformed ``--data`` line, a model that ships code without ``--trust-remote-code``)
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 from megatron_mdm.cli import ArgumentParser
@@ -33,7 +37,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--device", default="cpu")
     p.add_argument("--output", default=None, help="write the JSON report here")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars on stderr (none: ours, lm-eval's, transformers' and datasets')")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,14 +49,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", required=True, help=".txt or .jsonl file")
     e.add_argument("--seq-length", type=int, default=512, help="tokens per scored block")
     e.add_argument("--t-sampling", choices=("uniform", "antithetic"), default="antithetic")
-    m = sub.add_parser("mc", help="multiple-choice jsonl (context, choices, gold)")
+    m = sub.add_parser("mc", help="jsonl task file: multiple choice (context/query, choices, gold) or Mosaic "
+                                  "language modeling (context, continuation)")
     _common(m)
-    m.add_argument("--data", required=True, help="jsonl file")
+    m.add_argument("--data", required=True, help="jsonl file, one example per line (native or Mosaic ICL form)")
+    m.add_argument("--continuation-delimiter", default="",
+                   help="text put between context and continuation (llm-foundry's option; default: none)")
     m.add_argument("--method", choices=("mc", "chain"), default="mc")
     m.add_argument("--order", choices=("left_to_right", "greedy"), default="left_to_right")
     m.add_argument("--normalization", choices=("none", "token", "char"), default="none")
     m.add_argument("--limit", type=int, default=None, help="score only the first N examples")
-    h = sub.add_parser("lm-eval", help="lm-eval harness tasks")
+    sub.add_parser("harness", help="lm-eval's own command line with the model mdm registered (every lm-eval flag; "
+                                   "mdm-eval harness --help)", add_help=False)
+    h = sub.add_parser("lm-eval", help="lm-eval harness tasks (a few flags; every flag: mdm-eval harness)")
     _common(h)
     h.add_argument("--tasks", required=True, help="comma-separated task names")
     h.add_argument("--include-path", default=None, help="folder of local task YAMLs")
@@ -140,7 +150,16 @@ def model_args(text: str, cls: type) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["harness"]:  # everything after it is lm-eval's
+        from megatron_mdm.evaluation.harness import run_harness
+
+        return run_harness(argv[1:])
     args = build_parser().parse_args(argv)
+    if args.no_progress:
+        from megatron_mdm.cli import hide_progress_bars
+
+        hide_progress_bars()
     try:
         _run(args)
     except UserError as e:
@@ -163,12 +182,10 @@ def _run(args: argparse.Namespace) -> None:
 
         texts, examples = read_texts(args.data), None
     else:
-        from megatron_mdm.evaluation.multiple_choice import (
-            load_jsonl_examples,
-            score_multiple_choice,
-        )
+        from megatron_mdm.evaluation.jsonl_tasks import read_task_file
 
-        texts, examples = None, load_jsonl_examples(args.data)[: args.limit]
+        task = read_task_file(args.data, args.continuation_delimiter)
+        texts, examples = None, task.examples[: args.limit]
     if not (texts if args.command == "elbo" else examples):
         from megatron_mdm.evaluation.loading import EvalInputError
 
@@ -185,12 +202,25 @@ def _run(args: argparse.Namespace) -> None:
             progress=not args.no_progress,
         )
         _report({**r, "data": args.data, "model": args.model}, [r], list(r), args.output)
+    elif task.kind == "lm":
+        from megatron_mdm.evaluation.jsonl_tasks import score_language_modeling
+
+        r = score_language_modeling(
+            logits_fn, tok.encode, examples, mask_id, progress=not args.no_progress, method=args.method,
+            num_samples=args.num_samples, generator=g, vocab_size=vocab_size, cfg_scale=args.cfg_scale,
+            batch_size=args.batch_size, order=args.order,
+        )
+        row = {"data": args.data, "form": task.form, "method": args.method, **r.to_dict()}
+        _report({**row, "per_example": r.per_example}, [row], list(row), args.output)
     else:
+        from megatron_mdm.evaluation.multiple_choice import score_multiple_choice
+
         r = score_multiple_choice(
             logits_fn, tok.encode, examples, mask_id, args.method, args.normalization, args.num_samples, g,
             vocab_size, args.cfg_scale, args.batch_size, args.order, progress=not args.no_progress,
         )
-        row = {"data": args.data, "method": args.method, "normalization": args.normalization, **r.to_dict()}
+        row = {"data": args.data, "form": task.form, "method": args.method, "normalization": args.normalization,
+               **r.to_dict()}
         _report({**row, "per_example": r.per_example}, [row], list(row), args.output)
 
 

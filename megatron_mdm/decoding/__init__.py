@@ -6,7 +6,12 @@
 * ``cache``: the prefix / dual KV cache of block decoding (``KVCache``);
 * ``unmasking``: candidates, scores and how many to unmask (schedule, threshold, factor);
 * ``settings``: ``DecodingConfig``, the sampler's settings (one dataclass for every caller);
-* ``loop``: ``generate`` / ``decode``, the iteration over blocks and steps.
+* ``loop``: ``generate`` / ``decode``, the iteration over blocks and steps;
+* ``hf_generation``: ``HFForward`` (a transformers masked LM as the model) and the exported model's own
+  ``generate`` (``DiffusionGenerationMixin``).
+
+``hf_generation`` and the modules it imports use only torch and import one another relatively: exports ship
+them byte for byte beside ``modeling_mdm.py`` (``megatron_mdm.hf.modeling.shipped_files``).
 """
 
 import importlib

@@ -14,6 +14,11 @@ decoded. The cache is therefore recorded by a full forward at the start of each 
 
 A cache refreshed at every step is exactly the uncached computation.
 
+**No copies per step.** The full forward's own K/V tensors (whole sequence, after RoPE) are kept as the
+cache; each window forward writes its fresh K/V into them in place, at the window's positions, and attends
+to the whole tensors (Fast-dLLM's dual cache writes its block the same way). Nothing is concatenated or
+allocated per step: the cached prefix and suffix are simply the positions no window overwrites.
+
 **One mechanism for every backend.** :class:`KVCache` implements the ``update(key, value,
 layer_idx, ...)`` method of transformers' ``Cache`` protocol: an attention layer hands it the keys and
 values it just computed (after RoPE) and attends to what it returns. The exported Hugging Face model
@@ -31,10 +36,10 @@ from megatron_mdm.decoding.settings import MODES  # noqa: E402,F401 - the names 
 
 
 class KVCache:
-    """Per-layer K/V of the positions outside the decoded window.
+    """Per-layer K/V of the whole sequence; windows are written into it in place.
 
-    Call :meth:`record` before a full forward of the whole sequence (it keeps what the next window
-    steps need), then :meth:`window` before each forward of the window.
+    Call :meth:`record` before a full forward of the whole sequence (its K/V become the cache), then
+    :meth:`window` before each forward of the window.
 
     Args:
         seq_dim: the sequence dimension of the K/V tensors the model hands to :meth:`update`.
@@ -42,18 +47,20 @@ class KVCache:
 
     def __init__(self, seq_dim: int):
         self.seq_dim = seq_dim
-        self.prefix: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.suffix: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        self._slots: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (layer, width) -> window views
         self._mode: str | None = None
         self._lo = 0  # window start recorded
-        self._hi: int | None = None  # window end recorded (dual); None: no suffix is kept
+        self._hi: int | None = None  # window end recorded (dual); None: windows run to the end (prefix)
         self._seq_len = 0
 
     def record(self, lo: int, hi: int | None) -> None:
-        """The next forward is the whole sequence: keep K/V of ``[0, lo)`` and, if ``hi``, ``[hi, L)``."""
+        """The next forward is the whole sequence; later windows are ``[lo, hi)`` (dual) or ``[lo, L)`` (``hi`` None)."""
         self._mode, self._lo, self._hi = "record", lo, hi
-        self.prefix.clear()
-        self.suffix.clear()
+        self.keys.clear()
+        self.values.clear()
+        self._slots.clear()
 
     def window(self, lo: int, hi: int) -> None:
         """The next forward is positions ``[lo, hi)``; the rest comes from the recorded K/V."""
@@ -67,6 +74,10 @@ class KVCache:
             raise RuntimeError("KVCache: a prefix cache serves windows that run to the end of the sequence")
         self._mode = "window"
 
+    def key_length(self, q: int) -> int:
+        """How many keys the next forward's queries attend to (``q`` when it records: the whole sequence)."""
+        return q if self._mode == "record" else self._seq_len
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Cached positions before the window (transformers' ``Cache`` protocol)."""
         return self._lo
@@ -79,22 +90,20 @@ class KVCache:
             layer_idx: 0-based layer index.
 
         Returns:
-            (key, value) over the whole sequence: cached prefix, fresh window, cached suffix.
+            (key, value) over the whole sequence: cached prefix, this window's fresh K/V, cached suffix.
         """
-        d = self.seq_dim
         if self._mode == "record":
-            self._seq_len = key.shape[d]
-            lo, hi = self._lo, self._hi
-            self.prefix[layer_idx] = (key.narrow(d, 0, lo), value.narrow(d, 0, lo))
-            if hi is not None:
-                self.suffix[layer_idx] = (key.narrow(d, hi, key.shape[d] - hi), value.narrow(d, hi, key.shape[d] - hi))
+            self._seq_len = key.shape[self.seq_dim]
+            self.keys[layer_idx], self.values[layer_idx] = key, value  # no copy: the forward's own tensors
             return key, value
         if self._mode == "window":
-            pk, pv = self.prefix[layer_idx]
-            keys, values = [pk, key], [pv, value]
-            if layer_idx in self.suffix:
-                sk, sv = self.suffix[layer_idx]
-                keys.append(sk)
-                values.append(sv)
-            return torch.cat(keys, dim=d), torch.cat(values, dim=d)
+            n = key.shape[self.seq_dim]
+            slot = self._slots.get((layer_idx, n))
+            if slot is None:  # the window's positions in the recorded tensors (views, made once per record)
+                slot = (self.keys[layer_idx].narrow(self.seq_dim, self._lo, n),
+                        self.values[layer_idx].narrow(self.seq_dim, self._lo, n))
+                self._slots[layer_idx, n] = slot
+            slot[0].copy_(key)
+            slot[1].copy_(value)
+            return self.keys[layer_idx], self.values[layer_idx]
         raise RuntimeError("KVCache.update outside record()/window()")

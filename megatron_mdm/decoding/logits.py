@@ -55,6 +55,8 @@ class ModelForward:
     """
 
     supports_cache: bool = False
+    supports_padding: bool = False
+    """True when :meth:`forward` takes ``pad`` (left padding left out of attention, positions per row)."""
     shift: bool = False
     """True for a ``--shift-logits`` model: entry i is computed from position i - 1 (decoders widen
     their windows by one position on the left)."""
@@ -62,7 +64,8 @@ class ModelForward:
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.forward(input_ids)
 
-    def forward(self, input_ids: torch.Tensor, select: Select = None, start: int = 0, cache=None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, select: Select = None, start: int = 0, cache=None,
+                pad: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of ``input_ids`` [b, q], the positions ``[start, start + q)`` of the sequence.
 
         Args:
@@ -70,6 +73,8 @@ class ModelForward:
             select: positions that get logits (see :data:`Select`), relative to ``input_ids``.
             start: position of ``input_ids[:, 0]`` in the whole sequence (RoPE positions).
             cache: a ``KVCache`` (recording a full forward, or serving a window), or None.
+            pad: [b] left-padding positions of each row of the whole sequence (``supports_padding``): no query
+                attends to them, and row i's position j is ``j - pad[i]``.
 
         Returns:
             float logits [b, q, V], [b, len, V] or [n, V] (see :data:`Select`).
@@ -92,10 +97,15 @@ def apply_select(x: torch.Tensor, select: Select) -> torch.Tensor:
     raise TypeError(f"select: expected None, a slice or a bool mask, got {select.dtype}")
 
 
-def run_model(fn: LogitsFn, input_ids: torch.Tensor, select: Select = None, start: int = 0, cache=None):
+def run_model(fn: LogitsFn, input_ids: torch.Tensor, select: Select = None, start: int = 0, cache=None,
+              pad: torch.Tensor | None = None):
     """Logits of ``fn`` on ``input_ids`` at the selected positions (see :meth:`ModelForward.forward`)."""
     if isinstance(fn, ModelForward):
+        if pad is not None:
+            return fn.forward(input_ids, select=select, start=start, cache=cache, pad=pad)
         return fn.forward(input_ids, select=select, start=start, cache=cache)
+    if pad is not None:
+        raise ValueError("this model function takes no padding; decode rows of one prompt length together")
     if cache is not None or start != 0:
         raise ValueError("this model function has no KV cache support; use cache='none'")
     return apply_select(fn(input_ids), select)
@@ -117,13 +127,15 @@ def apply_cfg(cond: torch.Tensor, uncond: torch.Tensor, cfg_scale: float) -> tor
     return uncond + (cfg_scale + 1.0) * (cond - uncond)
 
 
-def clip_logits(logits: torch.Tensor, mask_id: int, vocab_size: int | None) -> torch.Tensor:
+def clip_logits(logits: torch.Tensor, mask_id: int, vocab_size: int | None, owned: bool = False) -> torch.Tensor:
     """Drop padded-vocabulary logits and forbid the mask token.
 
     Args:
         logits: [..., V_padded] model output.
         mask_id: id of the mask token (its logit becomes -inf).
         vocab_size: real vocabulary size (mask token included); None keeps all of V_padded.
+        owned: ``logits`` is a fresh tensor nobody else holds: float32/64 logits are changed in place
+            instead of copied.
 
     Returns:
         float32 (or float64, if given) logits [..., V].
@@ -132,7 +144,7 @@ def clip_logits(logits: torch.Tensor, mask_id: int, vocab_size: int | None) -> t
         logits = logits[..., :vocab_size]
     if not logits.is_floating_point() or logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
-    else:
+    elif not owned:
         logits = logits.clone()
     if 0 <= mask_id < logits.shape[-1]:
         logits[..., mask_id] = float("-inf")
@@ -149,6 +161,7 @@ def model_logits(
     select: Select = None,
     start: int = 0,
     cache=None,
+    pad: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Logits of p_theta(x_0 | input_ids), with optional unsupervised CFG, in one forward.
 
@@ -163,19 +176,22 @@ def model_logits(
         select: positions that get logits (:data:`Select`); the same positions in both CFG halves.
         start, cache: a window of a longer sequence against a KV cache (:meth:`ModelForward.forward`);
             under CFG the cache holds the conditional rows then the unconditional ones.
+        pad: [b] left padding per row (:meth:`ModelForward.forward`); None: none.
 
     Returns:
         float logits [b, s, V] (or as selected) with the mask token at -inf.
     """
+    owned = isinstance(logits_fn, ModelForward)  # its forward returns a fresh tensor
     if cfg_scale == 0.0:
-        return clip_logits(run_model(logits_fn, input_ids, select, start, cache), mask_id, vocab_size)
+        return clip_logits(run_model(logits_fn, input_ids, select, start, cache, pad), mask_id, vocab_size, owned)
     if prompt_mask is None:
         raise ValueError("cfg_scale != 0 needs prompt_mask (the positions masked in the unconditional input)")
     uncond_ids = input_ids.masked_fill(prompt_mask.to(input_ids.device), mask_id)  # [b, s]
     if isinstance(select, torch.Tensor):
         select = torch.cat([select, select], dim=0)  # [2b, s]
-    both = run_model(logits_fn, torch.cat([input_ids, uncond_ids], dim=0), select, start, cache)
-    both = clip_logits(both, mask_id, vocab_size)  # [2b, s, V] or [2n, V]
+    both = run_model(logits_fn, torch.cat([input_ids, uncond_ids], dim=0), select, start, cache,
+                     None if pad is None else torch.cat([pad, pad]))
+    both = clip_logits(both, mask_id, vocab_size, owned)  # [2b, s, V] or [2n, V]
     cond, uncond = both.chunk(2, dim=0)
     guided = apply_cfg(cond, uncond, cfg_scale)
     if 0 <= mask_id < guided.shape[-1]:

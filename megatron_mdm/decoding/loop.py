@@ -17,9 +17,12 @@ step of a block:
 Stop at EOS: once a row's generated span holds ``eos_id`` at position j and every position before j is
 unmasked, positions after j are set to ``eos_id`` and the row is done; the loop stops when all rows are.
 
-Prompts may differ in length (given as a list of lists): rows are grouped by prompt length and each
-group is decoded as one batch, so no padding token is ever seen by the bidirectional model, and a row's
-tokens sit at ``[p_i, p_i + gen_length)``. At temperature 0 with ``low_confidence``/``margin``/``entropy``
+Prompts may differ in length (given as a list of lists). A model that takes padding
+(``ModelForward.supports_padding``: the exported HF model) decodes them as one batch, left-padded to the
+longest prompt: the pad positions are left out of every attention (a key mask) and each row's RoPE positions
+start at its first token, so a row attends exactly to what it would alone. Other models decode the rows of
+each prompt length as one batch. Either way no pad token is seen by the bidirectional model, and a row's
+tokens sit at ``[p_i, p_i + gen_length)`` of the output. At temperature 0 with ``low_confidence``/``margin``/``entropy``
 the output is a deterministic function of the logits (ties broken by position, stable sort). With
 ``cache="none"`` and the schedule rule this is exactly the LLaDA sampler.
 
@@ -34,15 +37,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from megatron_mdm.decoding.logits import LogitsFn, ModelForward, model_logits
-from megatron_mdm.decoding.settings import DecodingConfig
-from megatron_mdm.decoding.unmasking import (
+from .logits import LogitsFn, ModelForward, model_logits
+from .settings import DecodingConfig
+from .unmasking import (
     confidence,
     count_factor,
     count_threshold,
     filter_top_k_top_p,
     num_transfer_tokens,
-    rank_candidates,
     sample_candidates,
 )
 
@@ -115,8 +117,8 @@ def _apply_eos(x: torch.Tensor, p: int, gen_length: int, mask_id: int, eos_id: i
 class _BlockForward:
     """The forwards of one group: full, or a window against the group's KV cache."""
 
-    def __init__(self, model: LogitsFn, s: _Settings, prompt_mask: torch.Tensor):
-        self.model, self.s, self.prompt_mask = model, s, prompt_mask
+    def __init__(self, model: LogitsFn, s: _Settings, prompt_mask: torch.Tensor, pad: torch.Tensor | None = None):
+        self.model, self.s, self.prompt_mask, self.pad = model, s, prompt_mask, pad
         self.cache = None
         if s.cache != "none":
             if not isinstance(model, ModelForward) or not model.supports_cache:
@@ -124,24 +126,32 @@ class _BlockForward:
                                  "or a model from decoding.backends.hf / decoding.backends.megatron.MegatronForward)")
             self.cache = model.new_cache()
 
-    def logits(self, x: torch.Tensor, lo: int, hi: int, refresh: bool) -> torch.Tensor:
-        """Guided, clipped logits [g, hi - lo, V] of the block ``[lo, hi)`` of x [g, L]."""
+    def logits(self, x: torch.Tensor, lo: int, hi: int, refresh: bool, want: torch.Tensor | None = None):
+        """Guided, clipped logits of the block ``[lo, hi)`` of x [g, L]: [g, hi - lo, V], or [n, V] at the
+        True entries of ``want`` [g, hi - lo] (row-major order) when it is given."""
         s, L = self.s, x.shape[1]
         # a shifted model (--shift-logits) gets entry i from position i - 1: windows start one earlier
         ws = max(lo - 1, 0) if getattr(self.model, "shift", False) else lo
         if self.cache is None or refresh:
             if self.cache is not None:
                 self.cache.record(ws, hi if s.cache == "dual" else None)
-            start, ids, sel = 0, x, slice(lo, hi)
+            start, ids = 0, x
         elif s.cache == "prefix":
             self.cache.window(ws, L)
-            start, ids, sel = ws, x[:, ws:], slice(lo - ws, hi - ws)
+            start, ids = ws, x[:, ws:]
         else:  # dual
             self.cache.window(ws, hi)
-            start, ids, sel = ws, x[:, ws:hi], (slice(lo - ws, hi - ws) if ws < lo else None)
-        pm = self.prompt_mask[:, start : start + ids.shape[1]]
+            start, ids = ws, x[:, ws:hi]
+        if want is None:
+            sel = None if (start, ids.shape[1]) == (lo, hi - lo) else slice(lo - start, hi - start)
+        elif (start, ids.shape[1]) == (lo, hi - lo):
+            sel = want
+        else:
+            sel = torch.zeros(ids.shape, dtype=torch.bool, device=want.device)
+            sel[:, lo - start : hi - start] = want
+        pm = self.prompt_mask[:, start : start + ids.shape[1]] if s.cfg_scale != 0.0 else None
         return model_logits(self.model, ids, s.mask_id, s.vocab_size, s.cfg_scale, pm, select=sel, start=start,
-                            cache=self.cache)
+                            cache=self.cache, pad=self.pad)
 
 
 def _num_to_unmask(s: _Settings, score: torch.Tensor, candidate: torch.Tensor, planned: torch.Tensor | None):
@@ -153,61 +163,84 @@ def _num_to_unmask(s: _Settings, score: torch.Tensor, candidate: torch.Tensor, p
 
 
 @torch.no_grad()
-def _decode_group(model: LogitsFn, prompt: torch.Tensor, s: _Settings, generator, progress) -> tuple:
-    """Decode rows that share one prompt length. prompt: [g, p]. Returns (x [g, p + n], forwards, per_row)."""
+def _decode_group(model: LogitsFn, prompt: torch.Tensor, s: _Settings, generator, progress,
+                  pad: torch.Tensor | None = None) -> tuple:
+    """Decode one batch. prompt: [g, p], left-padded by ``pad`` [g] positions per row (None: no padding).
+    Returns (x [g, p + n], forwards, per_row)."""
     g, p = prompt.shape
     x = torch.full((g, p + s.gen_length), s.mask_id, dtype=torch.long, device=prompt.device)
     x[:, :p] = prompt
     prompt_mask = torch.zeros_like(x, dtype=torch.bool)
     prompt_mask[:, :p] = True
-    done = torch.zeros(g, dtype=torch.bool, device=x.device)
-    per_row = torch.zeros(g, dtype=torch.long)
-    fwd = _BlockForward(model, s, prompt_mask)
+    if pad is not None:
+        prompt_mask &= torch.arange(x.shape[1], device=x.device)[None, :] >= pad[:, None]
+    done = torch.zeros(g, dtype=torch.bool, device=x.device)  # rows stopped at EOS (only with eos_id)
+    per_row = torch.zeros(g, dtype=torch.long, device=x.device)
+    fwd = _BlockForward(model, s, prompt_mask, pad)
     forwards = 0
     adaptive = s.threshold is not None or s.factor is not None
+    stops = s.eos_id is not None
+    uniform_forwards = 0  # forwards in which every row had tokens to unmask (counted per step otherwise)
     for blk in range(s.gen_length // s.block_length):
         lo, hi = p + blk * s.block_length, p + (blk + 1) * s.block_length
-        plan = None if adaptive else num_transfer_tokens((x[:, lo:hi] == s.mask_id).sum(dim=1), s.steps_per_block)
+        same = None
+        if not adaptive:
+            plan = num_transfer_tokens((x[:, lo:hi] == s.mask_id).sum(dim=1), s.steps_per_block)  # [g, steps]
+            busy = (plan.max(dim=0).values > 0).tolist()  # steps with something to unmask (before EOS stops)
+            # every row unmasks the same number at each step (no EOS stop): that number, else None
+            same = plan[0].tolist() if not stops and bool((plan == plan[:1]).all()) else None
         step, block_forwards = 0, 0
         while True:
-            if bool(done.all()):
-                return x, forwards, per_row
+            if stops and bool(done.all()):
+                return x, forwards, (per_row + uniform_forwards).cpu()
             masked = x[:, lo:hi] == s.mask_id  # [g, B]
+            candidate = masked & ~done[:, None] if stops else masked  # [g, B]
             if adaptive:
-                if not bool(masked.any()):
+                if not bool(candidate.any()):
                     break
                 planned = None
-                wants = masked.any(dim=1) & ~done  # [g]
+                wants = candidate.any(dim=1)  # [g]
             else:
                 if step == s.steps_per_block:
                     break
-                planned = plan[:, step].masked_fill(done, 0)  # [g]
                 step += 1
-                if int(planned.max()) == 0:
+                if not busy[step - 1]:
                     continue
-                wants = planned > 0
+                if same is None:
+                    planned = plan[:, step - 1].masked_fill(done, 0) if stops else plan[:, step - 1]  # [g]
+                    if stops and int(planned.max()) == 0:
+                        continue
+                    wants = planned > 0
             refresh = block_forwards == 0 or (s.refresh_interval is not None and block_forwards % s.refresh_interval == 0)
-            logits = fwd.logits(x, lo, hi, refresh)  # [g, B, V]
+            rows, cols = candidate.nonzero(as_tuple=True)
+            lg = fwd.logits(x, lo, hi, refresh, candidate)  # [n, V]: the candidates' logits only
             forwards += 1
             block_forwards += 1
-            per_row += wants.cpu().long()
-            candidate = masked & ~done[:, None]  # [g, B]
-            rows, cols = candidate.nonzero(as_tuple=True)
-            lg = logits[rows, cols]  # [n, V]
+            if same is None:
+                per_row += wants
+            else:  # every row had tokens to unmask
+                uniform_forwards += 1
             x0 = sample_candidates(filter_top_k_top_p(lg, s.top_k, s.top_p), s.temperature, generator)  # [n]
             score = torch.full(masked.shape, float("-inf"), dtype=torch.float64, device=x.device)
             score[rows, cols] = confidence(lg, x0, s.remasking, generator)
-            n = _num_to_unmask(s, score, candidate, planned)  # [g]
-            transfer = candidate & (rank_candidates(score) < n[:, None])  # [g, B]
-            block = x[:, lo:hi]
-            proposal = block.clone()
+            block = x[:, lo:hi]  # [g, B] view: written in place
+            proposal = torch.empty_like(block)
             proposal[rows, cols] = x0
-            x[:, lo:hi] = torch.where(transfer, proposal, block)
+            order = torch.sort(score, dim=1, descending=True, stable=True).indices  # best first, ties by position
+            if same is not None:  # the k best of every row
+                chosen = order[:, : same[step - 1]]
+                block.scatter_(1, chosen, proposal.gather(1, chosen))
+                unmasked = chosen.numel()
+            else:
+                n = _num_to_unmask(s, score, candidate, planned)  # [g]
+                transfer = (order.argsort(dim=1) < n[:, None]) & candidate  # rank < n
+                block.copy_(torch.where(transfer, proposal, block))
+                unmasked = transfer
             if progress is not None:
-                progress.update(int(transfer.sum()))
-            if s.eos_id is not None:
+                progress.update(unmasked if isinstance(unmasked, int) else int(unmasked.sum()))
+            if stops:
                 _apply_eos(x, p, s.gen_length, s.mask_id, s.eos_id, done)
-    return x, forwards, per_row
+    return x, forwards, (per_row + uniform_forwards).cpu()
 
 
 def _as_rows(prompt_ids: torch.Tensor | Sequence[Sequence[int]]) -> list[list[int]]:
@@ -318,12 +351,20 @@ def decode(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(rows) * gen_length, unit="tok", desc="decoding", disable=None, leave=False)
+    padded = len(set(lengths)) > 1 and getattr(logits_fn, "supports_padding", False)
+    groups = [list(range(len(rows)))] if padded else [[i for i, n in enumerate(lengths) if n == p]
+                                                         for p in sorted(set(lengths))]
     try:
-        for p in sorted(set(lengths)):
-            idx = [i for i, n in enumerate(lengths) if n == p]
-            prompt = torch.tensor([rows[i] for i in idx], dtype=torch.long, device=device).view(len(idx), p)
-            x, n, counts = _decode_group(logits_fn, prompt, s, generator, bar)
-            out[idx, : p + gen_length] = x.cpu()
+        for idx in groups:
+            p = max(lengths[i] for i in idx)
+            prompt = torch.zeros((len(idx), p), dtype=torch.long)
+            for k, i in enumerate(idx):  # left-padded (only in a padded batch)
+                prompt[k, p - lengths[i] :] = torch.tensor(rows[i], dtype=torch.long)
+            left = torch.tensor([p - lengths[i] for i in idx], device=device) if padded else None
+            x, n, counts = _decode_group(logits_fn, prompt.to(device), s, generator, bar, left)
+            x = x.cpu()
+            for k, i in enumerate(idx):
+                out[i, : lengths[i] + gen_length] = x[k, p - lengths[i] :]
             forwards += n
             for i, c in zip(idx, counts.tolist()):
                 per_row[i] = c

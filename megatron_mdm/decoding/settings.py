@@ -13,12 +13,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-MODES = ("none", "prefix", "dual")
-"""KV cache modes of block decoding (``decoding.cache``)."""
-REMASKING = ("low_confidence", "random", "margin", "entropy")
-"""Scores that choose which masked positions to fill (``decoding.unmasking``)."""
-PROBABILITY_SCORES = ("low_confidence", "margin")
-"""The scores that are probabilities (what --threshold and --factor compare)."""
+from .cache import MODES
+from .unmasking import PROBABILITY_SCORES, REMASKING
 
 
 @dataclass(frozen=True)

@@ -94,13 +94,6 @@ def confidence(
     raise ValueError(f"remasking: unknown strategy {remasking!r}; expected one of {REMASKING}")
 
 
-def rank_candidates(score: torch.Tensor) -> torch.Tensor:
-    """Rank [g, n] of each entry of score [g, n] (0 = best); ties by position."""
-    order = torch.sort(score, dim=1, descending=True, stable=True).indices  # [g, n]
-    ranks = torch.arange(score.shape[1], device=score.device).expand_as(order)
-    return torch.empty_like(order).scatter_(1, order, ranks)
-
-
 def count_threshold(score: torch.Tensor, candidate: torch.Tensor, threshold: float) -> torch.Tensor:
     """[g] candidates to unmask: those scoring above ``threshold``, at least one (if any).
 

@@ -4,10 +4,11 @@
   default for most tasks) or the chain rule (``method=chain``, ``order=left_to_right|greedy``);
   ``is_greedy`` comes from the chain rule (always False for mc).
 * ``loglikelihood_rolling``: the ELBO lower bound on log p(text), disjoint windows of ``max_length`` tokens.
-* ``generate_until``: ``decoding.generate``, cut at the first stop string; the sampler's settings come
+* ``generate_until``: ``decoding.decode``, cut at the first stop string; the sampler's settings come
   from ``--model_args``: ``steps``, ``gen_length`` (when the task gives no ``max_gen_toks``),
-  ``block_length``, ``cfg_scale``, ``temperature``, ``remasking``, and fast decoding with
-  ``cache=prefix|dual``, ``threshold=`` or ``factor=`` (and ``refresh_interval=``).
+  ``block_length``, ``cfg_scale``, ``temperature``, ``top_k``, ``top_p``, ``remasking``, and fast decoding
+  with ``cache=prefix|dual``, ``threshold=`` or ``factor=`` (and ``refresh_interval=``); a task's or
+  ``--gen_kwargs``' generation kwargs override any of them per request.
 
 **Batching** (``batch_size`` = rows per forward): likelihood requests are sorted longest first and the
 rows of requests of one sequence length share forwards (``evaluation.batched_loglik``); each request
@@ -23,8 +24,10 @@ lm-eval's (``simple_evaluate`` builds the prompts); the adapter supplies what lm
 does: :meth:`MDMLM.apply_chat_template` (the tokenizer's own chat template), ``chat_template`` and
 ``tokenizer_name``.
 
-Construct with ``--model mdm --model_args pretrained=HF_DIR,method=mc,num_samples=128`` (importing this
-module registers the name), or pass :meth:`MDMLM.from_logits_fn` to ``lm_eval.simple_evaluate``.
+Run lm-eval's own command line with ``mdm-eval harness run --model mdm --model_args pretrained=HF_DIR,...``
+(``evaluation.harness``: lm-eval in a process where this module is imported, which registers the name ``mdm``;
+a bare ``lm_eval --model mdm`` does not import it), or pass :meth:`MDMLM.from_logits_fn` to
+``lm_eval.simple_evaluate``.
 Loading is ``evaluation.loading.load_logits_fn``: our exports run no shipped code; another model directory
 that ships code needs ``trust_remote_code=True`` in ``--model_args``; a hub id missing from the local
 cache needs ``allow_download=True``. Works offline: tasks may use local data (``dataset_path: json``).
@@ -32,7 +35,6 @@ cache needs ``allow_download=True``. Works offline: tasks may use local data (``
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from typing import Any
@@ -42,7 +44,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
-from megatron_mdm.decoding import generate
+from megatron_mdm.decoding import decode
 from megatron_mdm.decoding.logits import LogitsFn
 from megatron_mdm.decoding.settings import DecodingConfig
 from megatron_mdm.evaluation.batched_loglik import Scorer, chain_rows, mc_rows, request_seed, run_batched
@@ -112,6 +114,10 @@ class MDMLM(LM):
                 self.decoding.replace(steps=1).validate()
         except ValueError as e:
             raise EvalInputError(f"--model_args: {e}") from None
+        device = str(device or "cpu")
+        if device.startswith("cuda") and not torch.cuda.is_available():  # lm-eval's command line defaults to cuda
+            eval_logger.warning(f"device {device}: CUDA is not available; running on the CPU")
+            device = "cpu"
         self._device = device
         self.progress = _as_bool(progress)
         if pretrained is not None:
@@ -220,25 +226,33 @@ class MDMLM(LM):
 
     # ---- generation ----------------------------------------------------------------------------------
 
-    def decode_plan(self, gen_length: int) -> tuple[int | None, int]:
+    def decode_plan(self, gen_length: int, decoding: DecodingConfig | None = None) -> tuple[int | None, int]:
         """(block_length, steps) for ``gen_length`` positions: ``block_length`` when it divides them (else
         one block, with a warning), ``steps`` capped at ``gen_length`` and rounded down to a multiple of the
-        number of blocks."""
-        block = self.block_length if self.block_length and gen_length % self.block_length == 0 else None
-        if self.block_length and block is None:
-            eval_logger.warning(f"block_length {self.block_length} does not divide max_gen_toks {gen_length}: "
+        number of blocks (``decoding``: the settings, default the model args')."""
+        d = decoding or self.decoding
+        block = d.block_length if d.block_length and gen_length % d.block_length == 0 else None
+        if d.block_length and block is None:
+            eval_logger.warning(f"block_length {d.block_length} does not divide max_gen_toks {gen_length}: "
                                 "decoding it as one block")
         num_blocks = gen_length // block if block else 1
-        return block, max(num_blocks, (min(self.steps, gen_length) // num_blocks) * num_blocks)
+        return block, max(num_blocks, (min(d.steps, gen_length) // num_blocks) * num_blocks)
 
-    def _gen_settings(self, gen_kwargs: dict) -> tuple[list[str], int, float]:
+    def _gen_settings(self, gen_kwargs: dict) -> tuple[list[str], int, DecodingConfig]:
+        """(stop strings, positions to generate, sampler settings) of a request's generation kwargs: lm-eval's
+        (``until``, ``max_gen_toks``/``max_new_tokens``, ``temperature``, ``do_sample``) and any
+        ``DecodingConfig`` field (``--gen_kwargs steps=32,cache=dual``) over the model args'."""
         until = gen_kwargs.get("until") or []
         until = [until] if isinstance(until, str) else list(until)
-        gen_length = gen_kwargs.get("max_gen_toks", gen_kwargs.get("max_new_tokens", self.gen_length))
-        temperature = float(gen_kwargs.get("temperature", self.temperature))
+        gen_length = int(gen_kwargs.get("max_gen_toks", gen_kwargs.get("max_new_tokens", self.gen_length)))
+        fields = {k: v for k, v in gen_kwargs.items() if k in DecodingConfig.names() and k != "gen_length"}
+        try:
+            decoding = DecodingConfig.from_strings(fields, base=self.decoding)
+        except (TypeError, ValueError) as e:
+            raise EvalInputError(f"--gen_kwargs: {e}") from None
         if gen_kwargs.get("do_sample") is False:
-            temperature = 0.0
-        return until, int(gen_length), temperature
+            decoding = decoding.replace(temperature=0.0)
+        return until, gen_length, decoding
 
     def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
         g = torch.Generator().manual_seed(self.seed)
@@ -252,19 +266,16 @@ class MDMLM(LM):
                     desc="Running generate_until requests")
         eos_id = getattr(self.tokenizer, "eos_id", None)
         for idx in groups.values():
-            until, gen_length, temperature = self._gen_settings(kwargs[idx[0]])
-            block, steps = self.decode_plan(gen_length)
-            settings = {k: v for k, v in dataclasses.asdict(self.decoding).items() if k not in ("gen_length", "steps")}
-            settings.update(block_length=block, temperature=temperature)
+            until, gen_length, decoding = self._gen_settings(kwargs[idx[0]])
+            block, steps = self.decode_plan(gen_length, decoding)
+            settings = decoding.replace(gen_length=gen_length, steps=steps, block_length=block)
             keep = max(self.max_length - gen_length, 0)
             idx = sorted(idx, key=lambda i: -len(prompts[i]))  # longest first, as lm-eval's hf model
             for start in range(0, len(idx), self.batch_size_):
                 chunk = idx[start : start + self.batch_size_]
                 try:
-                    res = generate(
-                        self.logits_fn, [prompts[i][-keep:] if keep else [] for i in chunk], gen_length, steps,
-                        self.mask_id, eos_id=eos_id, generator=g, vocab_size=self.vocab_size, **settings,
-                    )
+                    res = decode(self.logits_fn, [prompts[i][-keep:] if keep else [] for i in chunk], settings,
+                                 self.mask_id, eos_id=eos_id, generator=g, vocab_size=self.vocab_size)
                 except ValueError as e:  # e.g. cache= on a model without KV cache support
                     raise EvalInputError(f"--model_args: {e}") from None
                 for i, ids in zip(chunk, res.completions()):

@@ -1,7 +1,8 @@
 """Load a Hugging Face model directory as a model-agnostic ``LogitsFn``, running no code it ships unasked.
 
-* Our own exports (``mdm-convert to-hf``, ``model_type`` ``mdm_llama``) load with this package's classes
-  (``hf.modeling.register_auto_classes``), never with the ``modeling_mdm.py`` copy in the directory.
+* Our own exports (``mdm-convert to-hf``: ``model_type`` ``eurobert`` or ``mdm_llama`` with our
+  ``MDMForMaskedLM``) load with this package's classes (``hf.modeling.load_model``), never with the
+  ``modeling_mdm.py`` copy in the directory.
 * Any bidirectional masked LM that transformers knows (``AutoModelForMaskedLM``, e.g. a BERT) loads as is.
 * A directory that asks for its own Python code (``auto_map`` in ``config.json`` or
   ``tokenizer_config.json``) is refused unless ``trust_remote_code`` is given (``--trust-remote-code``).
@@ -177,9 +178,16 @@ def _load_tokenizer(path: Path, trust_remote_code: bool) -> Any:
         raise EvalInputError(f"--model {path}: cannot load its tokenizer: {_first_line(e)}") from None
 
 
-def _load_model(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> torch.nn.Module:
+def _load_model(path: Path, dtype: torch.dtype, trust_remote_code: bool, own: bool = False) -> torch.nn.Module:
     import transformers
 
+    if own:  # our export: this package's classes, the shipped copy is not run
+        from megatron_mdm.hf import modeling as hf_modeling
+
+        try:
+            return hf_modeling.load_model(path, dtype=dtype, local_files_only=True)
+        except (ValueError, KeyError, OSError, TypeError) as e:
+            raise EvalInputError(f"--model {path}: cannot load the exported MDM ({_first_line(e)})") from None
     errors = []
     for auto in (transformers.AutoModelForMaskedLM, transformers.AutoModel):
         try:
@@ -217,9 +225,9 @@ def load_logits_fn(
         raise EvalInputError(f"--model {path}: no config.json in the directory (not a Hugging Face model "
                              "directory; mdm-convert to-hf writes one)")
     config = _read_json(model_dir / "config.json", "--model")
-    if hf_modeling.is_own_export(config):
-        hf_modeling.register_auto_classes()  # our classes, in-process: the shipped copy never runs
-        trust_remote_code = False
+    own = hf_modeling.is_own_export(config)
+    if own:
+        trust_remote_code = False  # our classes, in-process: the shipped copy never runs
     else:
         asked = remote_code_request(model_dir, config)
         if asked and not trust_remote_code:
@@ -227,7 +235,7 @@ def load_logits_fn(
                 f"--model {path}: the directory asks to run its own Python code ({asked}); pass "
                 "--trust-remote-code to allow it (the code runs with your permissions: only for sources you trust)")
         trust_remote_code = bool(asked)
-    model = _load_model(model_dir, dtype, trust_remote_code).to(device).eval()
+    model = _load_model(model_dir, dtype, trust_remote_code, own).to(device).eval()
     tokenizer = _load_tokenizer(model_dir, trust_remote_code)
     mask_id = getattr(model.config, "mask_token_id", None)
     if mask_id is None:

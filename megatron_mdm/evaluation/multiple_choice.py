@@ -136,36 +136,45 @@ def score_multiple_choice(
             scores.append(ll / denom)
         pred = max(range(len(scores)), key=lambda i: scores[i])
         records.append({"scores": scores, "pred": pred, "gold": int(gold), "correct": pred == int(gold)})
-    n = len(records)
+    return MultipleChoiceResult(*accuracy([r["correct"] for r in records]), records)
+
+
+def accuracy(outcomes: Sequence[bool]) -> tuple[float, float]:
+    """(mean of 0/1 outcomes, its standard error sqrt(acc (1 - acc) / (n - 1))); ValueError when there are none."""
+    n = len(outcomes)
     if n == 0:
         raise ValueError("no examples to score")
-    acc = sum(r["correct"] for r in records) / n
-    se = math.sqrt(acc * (1 - acc) / (n - 1)) if n > 1 else 0.0
-    return MultipleChoiceResult(acc, se, records)
+    acc = sum(map(bool, outcomes)) / n
+    return acc, math.sqrt(acc * (1 - acc) / (n - 1)) if n > 1 else 0.0
 
 
 def load_jsonl_examples(path: str) -> list[Example]:
-    """Read ``{"context": str, "choices": [str], "gold": int}`` lines.
+    """Read multiple-choice lines: ``{"context", "choices", "gold"}`` or Mosaic's ``{"query", "choices", "gold"}``.
 
     Raises:
         EvalInputError: a missing file, or a line that is not such an object (the message names file:line).
     """
-    from megatron_mdm.evaluation.loading import EvalInputError, iter_jsonl, read_data_lines
+    from megatron_mdm.evaluation.jsonl_tasks import read_task_file
+    from megatron_mdm.evaluation.loading import EvalInputError
 
-    out = []
-    for k, row in iter_jsonl(path, read_data_lines(path)):
-        if not isinstance(row, dict) or not {"context", "choices", "gold"} <= set(row):
-            raise EvalInputError(f"{path}:{k}: expected an object with context, choices and gold")
-        context, choices, gold = row["context"], row["choices"], row["gold"]
-        if not (isinstance(context, str) and isinstance(choices, list) and choices
-                and all(isinstance(c, str) for c in choices)):
-            raise EvalInputError(f"{path}:{k}: context must be a string and choices a non-empty list of strings")
-        index = _as_index(gold)
-        if index is None or not 0 <= index < len(choices):
-            raise EvalInputError(f"{path}:{k}: gold must be the index of a choice (0..{len(choices) - 1}), "
-                                 f"got {gold!r}")
-        out.append((context, list(choices), index))
-    return out
+    task = read_task_file(path)
+    if task.kind != "mc":
+        raise EvalInputError(f"{path}: expected multiple-choice examples (context, choices, gold), found {task.form}")
+    return task.examples
+
+
+def parse_mc_row(row: dict, context_key: str, where: str) -> Example:
+    """(context, choices, gold) of one multiple-choice line; EvalInputError naming ``where`` if malformed."""
+    from megatron_mdm.evaluation.loading import EvalInputError
+
+    context, choices, gold = row[context_key], row["choices"], row["gold"]
+    if not (isinstance(context, str) and isinstance(choices, list) and choices
+            and all(isinstance(c, str) for c in choices)):
+        raise EvalInputError(f"{where}: {context_key} must be a string and choices a non-empty list of strings")
+    index = _as_index(gold)
+    if index is None or not 0 <= index < len(choices):
+        raise EvalInputError(f"{where}: gold must be the index of a choice (0..{len(choices) - 1}), got {gold!r}")
+    return context, list(choices), index
 
 
 def _as_index(v: Any) -> int | None:

@@ -1,8 +1,9 @@
 """Hugging Face directories <-> Megatron distributed checkpoints: export and import.
 
 ``export_to_hf`` writes a Hugging Face directory (safetensors shards, config, tokenizer, generation
-config, model card; an MDM of the Llama family also gets ``megatron_mdm/hf/modeling`` copied in for
-``trust_remote_code``) from a checkpoint of any TP/PP layout, read in one process without a process group.
+config, model card; an MDM of the Llama family also gets ``megatron_mdm/hf/modeling`` and the decoding
+modules copied in for ``trust_remote_code``: ``hf.modeling.shipped_files``) from a checkpoint of any TP/PP
+layout, read in one process without a process group. Nothing in it names the exporting machine's paths.
 ``import_from_hf`` writes a Megatron checkpoint through ``checkpointing.save_checkpoint`` from a
 TP1/PP1 model in a one-process gloo world. The family (its map and config translation) comes from the
 HF ``model_type`` on import and from the checkpoint's config on export.
@@ -10,6 +11,7 @@ HF ``model_type`` on import and from the checkpoint's config on export.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -21,6 +23,7 @@ import torch
 from safetensors import SafetensorError
 
 from megatron_mdm.config import Config, ConfigError
+from megatron_mdm.hf import modeling as hf_modeling
 from megatron_mdm.hf.base import (
     ConversionError,
     Family,
@@ -31,6 +34,7 @@ from megatron_mdm.hf.base import (
     write_safetensors,
 )
 from megatron_mdm.hf.bert import BERT, ROBERTA, XLM_ROBERTA
+from megatron_mdm.hf.card import model_card
 from megatron_mdm.hf.io import read_checkpoint_tensors, save_megatron
 from megatron_mdm.hf.llama import LLAMA
 from megatron_mdm.hf.qwen2 import QWEN2
@@ -40,7 +44,8 @@ log = logging.getLogger(__name__)
 
 FAMILIES = (LLAMA, QWEN2, BERT, ROBERTA, XLM_ROBERTA)
 EXPORT_MARKER = "mdm_export.json"
-"""Written into every export: the run and iteration it came from (a re-export may replace that directory)."""
+"""Written into every export: the run (its name and a fingerprint of its path, never the path) and iteration it
+came from (a re-export of the same run may replace that directory)."""
 
 
 def supported_model_types() -> list[str]:
@@ -50,7 +55,7 @@ def supported_model_types() -> list[str]:
 def family_for_hf(hf_cfg: dict) -> Family:
     """The family that converts an HF ``config.json`` (by ``model_type``); ConversionError naming it if none."""
     mt = hf_cfg.get("model_type")
-    if mt == "mdm_llama":  # our own export of a Llama-stack MDM
+    if mt == hf_modeling.MODEL_TYPE:  # our own export of a Llama-stack MDM that no stock class computes
         return QWEN2 if hf_cfg.get("qkv_bias") else LLAMA
     for family in FAMILIES:
         if mt in family.model_types:
@@ -81,52 +86,15 @@ def _special_ids(tok) -> dict[str, int | None]:
 
 # ---- export -------------------------------------------------------------------------------------
 
-def _model_card(cfg: Config, family: Family, mdm: bool, special: dict, vocab_size: int, source: str) -> str:
-    remote = mdm and model_family(cfg).ships_modeling_code  # our bidirectional class ships as remote code
-    kind = ("a masked diffusion language model (MDM, bidirectional attention)" if mdm
-            else "an autoregressive baseline (causal attention)")
-    if mdm and cfg.objective.shift_logits:
-        kind += "; shifted prediction (the model's raw output at i predicts token i + 1; `.logits` are re-aligned)"
-    auto = "AutoModelForMaskedLM" if mdm else "AutoModelForCausalLM"
-    load = f"{auto}.from_pretrained(path{', trust_remote_code=True' if remote else ''})"
-    sample = (
-        "Sample by reverse diffusion from a prompt followed by mask tokens:\n\n"
-        "```bash\nmdm-generate --model PATH --prompt \"Once upon a time\" --gen-length 64 --steps 64\n```\n\n"
-        "or in Python with `megatron_mdm.decoding.generate(logits_fn, ...)`, where `logits_fn(input_ids)` returns\n"
-        "`model(input_ids).logits`. Plain left-to-right `model.generate()` does not apply to this model."
-        if mdm else "Sample with `model.generate(...)` as for any causal language model.")
-    return f"""---
-library_name: transformers
-tags: [megatron-mdm, {'masked-diffusion' if mdm else 'causal-lm'}, {family.model_types[0]}]
----
-# {Path(source).name or 'megatron-mdm model'}
-
-Converted from the Megatron checkpoint `{source}` by `mdm-convert to-hf`.
-
-- **Objective**: `{cfg.objective.objective}`: {kind}
-- **Mask token id**: `{special.get('mask')}`; end-of-sequence id `{special.get('eos')}`
-- **Architecture**: {model_family(cfg).describe(cfg)}, vocabulary {vocab_size}, trained with sequence length
-  {cfg.data.seq_length}
-
-## Load
-
-```python
-from transformers import AutoTokenizer, {auto}
-tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)  # tokenizer.json, no custom code
-model = {load}
-logits = model(input_ids).logits  # [batch, seq, vocab]
-```
-
-## Sample
-
-{sample}
-"""
-
-
 def _run_root(path: Path) -> Path:
     """The run directory of a checkpoint directory (``RUN/iter_*`` -> ``RUN``)."""
     path = path.resolve()
     return path.parent if path.name.startswith("iter_") else path
+
+
+def _run_id(run: Path) -> str:
+    """A fingerprint of the run directory's path: tells exports of two runs apart without writing the path."""
+    return hashlib.sha256(str(run).encode("utf-8")).hexdigest()[:16]
 
 
 def _check_output(out: Path, ckpt: Path, run: Path, force: bool) -> None:
@@ -147,11 +115,13 @@ def _check_output(out: Path, ckpt: Path, run: Path, force: bool) -> None:
     if not target.is_dir() or not any(target.iterdir()) or force:
         return
     try:
-        previous = json.loads((out / EXPORT_MARKER).read_text()).get("run")
+        marker = json.loads((out / EXPORT_MARKER).read_text())
+        previous = marker.get("run_id") or marker.get("run")  # "run": the path, in exports of older versions
+        name = marker.get("run_name") or marker.get("run")
     except (OSError, ValueError, AttributeError):
-        previous = None
-    if previous != str(run):
-        what = f"an export of {previous}" if previous else "not an export of a megatron-mdm run"
+        previous = name = None
+    if previous not in (_run_id(run), str(run)):
+        what = f"an export of {name}" if previous else "not an export of a megatron-mdm run"
         raise ConversionError(f"--output: {out} is not empty and is {what}; choose another directory or pass "
                               f"--force to replace it")
 
@@ -261,20 +231,19 @@ def _export(path: Path, meta: dict, cfg: Config, family: Family, out: Path, run:
         stage("writing safetensors")
         write_safetensors(hf_sd, tmp, shard_size, progress)
         stage("config, tokenizer, model card")
-        gen = {k: v for k, v in (("bos_token_id", special.get("bos")), ("eos_token_id", special.get("eos")),
-                                 ("pad_token_id", special.get("pad"))) if v is not None}
-        if mdm:
-            gen["mask_token_id"] = special.get("mask")
-        gen["transformers_version"] = config["transformers_version"]
-        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        ships_code = mdm and model_family(cfg).ships_modeling_code
+        (tmp / "generation_config.json").write_text(json.dumps(_generation_config(special, mdm, config), indent=2)
+                                                    + "\n")
         if tok is not None:
+            tok.hf.model_max_length = cfg.data.seq_length  # the trained length (not transformers' 1e30)
             tok.save(tmp)
-        if mdm and model_family(cfg).ships_modeling_code:
-            src = Path(__file__).parent / "modeling"
-            for name in ("configuration_mdm.py", "modeling_mdm.py"):
-                shutil.copy2(src / name, tmp / name)
-        (tmp / "README.md").write_text(_model_card(cfg, family, mdm, special, vocab_size, str(path)))
-        marker = {"run": str(run), "iteration": meta.get("iteration"), "family": family.name}
+        if ships_code:  # the modeling code and the decoding modules behind its generate, byte for byte
+            for name, src in hf_modeling.shipped_files().items():
+                shutil.copy2(src, tmp / name)
+        (tmp / "README.md").write_text(model_card(cfg, config, mdm, special, vocab_size, run.name, meta.get("iteration"),
+                                                  ships_code))
+        marker = {"run_name": run.name, "run_id": _run_id(run), "iteration": meta.get("iteration"),
+                  "family": family.name}
         (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         _swap_in(tmp, out)
     except (OSError, SafetensorError) as e:  # a full disk, a read-only file system: nothing replaced or left
@@ -288,6 +257,22 @@ def _export(path: Path, meta: dict, cfg: Config, family: Family, out: Path, run:
         raise
     log.info("exported %s (%s, %s, vocab %d) to %s", path, family.name, cfg.objective.objective, vocab_size, out)
     return out
+
+
+def _generation_config(special: dict, mdm: bool, config: dict) -> dict:
+    """``generation_config.json``: the special ids and, for an MDM, the sampler's defaults (``decoding``: the
+    fields of ``DecodingConfig``, which the exported ``generate`` and ``mdm-generate`` share)."""
+    import dataclasses
+
+    from megatron_mdm.decoding.settings import DecodingConfig
+
+    gen = {k: v for k, v in (("bos_token_id", special.get("bos")), ("eos_token_id", special.get("eos")),
+                             ("pad_token_id", special.get("pad"))) if v is not None}
+    if mdm:
+        gen["mask_token_id"] = special.get("mask")
+        gen["decoding"] = dataclasses.asdict(DecodingConfig())
+    gen["transformers_version"] = config["transformers_version"]
+    return gen
 
 
 def _transformers_version() -> str:

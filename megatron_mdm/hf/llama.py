@@ -5,8 +5,12 @@ Fused Megatron tensors map to a tuple of HF names and have a named split/merge p
 * ``linear_qkv``: rows per query group ``[q heads of the group..., k, v]`` (GQA) <-> ``q_proj, k_proj, v_proj``;
 * ``linear_fc1``: ``cat[gate, up]`` <-> ``gate_proj, up_proj``.
 
-Both RoPE implementations are rotate-half, so no permutation is needed. An exported MDM uses the
-bidirectional ``MDMForMaskedLM`` shipped from ``megatron_mdm/hf/modeling``; an ARM the plain causal class.
+Both RoPE implementations are rotate-half, so no permutation is needed. An exported ARM uses the plain
+causal class. An exported MDM is a bidirectional Llama with a linear head: transformers' EuroBERT
+(``model_type`` ``eurobert``), which the stock classes load, with our ``MDMForMaskedLM`` (shipped from
+``megatron_mdm/hf/modeling``, with ``generate``) under ``auto_map``; with q/k/v biases (from Qwen2) or shifted
+prediction no stock class computes it, and it is ``mdm_llama`` (our classes only). Importing a EuroBERT
+checkpoint gives an MDM of this family.
 """
 
 from __future__ import annotations
@@ -121,7 +125,8 @@ def hf_shapes(cfg: Config, vocab_size: int) -> dict[str, tuple]:
 
 # ---- configs -----------------------------------------------------------------------------------
 
-LLAMA_LIKE = ("llama", "mistral", "mdm_llama")
+LLAMA_LIKE = ("llama", "mistral", "mdm_llama", "eurobert")
+MDM_TYPES = ("mdm_llama", "eurobert")  # bidirectional: imported as MDMs
 ARM_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
 
@@ -139,14 +144,19 @@ def hf_config_dict(cfg: Config, vocab_size: int, dtype: torch.dtype, mdm: bool,
                    special: dict[str, int | None]) -> dict:
     """The ``config.json`` of an export: the causal class of the source family (ARM) or our ``MDMForMaskedLM``.
 
-    An MDM carries ``qkv_bias`` (Qwen2's q/k/v biases) and ``shift_logits`` for ``MDMForMaskedLM``.
+    An MDM is of type ``eurobert`` (the stock classes compute it) unless it has ``qkv_bias`` (Qwen2's q/k/v
+    biases) or ``shift_logits``, which only ``MDMForMaskedLM`` computes (type ``mdm_llama``).
     """
+    from megatron_mdm.hf import modeling as hf_modeling
+
     m = cfg.model
     source = m.hf_model_type if m.hf_model_type in ARM_CLASSES else "llama"
     rope = _rope_parameters(cfg)
+    stock = mdm and not m.add_qkv_bias and not cfg.objective.shift_logits
+    model_type = (hf_modeling.STOCK_MODEL_TYPE if stock else hf_modeling.MODEL_TYPE) if mdm else source
     d = {
         "architectures": ["MDMForMaskedLM"] if mdm else [ARM_CLASSES[source]],
-        "model_type": "mdm_llama" if mdm else source,
+        "model_type": model_type,
         "vocab_size": vocab_size,
         "hidden_size": m.hidden_size,
         "intermediate_size": m.ffn_hidden_size,
@@ -159,7 +169,6 @@ def hf_config_dict(cfg: Config, vocab_size: int, dtype: torch.dtype, mdm: bool,
         "rms_norm_eps": m.norm_epsilon,
         "rope_theta": float(m.rotary_base),
         "rope_parameters": rope,
-        "rope_scaling": None if rope["rope_type"] == "default" else rope,
         "attention_bias": False,
         "attention_dropout": 0.0,
         "mlp_bias": False,
@@ -167,22 +176,21 @@ def hf_config_dict(cfg: Config, vocab_size: int, dtype: torch.dtype, mdm: bool,
         "initializer_range": m.init_method_std,
         "dtype": str(dtype).replace("torch.", ""),
         "use_cache": not mdm,
+        **({"is_decoder": False} if mdm else {}),
         "bos_token_id": special.get("bos"),
         "eos_token_id": special.get("eos"),
         "pad_token_id": special.get("pad"),
     }
     if source in ("mistral", "qwen2"):
         d.update(sliding_window=None, use_sliding_window=False)  # Megatron attended to the whole sequence
+    if rope["rope_type"] != "default":
+        d["rope_scaling"] = rope  # transformers 4's name of the scaling (never null: a warning on load)
     if mdm:
         d["mask_token_id"] = special.get("mask")
         d["qkv_bias"] = m.add_qkv_bias
         d["shift_logits"] = cfg.objective.shift_logits
         d["source_model_type"] = m.hf_model_type
-        d["auto_map"] = {
-            "AutoConfig": "configuration_mdm.MDMConfig",
-            "AutoModel": "modeling_mdm.MDMModel",
-            "AutoModelForMaskedLM": "modeling_mdm.MDMForMaskedLM",
-        }
+        d["auto_map"] = dict(hf_modeling.AUTO_MAP) if stock else {**hf_modeling.CONFIG_AUTO_MAP, **hf_modeling.AUTO_MAP}
     return d
 
 
@@ -211,7 +219,7 @@ def decoder_config_from_hf(hf: dict, qkv_bias: bool) -> Config:
         log.warning("the model uses a sliding attention window of %s; Megatron attends to the whole sequence", window)
     cfg = Config()
     m = cfg.model
-    m.hf_model_type = (hf.get("source_model_type") or "llama") if mt == "mdm_llama" else mt
+    m.hf_model_type = (hf.get("source_model_type") or ("llama" if mt == "mdm_llama" else mt)) if mt in MDM_TYPES else mt
     m.num_layers = hf["num_hidden_layers"]
     m.hidden_size = hf["hidden_size"]
     m.num_attention_heads = heads
@@ -232,7 +240,7 @@ def decoder_config_from_hf(hf: dict, qkv_bias: bool) -> Config:
     m.untie_embeddings_and_output_weights = not hf.get("tie_word_embeddings", False)
     m.max_position_embeddings = int(hf.get("max_position_embeddings", cfg.data.seq_length))
     cfg.data.seq_length = m.max_position_embeddings
-    cfg.objective.objective = "mdm" if mt == "mdm_llama" else "arm"
+    cfg.objective.objective = "mdm" if mt in MDM_TYPES else "arm"
     cfg.objective.shift_logits = bool(hf.get("shift_logits", False))
     return cfg
 

@@ -24,6 +24,13 @@ cache field is named differently across transformers versions). A ``transformers
 works as a plain prefix cache (it appends); megatron-mdm's ``decoding.KVCache`` keeps prefix and suffix.
 With ``shift_logits``, entry 0 of a window that does not start the sequence has no previous position in
 the window: ask for windows one position wider on the left.
+
+**Sampling.** ``MDMForMaskedLM.generate`` (alias ``diffusion_generate``) is megatron-mdm's decoding loop
+(``DiffusionGenerationMixin`` of ``hf_generation.py``): semi-autoregressive blocks, low-confidence / random /
+margin / entropy remasking, temperature, top-k, top-p, classifier-free guidance, prefix and dual KV caches,
+threshold and factor unmasking, stop at EOS. ``mdm-convert to-hf`` ships that module and the ones it imports
+(``cache.py``, ``logits.py``, ``loop.py``, ``settings.py``, ``unmasking.py``) beside this file, byte for byte
+the package's ``megatron_mdm/decoding/`` files; inside megatron-mdm they are imported from there.
 """
 
 import inspect
@@ -35,13 +42,31 @@ from transformers.models.llama.modeling_llama import LlamaModel, LlamaPreTrained
 
 from .configuration_mdm import MDMConfig
 
+try:  # an export: the decoding modules are shipped beside this file
+    from .hf_generation import DiffusionGenerationMixin
+except ImportError:
+    if not __name__.startswith("megatron_mdm."):
+        raise
+    from megatron_mdm.decoding.hf_generation import DiffusionGenerationMixin
+
 
 def _bidirectional_mask(config, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None):
-    """Padding-only attention mask in the form the configured attention backend expects (or None)."""
+    """Padding-only attention mask in the form the configured attention backend expects (or None).
+
+    ``attention_mask`` [b, keys] marks the keys the queries may attend to; with a cache the keys are the whole
+    sequence and the queries (``inputs_embeds``) a window of it: every query gets the same key mask.
+    """
     if attention_mask is None or attention_mask.dim() == 4:
         return attention_mask
     if bool(attention_mask.all()):
         return None
+    b, q = inputs_embeds.shape[:2]
+    keys = attention_mask.shape[-1]
+    if keys != q:  # a window: the mask of the whole sequence, its first q query rows (all rows are alike)
+        if getattr(config, "_attn_implementation", None) == "sdpa":
+            return attention_mask[:, None, None, :].bool().expand(b, 1, q, keys)
+        full = _bidirectional_mask(config, inputs_embeds.new_empty((b, keys, 0)), attention_mask)
+        return full[:, :, :q] if full.shape[2] != 1 else full
     try:
         from transformers.masking_utils import create_bidirectional_mask
     except ImportError:  # older transformers: an additive [b, 1, 1, s] float mask
@@ -82,6 +107,8 @@ class MDMPreTrainedModel(LlamaPreTrainedModel):
 class MDMModel(MDMPreTrainedModel, LlamaModel):
     """Llama decoder stack with full (bidirectional) self-attention; returns hidden states."""
 
+    _keys_to_ignore_on_load_unexpected = [r"^lm_head\."]  # noqa: RUF012 - the head of a full export
+
     def __init__(self, config: MDMConfig):
         LlamaModel.__init__(self, config)
         for layer in self.layers:
@@ -98,12 +125,16 @@ class MDMModel(MDMPreTrainedModel, LlamaModel):
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         past_key_values=None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs,
     ) -> BaseModelOutput:
         """input_ids [b, q] (or inputs_embeds [b, q, h]) -> last_hidden_state [b, q, h].
 
         ``past_key_values`` (or ``cache``): an object with ``update(key, value, layer_idx, ...)`` (see
-        the module docstring); default positions then start at its ``get_seq_length()``.
+        the module docstring); default positions then start at its ``get_seq_length()``. With a cache,
+        ``attention_mask`` [b, keys] is the padding mask of the keys the cache returns (the whole sequence).
+        ``position_embeddings``: the (cos, sin) RoPE tables of ``position_ids``, when the caller has them (a
+        decoder running one window many times); default: computed here.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
@@ -113,11 +144,10 @@ class MDMModel(MDMPreTrainedModel, LlamaModel):
         if position_ids is None:
             start = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
             position_ids = torch.arange(start, start + inputs_embeds.shape[1], device=inputs_embeds.device)[None]
-        if cache is not None and attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError("a padding attention_mask cannot be combined with past_key_values")
-        mask = None if cache is not None else _bidirectional_mask(self.config, inputs_embeds, attention_mask)
+        mask = _bidirectional_mask(self.config, inputs_embeds, attention_mask)
         hidden = inputs_embeds
-        position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)
+        if position_embeddings is None:
+            position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)
         extra = {}
         if cache is not None:
             if not hasattr(self, "_cache_kw"):
@@ -129,8 +159,8 @@ class MDMModel(MDMPreTrainedModel, LlamaModel):
         return BaseModelOutput(last_hidden_state=self.norm(hidden))
 
 
-class MDMForMaskedLM(MDMPreTrainedModel):
-    """Bidirectional Llama with the output head: logits [b, s, vocab] at every position."""
+class MDMForMaskedLM(DiffusionGenerationMixin, MDMPreTrainedModel):
+    """Bidirectional Llama with the output head: logits [b, s, vocab] at every position; ``generate`` samples."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}  # noqa: RUF012 - transformers API
 
@@ -156,6 +186,7 @@ class MDMForMaskedLM(MDMPreTrainedModel):
         labels: torch.LongTensor | None = None,
         past_key_values=None,
         logits_to_keep=None,
+        position_embeddings=None,
         **kwargs,
     ) -> MaskedLMOutput:
         """input_ids [b, q] -> logits [b, q, vocab]; with ``labels`` (-100 = ignore) also the mean CE.
@@ -164,10 +195,12 @@ class MDMForMaskedLM(MDMPreTrainedModel):
             past_key_values: per-layer K/V of the other positions, updated in place (module docstring).
             logits_to_keep: positions that get logits: None/0 all, an int n the last n, a slice, an
                 index tensor, or a bool mask [b, q] (logits ``[n, vocab]``); ``labels`` are selected alike.
+            position_embeddings: precomputed RoPE (cos, sin) of ``position_ids`` (``MDMModel.forward``).
         """
         cache = kwargs.pop("cache", None) if past_key_values is None else past_key_values
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            inputs_embeds=inputs_embeds, past_key_values=cache).last_hidden_state
+                            inputs_embeds=inputs_embeds, past_key_values=cache,
+                            position_embeddings=position_embeddings).last_hidden_state
         if getattr(self.config, "shift_logits", False):  # output i predicts i + 1: entry i gets output i - 1
             hidden = torch.cat([hidden[:, :1], hidden[:, :-1]], dim=1)
         logits = self.lm_head(_keep_positions(hidden, logits_to_keep))
