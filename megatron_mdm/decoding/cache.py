@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_mdm.decoding.settings import MODES  # noqa: E402,F401 - the names live with the settings
+from .settings import MODES  # noqa: E402,F401 - the names live with the settings
 
 
 class KVCache:

@@ -13,8 +13,12 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from .cache import MODES
-from .unmasking import PROBABILITY_SCORES, REMASKING
+MODES = ("none", "prefix", "dual")
+"""KV cache modes of block decoding (``decoding.cache``)."""
+REMASKING = ("low_confidence", "random", "margin", "entropy")
+"""Scores that choose which masked positions to fill (``decoding.unmasking``)."""
+PROBABILITY_SCORES = ("low_confidence", "margin")
+"""The scores that are probabilities (what --threshold and --factor compare)."""
 
 
 @dataclass(frozen=True)

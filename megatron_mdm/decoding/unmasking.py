@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_mdm.decoding.settings import PROBABILITY_SCORES, REMASKING  # noqa: E402,F401 - names live there
+from .settings import PROBABILITY_SCORES, REMASKING  # noqa: E402,F401 - names live there
 
 
 def num_transfer_tokens(num_masked: torch.Tensor, steps: int) -> torch.Tensor:
