@@ -261,9 +261,12 @@ def test_empty_data_file_is_one_line(tmp_path, capsys, cmd, name, content):
     model = tmp_path / "model"
     model.mkdir()  # not a model: never opened, the data is checked first
     assert main([cmd, "--model", str(model), "--data", str(data)]) == 2
-    what = "document" if cmd == "elbo" else "example"
-    assert _errors(capsys) == [f"mdm-eval: error: --data {data}: holds no {what} to evaluate (an empty file, only "
-                               "blank lines, or --limit 0)"]
+    if cmd == "elbo":
+        assert _errors(capsys) == [f"mdm-eval: error: --data {data}: holds no document to evaluate (an empty file, "
+                                   "only blank lines, or --limit 0)"]
+    else:  # the task file's reader names the file
+        assert _errors(capsys) == [f"mdm-eval: error: {data}: holds no example to evaluate (an empty file or only "
+                                   "blank lines)"]
 
 
 def test_gold_written_as_float_or_string_still_reads(tmp_path):

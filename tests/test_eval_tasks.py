@@ -83,7 +83,7 @@ def test_harness_runs_a_local_task_with_log_samples(hf_dir, tmp_path, monkeypatc
         assert len(pairs) == 3 and all("\n\n" in ctx for ctx, _ in pairs)  # one shot, then the question
         for (ctx, cont), resp in zip(pairs, s["resps"]):
             c_ids, x_ids = encode_pair(tok.encode, ctx, cont)
-            ref = chain_rule_loglik(fn, c_ids, x_ids, mask_id, vocab_size=vocab)
+            ref = chain_rule_loglik(fn, c_ids, x_ids, mask_id, order="left_to_right", vocab_size=vocab)  # the adapter's default
             assert float(resp[0][0]) == pytest.approx(ref.loglik, rel=1e-5)
     assert main(["harness", "run", "--model", "mdm", "--model_args", f"pretrained={tmp_path / 'none'}",
                  "--tasks", "tiny_mc", "--include_path", str(tasks), "--device", "cpu"]) == 2

@@ -79,7 +79,7 @@ def read_task_file(path: str, continuation_delimiter: str = "") -> TaskFile:
                 raise EvalInputError(f"{path}:{k}: context and continuation must be strings (a non-empty continuation)")
             out.examples.append((row["context"] + continuation_delimiter, row["continuation"]))
     if out is None:
-        raise EvalInputError(f"{path}: no examples")
+        raise EvalInputError(f"{path}: holds no example to evaluate (an empty file or only blank lines)")
     return out
 
 
