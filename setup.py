@@ -24,6 +24,7 @@ setup(
         "megatron-core>=0.16.1,<0.20; python_version >= '3.12'",
         "psutil",  # needed by megatron-core distributed checkpoint saving (undeclared upstream)
         "numpy",
+        "scipy>=1.15",  # mdm-sweep fit: least_squares (Huber), stats.bootstrap
         "packaging",
         "pyyaml",
         "tqdm",

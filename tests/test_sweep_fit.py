@@ -159,17 +159,70 @@ def test_multiplier_trend_detects_a_growing_gap():
     assert fit["multiplier"]["trend"]["value"] > 0.2
 
 
-def test_parametric_fallback_optimizer_matches_scipy():
-    """The numpy Nelder-Mead (used without scipy) reaches the same law as L-BFGS-B."""
-    rng = np.random.default_rng(11)
+def _reference_huber(theta, n, d, loss, delta=1e-3):
+    """Chinchilla's objective written out independently: sum of Huber(delta) of
+    log(E + A/N^alpha + B/D^beta) - log L, theta = (log A, log B, log E, alpha, beta)."""
+    a, b, e, alpha, beta = theta
+    total = 0.0
+    for ni, di, li in zip(n, d, loss):
+        r = math.log(math.exp(e) + math.exp(a) / ni ** alpha + math.exp(b) / di ** beta) - math.log(li)
+        total += 0.5 * r * r if abs(r) <= delta else delta * (abs(r) - 0.5 * delta)
+    return total
+
+
+def test_parametric_fit_agrees_with_an_independent_huber_minimisation():
+    """scipy's least_squares(loss="huber") reaches the minimum of the Huber objective written out in plain
+    Python: its value is no larger than Nelder-Mead's on that objective started at the true law, the two
+    laws agree, and no small step from the fit lowers the independent objective."""
+    from scipy.optimize import minimize
+
+    rng = np.random.default_rng()
     rows = isoflop_rows(CHINCHILLA, [1e18, 1e19, 1e20, 1e21], rng, noise=0.002, sizes=6)
-    args = ([r["non_embedding_params"] for r in rows], [r["tokens"] for r in rows], [r["val_loss"] for r in rows])
-    nm = parametric_fit(*args, optimizer="nelder-mead", top=4)
-    assert nm["alpha"] == pytest.approx(0.34, abs=0.05) and nm["beta"] == pytest.approx(0.28, abs=0.05)
-    pytest.importorskip("scipy")
-    lb = parametric_fit(*args, optimizer="lbfgs", top=4)
-    assert nm["objective"] == pytest.approx(lb["objective"], rel=0.05, abs=1e-8)
-    assert nm["alpha"] == pytest.approx(lb["alpha"], abs=0.01)
+    n, d, loss = ([r[k] for r in rows] for k in ("non_embedding_params", "tokens", "val_loss"))
+    fit = parametric_fit(n, d, loss, top=4)
+    ref_at_fit = _reference_huber(fit["theta"], n, d, loss)
+    assert fit["objective"] == pytest.approx(ref_at_fit, rel=1e-9)
+    truth = [math.log(CHINCHILLA["A"]), math.log(CHINCHILLA["B"]), math.log(CHINCHILLA["E"]),
+             CHINCHILLA["alpha"], CHINCHILLA["beta"]]
+    nm = minimize(_reference_huber, truth, args=(n, d, loss), method="Nelder-Mead",
+                  options={"xatol": 1e-10, "fatol": 1e-14, "maxiter": 40000, "maxfev": 40000})
+    assert ref_at_fit <= nm.fun * (1 + 1e-6) + 1e-12
+    assert fit["alpha"] == pytest.approx(nm.x[3], abs=0.02) and fit["beta"] == pytest.approx(nm.x[4], abs=0.02)
+    assert fit["E"] == pytest.approx(math.exp(nm.x[2]), rel=0.02)
+    assert fit["alpha"] == pytest.approx(0.34, abs=0.05) and fit["beta"] == pytest.approx(0.28, abs=0.05)
+    for _ in range(20):
+        step = np.asarray(fit["theta"]) + rng.normal(0, 1e-3, 5)
+        step[3:] = np.clip(step[3:], 0, 5)
+        assert _reference_huber(step, n, d, loss) >= ref_at_fit * (1 - 1e-9)
+
+
+def test_bootstrap_interval_agrees_with_normal_theory():
+    """The bootstrap (scipy.stats.bootstrap, strata resampled independently) of a stratified mean against
+    its closed-form 95 % interval mean ± 1.96 sqrt(sum s_h^2 / n_h) / H; with no failed resample the
+    interval is scipy's own percentile interval; failed resamples (NaN) are left out."""
+    from megatron_mdm.sweep.fit import _interval, bootstrap_distribution
+
+    rng = np.random.default_rng()
+    x = np.concatenate([rng.normal(0.0, 1.0, 300), rng.normal(5.0, 3.0, 500)])
+    strata = [list(range(300)), list(range(300, 800))]
+    stat = lambda idx: [np.mean(x[idx[idx < 300]]) / 2 + np.mean(x[idx[idx >= 300]]) / 2]  # noqa: E731
+    dist = bootstrap_distribution(strata, stat, 2000, seed=int(rng.integers(1 << 30)))
+    assert dist.shape == (2000, 1)
+    lo, hi = _interval(dist[:, 0])
+    centre = x[:300].mean() / 2 + x[300:].mean() / 2
+    half = 1.96 * math.sqrt(x[:300].var(ddof=1) / 300 + x[300:].var(ddof=1) / 500) / 2
+    assert lo == pytest.approx(centre - half, abs=0.15 * half)
+    assert hi == pytest.approx(centre + half, abs=0.15 * half)
+    from scipy import stats
+
+    seed = int(rng.integers(1 << 30))
+    ours = _interval(bootstrap_distribution([strata[0]], lambda idx: [np.mean(x[idx])], 500, seed)[:, 0])
+    theirs = stats.bootstrap((x[:300],), np.mean, n_resamples=500, method="percentile",
+                             rng=np.random.default_rng(seed)).confidence_interval
+    assert ours == pytest.approx([theirs.low, theirs.high], rel=1e-12)
+    flaky = bootstrap_distribution([strata[0]], lambda idx: [np.nan if idx[0] % 5 == 0 else x[idx].mean()], 400, 3)
+    assert 0 < np.isnan(flaky).sum() < 400
+    assert _interval(flaky[:, 0]) == _interval(flaky[np.isfinite(flaky[:, 0]), 0])
 
 
 def test_fit_needs_finished_runs():

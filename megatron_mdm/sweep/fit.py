@@ -12,21 +12,24 @@ d ln m / d ln C = γ_ARM / γ_MDM - 1 (0: a constant multiplier, > 0: a gap grow
 
 Parametric approach (approach 3): L(N, D) = E + A / N^α + B / D^β fitted on all runs of an objective by
 minimising the Huber loss (δ = 1e-3) of log-residuals, ``lse(a - α ln N, b - β ln D, e) - ln L`` with
-A = e^a, B = e^b, E = e^e, from the best points of a grid of starts (L-BFGS-B from scipy when installed,
-else a Nelder-Mead in numpy). It implies N_opt = G·(C/6)^(β/(α+β)), D_opt = G⁻¹·(C/6)^(α/(α+β)) with
+A = e^a, B = e^b, E = e^e, from the best points of a grid of starts (``scipy.optimize.least_squares`` with
+``loss="huber"``). It implies N_opt = G·(C/6)^(β/(α+β)), D_opt = G⁻¹·(C/6)^(α/(α+β)) with
 G = (αA / βB)^(1/(α+β)).
 
-Intervals: percentile bootstrap (2.5 %, 97.5 %) over runs resampled with replacement (within each budget
-for the IsoFLOP approach; over all runs of the objective for the parametric fit). With a handful of runs
+Intervals: percentile bootstrap (2.5 %, 97.5 %; ``scipy.stats.bootstrap``) over runs resampled with
+replacement (within each budget for the IsoFLOP approach; over all runs of the objective for the parametric
+fit), over the resamples whose fit succeeded. With a handful of runs
 per budget the intervals are wide, and they are the honest statement of what the sweep can say.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import optimize, special, stats
 
 HUBER_DELTA = 1e-3
 MIN_BUDGETS = 3  # IsoFLOP minima needed for the power laws (two points would fit any law exactly)
@@ -130,28 +133,28 @@ def multiplier(arm: dict, mdm: dict, budgets: list[float]) -> dict:
 
 # ---- parametric approach --------------------------------------------------------------------------
 
-
-def _huber(r: np.ndarray, delta: float) -> tuple[np.ndarray, np.ndarray]:
-    a = np.abs(r)
-    val = np.where(a <= delta, 0.5 * r * r, delta * (a - 0.5 * delta))
-    grad = np.where(a <= delta, r, delta * np.sign(r))
-    return val, grad
+_LOWER = np.array([-np.inf, -np.inf, -np.inf, 0.0, 0.0])  # a, b, e free; 0 <= alpha, beta <= 5
+_UPPER = np.array([np.inf, np.inf, np.inf, 5.0, 5.0])
 
 
-def _objective(theta: np.ndarray, ln_n: np.ndarray, ln_d: np.ndarray, ln_l: np.ndarray,
-               delta: float) -> tuple[float, np.ndarray]:
-    """Huber loss of the log-residuals and its gradient; theta = (a, b, e, alpha, beta)."""
+def _terms(theta: np.ndarray, ln_n: np.ndarray, ln_d: np.ndarray) -> np.ndarray:
     a, b, e, alpha, beta = theta
-    terms = np.stack([a - alpha * ln_n, b - beta * ln_d, np.full_like(ln_n, e)])  # [3, k]
-    m = terms.max(axis=0)
-    w = np.exp(terms - m)
-    s = w.sum(axis=0)
-    lse = m + np.log(s)
-    w /= s  # softmax weights of the three terms
-    val, g = _huber(lse - ln_l, delta)
-    grad = np.array([(g * w[0]).sum(), (g * w[1]).sum(), (g * w[2]).sum(),
-                     -(g * w[0] * ln_n).sum(), -(g * w[1] * ln_d).sum()])
-    return float(val.sum()), grad
+    return np.stack([a - alpha * ln_n, b - beta * ln_d, np.full_like(ln_n, e)])  # [3, k]
+
+
+def _residuals(theta: np.ndarray, ln_n: np.ndarray, ln_d: np.ndarray, ln_l: np.ndarray) -> np.ndarray:
+    """Log-residuals ``lse(a - alpha ln N, b - beta ln D, e) - ln L``; theta = (a, b, e, alpha, beta)."""
+    return special.logsumexp(_terms(theta, ln_n, ln_d), axis=0) - ln_l
+
+
+def _jacobian(theta: np.ndarray, ln_n: np.ndarray, ln_d: np.ndarray, ln_l: np.ndarray) -> np.ndarray:
+    w = special.softmax(_terms(theta, ln_n, ln_d), axis=0)  # d lse / d term
+    return np.stack([w[0], w[1], w[2], -w[0] * ln_n, -w[1] * ln_d], axis=1)  # [k, 5]
+
+
+def huber_objective(theta, ln_n, ln_d, ln_l, delta: float = HUBER_DELTA) -> float:
+    """Sum of the Huber losses (scipy.special.huber) of the log-residuals: Chinchilla's objective."""
+    return float(special.huber(delta, _residuals(np.asarray(theta, dtype=np.float64), ln_n, ln_d, ln_l)).sum())
 
 
 def _grid() -> np.ndarray:
@@ -162,53 +165,17 @@ def _grid() -> np.ndarray:
     return g
 
 
-def _nelder_mead(f, x0: np.ndarray, iters: int = 3000, tol: float = 1e-12) -> np.ndarray:
-    """A plain Nelder-Mead simplex (the fallback when scipy is not installed)."""
-    n = len(x0)
-    simplex = [x0] + [x0 + np.eye(n)[i] * (0.1 if x0[i] == 0 else 0.1 * max(abs(x0[i]), 1.0)) for i in range(n)]
-    vals = [f(x) for x in simplex]
-    for _ in range(iters):
-        order = np.argsort(vals)
-        simplex, vals = [simplex[i] for i in order], [vals[i] for i in order]
-        if abs(vals[-1] - vals[0]) <= tol * (abs(vals[0]) + 1e-30):
-            break
-        centroid = np.mean(simplex[:-1], axis=0)
-        xr = centroid + (centroid - simplex[-1])
-        fr = f(xr)
-        if fr < vals[0]:
-            xe = centroid + 2 * (centroid - simplex[-1])
-            fe = f(xe)
-            simplex[-1], vals[-1] = (xe, fe) if fe < fr else (xr, fr)
-        elif fr < vals[-2]:
-            simplex[-1], vals[-1] = xr, fr
-        else:
-            xc = centroid + 0.5 * (simplex[-1] - centroid)
-            fc = f(xc)
-            if fc < vals[-1]:
-                simplex[-1], vals[-1] = xc, fc
-            else:
-                simplex = [simplex[0]] + [simplex[0] + 0.5 * (x - simplex[0]) for x in simplex[1:]]
-                vals = [vals[0]] + [f(x) for x in simplex[1:]]
-    return simplex[int(np.argmin(vals))]
-
-
-def have_scipy() -> bool:
-    try:
-        import scipy.optimize  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def parametric_fit(n, d, loss, delta: float = HUBER_DELTA, starts: np.ndarray | None = None, top: int = 10,
-                   optimizer: str = "auto") -> dict:
+def parametric_fit(n, d, loss, delta: float = HUBER_DELTA, starts: np.ndarray | None = None, top: int = 10) -> dict:
     """Chinchilla's approach 3: E, A, B, alpha, beta of L(N, D) = E + A/N^alpha + B/D^beta.
+
+    ``scipy.optimize.least_squares(loss="huber", f_scale=delta)`` on the log-residuals: its cost,
+    0.5 r² for |r| <= delta and delta (|r| - delta/2) beyond, is the Huber loss of Hoffmann et al.
+    (trust-region reflective, alpha and beta bounded to [0, 5]).
 
     Args:
         n, d, loss: non-embedding parameters, training tokens and final loss of each run.
         starts: initial points (a, b, e, alpha, beta); default a grid, of which the ``top`` best by the
             objective are optimised.
-        optimizer: ``lbfgs`` (scipy), ``nelder-mead`` (numpy) or ``auto`` (lbfgs when scipy is present).
 
     Returns:
         dict with E, A, B, alpha, beta, the objective value, the implied optimal-allocation exponents
@@ -219,32 +186,24 @@ def parametric_fit(n, d, loss, delta: float = HUBER_DELTA, starts: np.ndarray | 
     ln_l = np.log(np.asarray(loss, dtype=np.float64))
     if len(ln_l) < 5:
         raise FitError(f"the parametric law has 5 parameters; {len(ln_l)} runs are too few")
-    if optimizer == "auto":
-        optimizer = "lbfgs" if have_scipy() else "nelder-mead"
     cand = _grid() if starts is None else np.atleast_2d(np.asarray(starts, dtype=np.float64))
     if len(cand) > top:
-        vals = np.array([_objective(t, ln_n, ln_d, ln_l, delta)[0] for t in cand])
+        r = special.logsumexp(np.stack([cand[:, :1] - cand[:, 3:4] * ln_n, cand[:, 1:2] - cand[:, 4:5] * ln_d,
+                                        np.broadcast_to(cand[:, 2:3], (len(cand), len(ln_n)))]), axis=0) - ln_l
+        vals = special.huber(delta, r).sum(axis=1)
         cand = cand[np.argsort(vals)[:top]]
     best_x, best_v = None, math.inf
     for x0 in cand:
-        if optimizer == "lbfgs":
-            from scipy.optimize import minimize
-
-            res = minimize(_objective, x0, args=(ln_n, ln_d, ln_l, delta), jac=True, method="L-BFGS-B",
-                           bounds=[(None, None), (None, None), (None, None), (0.0, 5.0), (0.0, 5.0)],
-                           options={"maxiter": 2000, "ftol": 1e-15, "gtol": 1e-12})
-            x, v = res.x, float(res.fun)
-        elif optimizer == "nelder-mead":
-            x = _nelder_mead(lambda t: _objective(t, ln_n, ln_d, ln_l, delta)[0], np.array(x0, dtype=np.float64))
-            v = _objective(x, ln_n, ln_d, ln_l, delta)[0]
-        else:
-            raise ValueError(f"unknown optimizer {optimizer!r}")
+        res = optimize.least_squares(_residuals, np.clip(x0, _LOWER, _UPPER), jac=_jacobian, bounds=(_LOWER, _UPPER),
+                                     method="trf", loss="huber", f_scale=delta, args=(ln_n, ln_d, ln_l),
+                                     ftol=1e-15, xtol=1e-15, gtol=1e-15, max_nfev=2000)
+        v = huber_objective(res.x, ln_n, ln_d, ln_l, delta)
         if v < best_v:
-            best_x, best_v = np.asarray(x), v
+            best_x, best_v = np.asarray(res.x), v
     a, b, e, alpha, beta = (float(t) for t in best_x)
     s = alpha + beta
     return {"E": math.exp(e), "A": math.exp(a), "B": math.exp(b), "alpha": alpha, "beta": beta,
-            "objective": best_v, "theta": [a, b, e, alpha, beta], "optimizer": optimizer,
+            "objective": best_v, "theta": [a, b, e, alpha, beta], "optimizer": "least_squares (huber, trf)",
             "n_opt_exponent": beta / s if s > 0 else float("nan"),
             "d_opt_exponent": alpha / s if s > 0 else float("nan")}
 
@@ -257,7 +216,34 @@ def parametric_loss(p: dict, n, d) -> np.ndarray:
 # ---- everything, with intervals --------------------------------------------------------------------
 
 
-def _interval(samples: list[float]) -> list[float] | None:
+def bootstrap_distribution(strata: list[list[int]], statistic, n_resamples: int, seed: int) -> np.ndarray:
+    """The bootstrap distribution of ``statistic`` by ``scipy.stats.bootstrap``: each stratum (a list of row
+    indices) is resampled with replacement independently of the others (``paired=False``), and
+    ``statistic(indices)`` (the row indices of one resample, stratum by stratum) returns a 1-d array,
+    NaN where the fit failed. Strata of one row cannot be resampled and stay as they are.
+
+    Returns:
+        [n_resamples, k] array (no rows when nothing can be resampled).
+    """
+    fixed = np.array([i for s in strata if len(s) < 2 for i in s], dtype=np.int64)
+    free = [np.asarray(s, dtype=np.int64) for s in strata if len(s) >= 2]
+    if n_resamples <= 0 or not free:
+        return np.zeros((0, 0))
+
+    def stat(*samples):
+        return np.atleast_1d(np.asarray(statistic(np.concatenate([*samples, fixed]).astype(np.int64)),
+                                        dtype=np.float64))
+
+    with warnings.catch_warnings():  # failed resamples (NaN) make scipy's own interval NaN; ours drops them
+        warnings.simplefilter("ignore")
+        res = stats.bootstrap(free, stat, n_resamples=n_resamples, vectorized=False, paired=False,
+                              method="percentile", rng=np.random.default_rng(seed))
+    return np.asarray(res.bootstrap_distribution, dtype=np.float64).reshape(-1, n_resamples).T
+
+
+def _interval(samples) -> list[float] | None:
+    """The 95 % percentile interval of the resamples whose fit succeeded (scipy.stats.bootstrap's
+    ``method="percentile"`` on them); None with fewer than 10."""
     xs = np.array([s for s in samples if s is not None and math.isfinite(s)])
     if len(xs) < 10:
         return None
@@ -274,8 +260,30 @@ def usable_rows(rows: list[dict]) -> list[dict]:
             and math.isfinite(float(r["val_loss"])) and r.get("non_embedding_params") and r.get("tokens")]
 
 
+def _isoflop_vector(rows: list[dict], point: dict) -> list[float]:
+    """Per-budget N*, L*, then the exponents a, b, gamma and coefficient k_L of one resample (NaN: the
+    fit failed or found a different number of minima than the point estimate)."""
+    m = len(point["minima"])
+    fb = isoflop_fit(rows)
+    if "n_opt" not in fb or len(fb["minima"]) != m:
+        return [math.nan] * (2 * m + 4)
+    return ([x.n_opt for x in fb["minima"]] + [x.loss_opt for x in fb["minima"]]
+            + [fb["n_opt"][0], fb["d_opt"][0], fb["loss_opt"][0], fb["loss_opt"][1]])
+
+
+def _parametric_vector(rows: list[dict], starts) -> list[float]:
+    if len({r["non_embedding_params"] for r in rows}) < 2 or len({r["tokens"] for r in rows}) < 2:
+        return [math.nan] * len(PARAMETRIC_KEYS)
+    q = parametric_fit([r["non_embedding_params"] for r in rows], [r["tokens"] for r in rows],
+                       [r["val_loss"] for r in rows], starts=starts)
+    return [q[k] for k in PARAMETRIC_KEYS]
+
+
+PARAMETRIC_KEYS = ("E", "A", "B", "alpha", "beta", "n_opt_exponent", "d_opt_exponent")
+
+
 def fit_sweep(rows: list[dict], bootstrap: int = 200, seed: int = 0, parametric: bool = True,
-              parametric_bootstrap: int | None = None, optimizer: str = "auto") -> dict:
+              parametric_bootstrap: int | None = None) -> dict:
     """All fits of a collected sweep (rows as from ``collect.read_csv``), with bootstrap intervals.
 
     Returns a JSON-serialisable dict: per objective the per-budget minima, the exponents a (N*), b (D*),
@@ -284,72 +292,83 @@ def fit_sweep(rows: list[dict], bootstrap: int = 200, seed: int = 0, parametric:
     rows = usable_rows(rows)
     if not rows:
         raise FitError("no finished runs with a validation loss to fit")
-    rng = np.random.default_rng(seed)
     objectives = sorted({r["objective"] for r in rows})
     result: dict = {"objectives": {}, "bootstrap": bootstrap, "seed": seed, "huber_delta": HUBER_DELTA}
-    point: dict = {}
-    boots: dict[str, list[dict]] = {}
+    point = {obj: isoflop_fit([r for r in rows if r["objective"] == obj]) for obj in objectives}
+    fitted = [o for o in objectives if "n_opt" in point[o]]
+    both = {"mdm", "arm"} <= set(fitted)
+    # the IsoFLOP bootstrap: runs resampled within each (objective, budget); every objective's fit and the
+    # multiplier from the same resample
+    strata: dict[tuple, list[int]] = {}
+    for i, r in enumerate(rows):
+        if r["objective"] in fitted:
+            strata.setdefault((r["objective"], float(r["budget"])), []).append(i)
+    arm_budgets = [m.budget for m in point["arm"]["minima"]] if both else []
+
+    def isoflop_stat(idx) -> list[float]:
+        sub = [rows[i] for i in idx]
+        out: list[float] = []
+        laws = {}
+        for obj in fitted:
+            v = _isoflop_vector([r for r in sub if r["objective"] == obj], point[obj])
+            laws[obj] = {"loss_opt": (v[-2], v[-1])}
+            out += v
+        if both:
+            ok = all(math.isfinite(x) for x in out)
+            mb = multiplier(laws["arm"], laws["mdm"], arm_budgets) if ok else None
+            out += [b["multiplier"] for b in mb["budgets"]] + [mb["trend"]] if mb else [math.nan] * (len(arm_budgets) + 1)
+        return out
+
+    dist = bootstrap_distribution(list(strata.values()), isoflop_stat, bootstrap, seed)
+    col = 0
     for obj in objectives:
         mine = [r for r in rows if r["objective"] == obj]
-        est = isoflop_fit(mine)
-        point[obj] = est
-        by_budget: dict[float, list[dict]] = {}
-        for r in mine:
-            by_budget.setdefault(float(r["budget"]), []).append(r)
-        samples = []
-        for _ in range(bootstrap if "n_opt" in est else 0):
-            res = [by_budget[c][i] for c in by_budget for i in rng.integers(0, len(by_budget[c]), len(by_budget[c]))]
-            fb = isoflop_fit(res)
-            samples.append(fb if "n_opt" in fb and len(fb["minima"]) == len(est["minima"]) else None)
-        boots[obj] = samples
-        ok = [s for s in samples if s is not None]
+        est = point[obj]
+        m = len(est["minima"])
+        cols = dist[:, col : col + 2 * m + 4] if obj in fitted and len(dist) else np.zeros((0, 2 * m + 4))
+        col += 2 * m + 4 if obj in fitted else 0
+        good = cols[np.all(np.isfinite(cols), axis=1)]
         entry: dict = {
             "runs": len(mine),
-            "budgets": [{"budget": m.budget, "n_points": m.n_points, "n_opt": m.n_opt, "d_opt": m.d_opt,
-                         "loss_opt": m.loss_opt, "inside": m.inside, "coef": list(m.coef),
-                         "n_opt_ci": _interval([s["minima"][i].n_opt for s in ok]),
-                         "loss_opt_ci": _interval([s["minima"][i].loss_opt for s in ok])}
-                        for i, m in enumerate(est["minima"])],
+            "budgets": [{"budget": x.budget, "n_points": x.n_points, "n_opt": x.n_opt, "d_opt": x.d_opt,
+                         "loss_opt": x.loss_opt, "inside": x.inside, "coef": list(x.coef),
+                         "n_opt_ci": _interval(good[:, i]), "loss_opt_ci": _interval(good[:, m + i])}
+                        for i, x in enumerate(est["minima"])],
             "problems": est["problems"],
-            "bootstrap_used": len(ok),
+            "bootstrap_used": len(good),
         }
         if "n_opt" in est:
-            for key in ("n_opt", "d_opt", "loss_opt"):
-                entry[f"{key}_exponent"] = _est(est[key][0], [s[key][0] for s in ok])
+            for j, key in enumerate(("n_opt", "d_opt", "loss_opt")):
+                entry[f"{key}_exponent"] = _est(est[key][0], good[:, 2 * m + j])
                 entry[f"{key}_coef"] = est[key][1]
             entry["exponent_sum"] = est["n_opt"][0] + est["d_opt"][0]
         if parametric:
             try:
                 p = parametric_fit([r["non_embedding_params"] for r in mine], [r["tokens"] for r in mine],
-                                   [r["val_loss"] for r in mine], optimizer=optimizer)
-                starts = np.array(p["theta"])
-                pb = []
-                for _ in range(parametric_bootstrap if parametric_bootstrap is not None else bootstrap // 2):
-                    idx = rng.integers(0, len(mine), len(mine))
-                    sub = [mine[i] for i in idx]
-                    if len({r["non_embedding_params"] for r in sub}) < 2 or len({r["tokens"] for r in sub}) < 2:
-                        continue
-                    pb.append(parametric_fit([r["non_embedding_params"] for r in sub], [r["tokens"] for r in sub],
-                                             [r["val_loss"] for r in sub], starts=starts, optimizer=optimizer))
-                entry["parametric"] = {k: _est(p[k], [q[k] for q in pb]) for k in
-                                       ("E", "A", "B", "alpha", "beta", "n_opt_exponent", "d_opt_exponent")}
+                                   [r["val_loss"] for r in mine])
+                n_pb = parametric_bootstrap if parametric_bootstrap is not None else bootstrap // 2
+                pd = bootstrap_distribution([list(range(len(mine)))],
+                                            lambda idx, mine=mine, p=p: _parametric_vector([mine[i] for i in idx],
+                                                                                           p["theta"]),
+                                            n_pb, seed + 1)
+                pd = pd[np.all(np.isfinite(pd), axis=1)] if len(pd) else np.zeros((0, len(PARAMETRIC_KEYS)))
+                entry["parametric"] = {k: _est(p[k], pd[:, j]) for j, k in enumerate(PARAMETRIC_KEYS)}
                 entry["parametric"]["objective"] = p["objective"]
                 entry["parametric"]["optimizer"] = p["optimizer"]
-                entry["parametric"]["bootstrap_used"] = len(pb)
+                entry["parametric"]["bootstrap_used"] = len(pd)
             except FitError as e:
                 entry["parametric"] = {"error": str(e)}
         result["objectives"][obj] = entry
-    if {"mdm", "arm"} <= set(objectives) and "loss_opt" in point["mdm"] and "loss_opt" in point["arm"]:
-        budgets = [m.budget for m in point["arm"]["minima"]]
-        mult = multiplier(point["arm"], point["mdm"], budgets)
-        pairs = [(a, m) for a, m in zip(boots["arm"], boots["mdm"]) if a is not None and m is not None]
-        mb = [multiplier(a, m, budgets) for a, m in pairs]
-        lo_l = min(m.loss_opt for m in point["mdm"]["minima"])
-        hi_l = max(m.loss_opt for m in point["mdm"]["minima"])
+    if both:
+        mult = multiplier(point["arm"], point["mdm"], arm_budgets)
+        mcols = dist[:, col:] if len(dist) else np.zeros((0, len(arm_budgets) + 1))
+        mcols = mcols[np.all(np.isfinite(mcols), axis=1)]
+        lo_l = min(x.loss_opt for x in point["mdm"]["minima"])
+        hi_l = max(x.loss_opt for x in point["mdm"]["minima"])
         for i, row in enumerate(mult["budgets"]):
-            row["ci"] = _interval([x["budgets"][i]["multiplier"] for x in mb])
+            row["ci"] = _interval(mcols[:, i])
             row["extrapolated"] = not (lo_l <= row["loss"] <= hi_l)  # outside the MDM's measured L* range
-        mult["trend"] = _est(mult["trend"], [x["trend"] for x in mb])
+        mult["trend"] = _est(mult["trend"], mcols[:, -1])
         result["multiplier"] = mult
     return result
 
