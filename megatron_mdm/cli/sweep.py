@@ -51,6 +51,11 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--ratio", type=float, default=20.0, help="tokens per parameter of the --per-budget guess")
     q.add_argument("--min-iters", type=int, default=10, help="leave out runs shorter than this many steps")
     q.add_argument("--tolerance", type=float, default=0.05, help="largest relative miss of a budget (default 0.05)")
+    q.add_argument("--tag", default="", help="name of a variant group (e.g. seed2, lr1e-2): appended to its run names")
+    q.add_argument("--run-args", default="", help="extra pretrain_mdm.py flags of these runs only, one quoted string "
+                   "(e.g. \"--seed 2\"); they win over --train-args")
+    q.add_argument("--append", action="store_true",
+                   help="add these runs to the existing --output plan (same recipe) instead of writing a new one")
     q.add_argument("--output", required=True, help="plan file to write (.yaml or .json)")
 
     la = sub.add_parser("launch", help="train the plan's runs here one by one (resumable), or write a SLURM array")
@@ -60,6 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     la.add_argument("--nice", type=int, default=None, help="run training under nice -n N (shared machines)")
     la.add_argument("--max-runs", type=int, default=None, help="train at most this many runs now")
     la.add_argument("--only", type=_csv_list, default=None, help="comma list of run names to train")
+    la.add_argument("--part", default=None, metavar="I/N",
+                    help="train only part I of N (runs split by estimated time): N launches side by side")
     la.add_argument("--keep-going", action="store_true", help="go on after a failed run")
     la.add_argument("--repo", default=None, help="megatron-mdm checkout holding pretrain/ (default: this one)")
     la.add_argument("--dry-run", action="store_true", help="print the command lines only")
@@ -89,14 +96,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _plan(args) -> None:
-    from megatron_mdm.sweep.plan import describe, make_plan, parse_shape, preset_shape, rule_shape
+    from megatron_mdm.sweep.plan import Plan, describe, make_plan, parse_shape, preset_shape, rule_shape
 
     shapes = [preset_shape(n) for n in args.presets]
     shapes += [rule_shape(w, args.aspect, args.head_dim) for w in args.widths]
     shapes += [parse_shape(s, args.head_dim) for s in args.shapes]
     plan = make_plan(args.budgets, shapes, args.objectives, args.seq_length, args.global_batch_size,
                      args.micro_batch_size, args.config, shlex.split(args.train_args), args.per_budget, args.ratio,
-                     args.min_iters, args.tolerance)
+                     args.min_iters, args.tolerance, args.tag, shlex.split(args.run_args))
+    if args.append:
+        plan = Plan.load(args.output).extend(plan)
     path = plan.save(args.output)
     print(describe(plan))
     print(f"wrote {path}")
@@ -104,9 +113,18 @@ def _plan(args) -> None:
 
 def _launch(args) -> None:
     from megatron_mdm.sweep.launch import launch_local, local_command, write_slurm
-    from megatron_mdm.sweep.plan import Plan
+    from megatron_mdm.sweep.plan import Plan, PlanError
 
     plan = Plan.load(args.plan)
+    if args.part:
+        try:
+            i, n = (int(x) for x in args.part.split("/"))
+        except ValueError:
+            raise PlanError(f"--part {args.part!r}: expected I/N, e.g. 1/2") from None
+        if not 1 <= i <= n:
+            raise PlanError(f"--part {args.part}: I must be between 1 and N")
+        mine = plan.partition(n)[i - 1]
+        args.only = [r for r in mine if args.only is None or r in args.only]
     if args.slurm:
         path = write_slurm(plan, args.out, args.slurm, args.nproc, args.gpus, args.time, args.python or "python",
                            args.repo)
