@@ -85,7 +85,10 @@ def _parser() -> argparse.ArgumentParser:
     fi.add_argument("--output", default=None, help="JSON to write (default: fit.json beside the CSV)")
     fi.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples (default 200)")
     fi.add_argument("--seed", type=int, default=0)
-    fi.add_argument("--no-parametric", action="store_true", help="skip the L(N, D) fit")
+    fi.add_argument("--no-parametric", action="store_true",
+                    help="skip the L(N, D) fit (and with it E and the multiplier's law)")
+    fi.add_argument("--flops", choices=["6nd", "full"], default="6nd",
+                    help="compute as 6·N·D (default, the papers') or the full count with attention and output layer")
 
     pl = sub.add_parser("plot", help="IsoFLOP curves and frontiers, MDM and ARM on one PNG")
     pl.add_argument("--csv", required=True)
@@ -156,7 +159,8 @@ def _fit(args) -> dict:
     from megatron_mdm.sweep.collect import read_csv
     from megatron_mdm.sweep.fit import fit_sweep, summary
 
-    fit = fit_sweep(read_csv(args.csv), bootstrap=args.bootstrap, seed=args.seed, parametric=not args.no_parametric)
+    fit = fit_sweep(read_csv(args.csv), bootstrap=args.bootstrap, seed=args.seed, parametric=not args.no_parametric,
+                    flops=args.flops)
     out = Path(args.output or Path(args.csv).with_name("fit.json"))
     out.write_text(json.dumps(fit, indent=1) + "\n", encoding="utf-8")
     print(summary(fit))
@@ -176,7 +180,7 @@ def _plot(args) -> None:
     elif args.fit:
         raise FileNotFoundError(f"{fit_path}: no such fit file (write it with `mdm-sweep fit`)")
     else:
-        fit = fit_sweep(rows, bootstrap=0, parametric=False)
+        fit = fit_sweep(rows, bootstrap=0)
     out = plot_sweep(rows, fit, args.output or Path(args.csv).with_name("scaling.png"), args.title)
     print(f"wrote {out}")
 

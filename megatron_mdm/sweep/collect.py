@@ -102,7 +102,12 @@ def write_csv(rows: list[dict], path: str | Path) -> Path:
 
 
 def read_csv(path: str | Path) -> list[dict]:
-    """Rows of a collected CSV with numbers parsed (empty cells -> None)."""
+    """Rows of a collected CSV with numbers parsed (empty cells -> None); ``_line`` is each row's line.
+
+    Raises:
+        RunError: no such file, not a sweep CSV, or a cell that is not a number (the message names its line,
+            run and column).
+    """
     path = Path(path)
     if not path.is_file():
         raise RunError(f"{path}: no such file (write it with `mdm-sweep collect`)")
@@ -116,15 +121,24 @@ def read_csv(path: str | Path) -> list[dict]:
         if missing:
             raise RunError(f"{path}: not a sweep CSV (no column {', '.join(sorted(missing))})")
         for r in reader:
-            out = {}
+            out: dict = {"_line": reader.line_num}
             for k, v in r.items():
-                if v in ("", None):
-                    out[k] = None
-                elif k in ints:
-                    out[k] = int(float(v))
-                elif k in floats:
-                    out[k] = float(v)
-                else:
-                    out[k] = v
+                if k is None or v is None:  # a row with more or fewer cells than the header
+                    raise RunError(f"{path}: line {reader.line_num} ({r.get('name') or 'unnamed run'}): not "
+                                   f"{len(reader.fieldnames)} cells as the header has")
+                v = v.strip()
+                try:
+                    if v == "":
+                        out[k] = None
+                    elif k in ints:  # counts; a non-integral one (a synthetic sweep) stays a float
+                        x = float(v)
+                        out[k] = int(x) if x.is_integer() else x
+                    elif k in floats:
+                        out[k] = float(v)
+                    else:
+                        out[k] = v
+                except ValueError:
+                    raise RunError(f"{path}: line {reader.line_num} ({r.get('name') or 'unnamed run'}): column {k}: "
+                                   f"{v!r} is not a number") from None
             rows.append(out)
     return rows
