@@ -1,12 +1,12 @@
 """Statistics and figure of reversal-curse runs over seeds, from their per-prompt results.
 
-    python examples/reversal_curse/report.py docs/results/reversal_curse/seed*.jsonl \\
+    python examples/reversal_curse/report.py docs/results/reversal_curse/seed*.jsonl.gz \\
         --markdown docs/results/reversal_curse/summary.md --figure docs/figures/reversal_curse_seeds.png
 
-Input: the ``per_prompt.jsonl`` of ``run.py`` runs (one line per model, test file and prompt: seed, model,
-file, index, person, rank, person_rank, num_candidates, and per guidance scale w the generation and
-whether it matches: ``exact`` (the generation starts with the gold) and ``contains`` (SMDM's
-``evaluate_reverse.py`` rule: the lower-cased gold occurs in it)).
+Input: the ``per_prompt.jsonl`` of ``run.py`` runs, plain or gzipped (``.jsonl.gz``): one line per model,
+test file and prompt (seed, model, file, index, person, rank, person_rank, num_candidates, and per guidance
+scale w the generation and whether it matches: ``exact`` (the generation starts with the gold) and
+``contains`` (SMDM's ``evaluate_reverse.py`` rule: the lower-cased gold occurs in it)).
 
 Per model and test file, every metric is given per seed (mean over the file's prompts), as the mean over
 seeds with the seeds' standard deviation, and with a 95 % interval clustered by person: the prompts
@@ -19,6 +19,7 @@ interval, and a Wilcoxon signed-rank test over the people.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import sys
 from collections import defaultdict
@@ -37,7 +38,9 @@ BOOT = 10_000
 def read_records(paths: list[str | Path]) -> list[dict]:
     recs = []
     for p in paths:
-        for k, line in enumerate(Path(p).read_text(encoding="utf-8").splitlines(), 1):
+        raw = Path(p).read_bytes()
+        text = (gzip.decompress(raw) if str(p).endswith(".gz") else raw).decode("utf-8")
+        for k, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
                     recs.append(json.loads(line))
