@@ -157,7 +157,7 @@ def figure(s: dict, path: str | Path) -> Path:
     """Mean rank of the gold (name files) and of its person (description files), and the generation match,
     per model: seeds as dots, the seed mean with its person-clustered interval as a bar."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from megatron_mdm.sweep.curves import _pyplot
+    from megatron_mdm.sweep.curves import _pyplot, save_figure
 
     plt = _pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
@@ -193,12 +193,7 @@ def figure(s: dict, path: str | Path) -> Path:
             ax.legend(fontsize=7)
     fig.suptitle(f"Reversal curse, seeds {', '.join(map(str, s['seeds']))}: bars = mean over seeds, "
                  "whiskers = 95 % interval clustered by person, dots = seeds", fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv=None) -> int:

@@ -174,6 +174,18 @@ def _pyplot():
     return plt
 
 
+def save_figure(fig, output: str | Path, dpi: int = 80) -> Path:
+    """Lay out, write (creating the folder) and close a matplotlib figure; returns the path."""
+    fig.tight_layout()
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return out
+
+
 def plot_runs(runs: list[RunCurves], output: str | Path, x: str = "iterations", log_x: bool = False,
               reference: float | None = None, reference_label: str = "unigram entropy",
               title: str | None = None) -> Path:
@@ -212,12 +224,7 @@ def plot_runs(runs: list[RunCurves], output: str | Path, x: str = "iterations", 
         _clip_initial_spike(ax)
     axes[0, 1].legend(fontsize=8)
     fig.suptitle(title or ", ".join(r.label for r in runs)[:120])
-    fig.tight_layout()
-    out = Path(output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-    return out
+    return save_figure(fig, output, dpi=90)
 
 
 def _finite(v) -> bool:

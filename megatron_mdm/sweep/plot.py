@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from megatron_mdm.sweep.checks import main_rows
-from megatron_mdm.sweep.curves import _pyplot
+from megatron_mdm.sweep.curves import _pyplot, save_figure
 
 STYLE = {"mdm": dict(linestyle="-", marker="o"), "arm": dict(linestyle="--", marker="s")}
 FRONTIER_COLOR = {"mdm": "C1", "arm": "C2"}
@@ -78,12 +78,7 @@ def plot_sweep(rows: list[dict], fit: dict, output: str | Path, title: str | Non
     ax_l.set_title("loss frontiers")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    out = Path(output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=80)
-    plt.close(fig)
-    return out
+    return save_figure(fig, output)
 
 
 def _isoflop_panel(ax, rows: list[dict], obj: str, e: dict, colors: dict) -> None:
