@@ -343,6 +343,9 @@ def test_smoke_run_writes_table(tmp_path):
         (m, n) for m in ("mdm", "arm") for n in rc.TEST_FILES}
     md = (tmp_path / "out" / "results.md").read_text()
     assert md.count("| MDM |") == 4 and md.count("| ARM |") == 4
+    recs = [json.loads(x) for x in (tmp_path / "out" / "per_prompt.jsonl").read_text().splitlines()]
+    assert len(recs) == 2 * 4 * 4 and {r["model"] for r in recs} == {"mdm", "arm"}
+    assert all(set(r["contains"]) == ({"0.0", "0.8"} if r["model"] == "mdm" else {"0.0"}) for r in recs)
     curves = json.loads((tmp_path / "out" / "curves.json").read_text())
     assert {(x["model"], x["test_file"], x["iteration"]) for x in curves} == {
         (m, n, 5) for m in ("mdm", "arm") for n in rc.CURVE_FILES}
