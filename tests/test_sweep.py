@@ -166,6 +166,7 @@ def test_plan_groups_append_tags_and_partition(tmp_path):
     plan.extend(seeds)
     assert plan.budgets == [1e9, 1e10, 2e10] and plan.objectives == ["mdm", "arm"]
     assert len(plan.runs) == 4 * 4 and len({r.name for r in plan.runs}) == 16
+    plan.check_curves()
     variant = [r for r in plan.runs if r.tag == "seed2"]
     assert [r.name for r in variant] == [f"mdm-C1e10-{s.name}-seed2" for s in shapes]
     parser = argparse.ArgumentParser()
@@ -181,8 +182,19 @@ def test_plan_groups_append_tags_and_partition(tmp_path):
         plan.extend(make_plan([1e10], shapes, ["mdm"], 32, 8, train_args=["--lr", "3e-3"], tag="x"))
     with pytest.raises(PlanError, match="--tag"):
         make_plan([1e10], shapes, ["mdm"], **common, tag="a/b")
+    # a group may add a shape to other groups' budgets; the whole plan must still have 3 shapes per curve
+    with pytest.raises(PlanError, match="only 1 shape"):
+        make_plan([1e10], shapes[:1], ["arm"], **common)
+    plan.extend(make_plan([1e9], [parse_shape("1x4", head_dim=4)], ["arm"], **common, min_shapes=1))
+    plan.check_curves()
+    assert [r.shape for r in plan.runs if r.objective == "arm"] == ["1x8", "1x16", "1x24", "1x32", "1x4"]
+    thin = Plan.from_dict(plan.to_dict())
+    thin.runs = [r for r in thin.runs if r.shape in ("1x8", "1x4") or r.objective == "mdm"]
+    with pytest.raises(PlanError, match="arm at 1e.09: 2"):
+        thin.check_curves()
     parts = plan.partition(3)
     assert sorted(n for part in parts for n in part) == sorted(r.name for r in plan.runs)
+    assert len(plan.runs) == 17
     cost = {r.name: r.cost for r in plan.runs}
     loads = [sum(cost[n] for n in part) for part in parts]
     assert max(loads) - min(loads) <= max(cost.values())  # greedy: within one run of each other

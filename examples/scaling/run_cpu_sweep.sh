@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CPU-scale IsoFLOP sweep of docs/SCALING.md on Tiny Shakespeare: MDM and ARM each bracketed at their own
 # budgets (the ARM's 16-1000x smaller, so that its loss frontier overlaps the MDM's), a second seed at one
-# budget per objective, and a learning-rate check per size at one budget per objective. 75 runs; about
+# budget per objective, and a learning-rate check per size at one budget per objective. 79 runs; about
 # 55 minutes on an idle 2-core machine with both cores used (two launches side by side).
 #
 #   bash examples/scaling/run_cpu_sweep.sh [WORK_DIR]        # default outputs/scaling
@@ -30,10 +30,10 @@ if [ ! -f "$WORK/shards/valid/manifest.json" ]; then
 fi
 PLAN="$WORK/plan.yaml"
 if [ ! -f "$PLAN" ]; then
-  group() {  # objective budgets shapes [tag run-args]; the first group writes the plan, the others append
+  group() {  # objective budgets shapes [tag run-args [head-dim]]; the first group writes the plan, the others append
     local append=()
     [ -f "$PLAN" ] && append=(--append)
-    "$PY" -m megatron_mdm.cli.sweep plan --objectives "$1" --budgets $2 --shapes "$3" --head-dim 8 \
+    "$PY" -m megatron_mdm.cli.sweep plan --objectives "$1" --budgets $2 --shapes "$3" --head-dim "${6:-8}" \
       --seq-length 64 --global-batch-size 8 --config examples/scaling/cpu_sweep.yaml \
       --train-args "--tokenizer $WORK/tok --data-path $WORK/shards" --tag "${4:-}" --run-args "${5:-}" \
       "${append[@]}" --output "$PLAN" | tail -n 1
@@ -44,6 +44,9 @@ if [ ! -f "$PLAN" ]; then
   group mdm 6.4e11 1x16,1x24,1x32,2x32,2x48,2x64
   group arm "1.25e9 2.5e9" 1x8,1x16,1x24,1x32,2x32
   group arm "5e9 1e10 2e10" 1x8,1x16,1x24,1x32,2x32,2x48
+  # the ARM's minimum at its small budgets lies at or below the 1k-parameter 1x8: a 460-parameter 1x4 (one
+  # head of 4) brackets it
+  group arm "1.25e9 2.5e9 5e9 1e10" 1x4 "" "" 4
   # noise: a second seed (initialisation, data order, masks, validation draw) at one budget per objective
   group mdm 1.6e11 1x16,1x24,1x32,2x32 seed2 "--seed 2"
   group arm 5e9 1x8,1x16,1x24,1x32,2x32,2x48 seed2 "--seed 2"

@@ -106,9 +106,11 @@ def _plan(args) -> None:
     shapes += [parse_shape(s, args.head_dim) for s in args.shapes]
     plan = make_plan(args.budgets, shapes, args.objectives, args.seq_length, args.global_batch_size,
                      args.micro_batch_size, args.config, shlex.split(args.train_args), args.per_budget, args.ratio,
-                     args.min_iters, args.tolerance, args.tag, shlex.split(args.run_args))
+                     args.min_iters, args.tolerance, args.tag, shlex.split(args.run_args),
+                     min_shapes=1 if args.append else 3)
     if args.append:
         plan = Plan.load(args.output).extend(plan)
+        plan.check_curves()
     path = plan.save(args.output)
     print(describe(plan))
     print(f"wrote {path}")

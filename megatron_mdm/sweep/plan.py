@@ -177,6 +177,16 @@ class Plan:
         self.skipped = self.skipped + other.skipped
         return self
 
+    def check_curves(self) -> None:
+        """Every (objective, budget, tag) of the plan has at least 3 shapes (an IsoFLOP curve); PlanError."""
+        groups: dict[tuple, set] = {}
+        for r in self.runs:
+            groups.setdefault((r.objective, r.budget, r.tag), set()).add(r.shape)
+        thin = [f"{o} at {c:.3g}" + (f" ({t})" if t else "") + f": {len(s)}" for (o, c, t), s in groups.items()
+                if len(s) < 3]
+        if thin:
+            raise PlanError("an IsoFLOP curve needs 3 shapes; the plan has fewer for " + "; ".join(thin))
+
     def partition(self, parts: int) -> list[list[str]]:
         """The run names split into ``parts`` lists of about equal :attr:`Run.cost` (largest first, each to the
         lightest list), for as many launches side by side."""
@@ -258,8 +268,11 @@ def budget_label(c: float) -> str:
 def make_plan(budgets: list[float], shapes: list[Shape], objectives: list[str], seq_length: int,
               global_batch_size: int, micro_batch_size: int | None = None, config: str | None = None,
               train_args: list[str] | None = None, per_budget: int | None = None, ratio: float = 20.0,
-              min_iters: int = 10, tolerance: float = 0.05, tag: str = "", run_args: list[str] | None = None) -> Plan:
-    """The IsoFLOP runs of every (budget, shape, objective); see the module docstring.
+              min_iters: int = 10, tolerance: float = 0.05, tag: str = "", run_args: list[str] | None = None,
+              min_shapes: int = 3) -> Plan:
+    """The IsoFLOP runs of every (budget, shape, objective); see the module docstring. ``min_shapes`` (3: an
+    IsoFLOP curve) is the fewest feasible shapes a budget may have; a group that adds shapes to another
+    group's budgets (``--append``) may have fewer, and :meth:`Plan.check_curves` checks the whole plan.
 
     Raises:
         PlanError: no budgets/shapes/objectives, a bad value, or a budget that no shape can hit.
@@ -309,7 +322,7 @@ def make_plan(budgets: list[float], shapes: list[Shape], objectives: list[str], 
             for f in feasible[:best] + feasible[best + per_budget:]:
                 skipped.append({"budget": c, "shape": f[1].name, "reason": "outside the --per-budget window"})
             feasible = feasible[best:best + per_budget]
-        if len(feasible) < 3:
+        if len(feasible) < min_shapes or not feasible:
             raise PlanError(f"budget {c:.3g}: only {len(feasible)} shape(s) can hit it within {tolerance:.0%} with "
                             f">= {min_iters} steps (need 3 for an IsoFLOP curve); add shapes or change the budget")
         for obj in objectives:
