@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -58,14 +59,21 @@ def test_scaling_fit_reproduces_from_the_shipped_csv(name, flops):
 
 
 def test_reversal_curse_summary_reproduces_from_the_per_prompt_results():
+    """One file per seed, each with both models and every prompt of the four test files; report.py on them
+    gives the shipped summary, which docs/REVERSAL_CURSE.md quotes (its first line names the seeds shipped)."""
     spec = importlib.util.spec_from_file_location("rc_report", REPO / "examples" / "reversal_curse" / "report.py")
     report = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(report)
     files = sorted(RC.glob("seed*.jsonl.gz"))
-    assert len(files) >= 3, "three seeds of per-prompt results are shipped"
-    s = report.summarise(report.read_records(files))
-    assert len(s["seeds"]) >= 3 and {r["model"] for r in s["results"]} == {"mdm", "arm"}
-    assert all(r["n_prompts"] == 300 for r in s["results"])  # every prompt of each file
+    assert files, "per-prompt results are shipped as docs/results/reversal_curse/seed<N>.jsonl.gz"
+    recs = report.read_records(files)
+    counts = Counter((r["seed"], r["model"], r["file"]) for r in recs)
+    seeds = sorted({r["seed"] for r in recs})
+    assert {f.name for f in files} == {f"seed{x}.jsonl.gz" for x in seeds}, "one file per seed, named by its seed"
+    assert set(counts) == {(x, m, f) for x in seeds for m in ("mdm", "arm") for f in report.FILES}
+    assert set(counts.values()) == {300}, "every prompt of each test file, once"
+    s = report.summarise(recs)
+    assert s["seeds"] == seeds
     md = report.markdown(s)
     assert md == (RC / "summary.md").read_text()
     assert md in (REPO / "docs" / "REVERSAL_CURSE.md").read_text()

@@ -121,11 +121,18 @@ def _cell(r: dict | None, spec: str = ".1f") -> str:
     return f"{r['mean']:{spec}} [{r['ci'][0]:{spec}}, {r['ci'][1]:{spec}}] ({seeds})"
 
 
+def _seeds(s: dict) -> str:
+    n = len(s["seeds"])
+    return ("Seed " if n == 1 else "Seeds ") + ", ".join(map(str, s["seeds"])) + (" (one seed)" if n == 1 else "")
+
+
 def markdown(s: dict) -> str:
     """Two tables: every metric per model and file; the paired MDM - ARM differences."""
     cfg = sorted({r["metric"] for r in s["results"] if r["metric"].startswith("match_w") and r["metric"] != "match_w0"})
-    lines = [f"Seeds {', '.join(map(str, s['seeds']))}; every prompt of each file. Cells: mean over seeds "
-             "[95 % interval clustered by person] (per seed).", "",
+    lines = [f"{_seeds(s)}; every prompt of each file. Cells: mean over seeds "
+             "[95 % interval clustered by person] (per seed)."
+             + (" With one seed the interval covers the draw of people and prompts, not the training noise."
+                if len(s["seeds"]) == 1 else ""), "",
              "| model | test file | direction | n | SMDM match % (w = 0) | "
              + " | ".join(f"SMDM match % (CFG w = {m[7:]})" for m in cfg)
              + " | top-1 % | mean rank | person mean rank |",
@@ -191,7 +198,7 @@ def figure(s: dict, path: str | Path) -> Path:
         ax.grid(alpha=0.3, axis="y")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
-    fig.suptitle(f"Reversal curse, seeds {', '.join(map(str, s['seeds']))}: bars = mean over seeds, "
+    fig.suptitle(f"Reversal curse, {_seeds(s).lower()}: bars = mean over seeds, "
                  "whiskers = 95 % interval clustered by person, dots = seeds", fontsize=10)
     return save_figure(fig, path)
 
