@@ -352,6 +352,28 @@ def test_sweep_figure_and_cli_round_trip(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "line 5 (run3): column val_loss: '4.1O' is not a number" in err
 
 
+def test_log_axes_of_the_sweep_figure_carry_plain_decimal_ticks():
+    """A log axis within a decade (losses 3.42-3.91) is labelled by about five evenly spaced decimals, one over
+    more than a decade (multipliers 6-2000) at 1, 2 and 5 times the powers of ten, every label the number it
+    marks (never 3.8×10⁰); compute ticks read 5×10⁹ and 10¹⁰."""
+    pytest.importorskip("matplotlib")
+    from megatron_mdm.sweep.curves import _pyplot
+    from megatron_mdm.sweep.plot import _plain_log_ticks, _power_of_ten_label
+
+    plt = _pyplot()
+    for lo, hi, want in [(3.42, 3.91, [3.5, 3.6, 3.7, 3.8, 3.9]), (6.0, 2000.0, [10, 20, 50, 100, 200, 500, 1000, 2000])]:
+        fig, ax = plt.subplots()
+        ax.set_yscale("log")
+        ax.set_ylim(lo, hi)
+        _plain_log_ticks(ax.yaxis)
+        locs = [v for v in ax.yaxis.get_majorticklocs() if lo <= v <= hi]
+        labels = [ax.yaxis.get_major_formatter()(v, i) for i, v in enumerate(locs)]
+        plt.close(fig)
+        assert locs == pytest.approx(want)
+        assert [float(t) for t in labels] == pytest.approx(want)
+    assert _power_of_ten_label(5e9) == r"$5\times10^{9}$" and _power_of_ten_label(1e10) == "$10^{10}$"
+
+
 def test_full_flop_count_moves_each_minimum_to_its_full_compute():
     """--flops full: each minimum's compute is the budget times the runs' full/6ND ratio at N* (here a known
     1 + 3000/N, the output layer's share at small N), and the exponents are fitted against it."""

@@ -2,11 +2,15 @@
 the loss frontiers and the MDM/ARM compute multiplier.
 
 Four panels, one PNG: (1) final validation loss against N for every budget of the main grid (points: runs;
-lines: the fitted parabolas in ln N; crosses: their minima), MDM solid and ARM dashed, one colour per budget;
+lines: the fitted parabolas in ln N; crosses: their minima, hollow where the vertex lies outside the sampled
+sizes; dotted: budgets whose losses have no interior minimum, not fitted), MDM solid and ARM dashed, one
+colour per budget;
 (2) N*(C) and D*(C) with their power laws; (3) the minima L*(C) with the laws E + k·C^γ' (solid, E dotted)
 and the pure power laws k·C^γ (thin); (4) the multiplier at each ARM budget, from the laws of L* - E and
 read off the measured frontiers, with bootstrap intervals; filled markers where the ARM's loss lies within
 the MDM's measured losses (interpolated), hollow where not (extrapolated), the pure power law in grey.
+Legends sit below their panels, so that they never cover data; log axes of losses and multipliers carry
+plain decimal tick labels.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ def plot_sweep(rows: list[dict], fit: dict, output: str | Path, title: str | Non
     rows = main_rows(rows)
     budgets = sorted({float(r["budget"]) for r in rows})
     colors = {c: plt.get_cmap("viridis")(i / max(len(budgets) - 1, 1)) for i, c in enumerate(budgets)}
-    fig, axes = plt.subplots(1, 4, figsize=(21, 5))
+    fig, axes = plt.subplots(1, 4, figsize=(21, 6.4))
     ax_iso, ax_n, ax_l, ax_m = axes
     xlabel = "compute C = 6·N·D (FLOPs)" if fit.get("flops", "6nd") == "6nd" else "compute C, full count (FLOPs)"
     for obj, e in fit["objectives"].items():
@@ -60,12 +64,12 @@ def plot_sweep(rows: list[dict], fit: dict, output: str | Path, title: str | Non
     ax_iso.set_xlabel("non-embedding parameters N")
     ax_iso.set_ylabel("final validation loss (nats/token; MDM: ELBO)")
     ax_iso.set_title("IsoFLOP curves (MDM solid, ARM dashed)")
-    ax_iso.legend(fontsize=6, ncol=2)
+    _legend_below(ax_iso, _marker_key(plt, fit), ncol=2)
     for ax in (ax_n, ax_l):
         ax.set_xscale("log")
         ax.set_xlabel(xlabel)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
+            _legend_below(ax)
         else:
             ax.text(0.5, 0.5, "no IsoFLOP minima to fit\n(see mdm-sweep fit)", transform=ax.transAxes,
                     ha="center", va="center", fontsize=9, color="0.4")
@@ -96,12 +100,64 @@ def _isoflop_panel(ax, rows: list[dict], obj: str, e: dict, colors: dict) -> Non
         p2, p1, p0 = b["coef"]
         ax.plot(np.exp(x), p2 * x * x + p1 * x + p0, color=colors[c], linestyle=st.get("linestyle", "-"),
                 linewidth=1.2, label=f"{obj.upper()} C={c:.2g}")
-        ax.plot([b["n_opt"]], [b["loss_opt"]], color=colors[c], marker="x", markersize=9, mew=2)
+        inside = b.get("inside", True)
+        ax.plot([b["n_opt"]], [b["loss_opt"]], color=colors[c], linestyle="none",
+                marker="x" if inside else "X", markersize=9, mew=2 if inside else 1,
+                markerfacecolor=colors[c] if inside else "white")
     for c in sorted({float(r["budget"]) for r in rows if r["objective"] == obj} - fitted):  # no parabola
         pts = sorted((r["non_embedding_params"], r["val_loss"]) for r in rows
                      if r["objective"] == obj and float(r["budget"]) == c)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], color=colors[c], linestyle=":",
-                marker=st.get("marker", "o"), label=f"{obj.upper()} C={c:.2g} (no minimum)")
+                marker=st.get("marker", "o"), label=f"{obj.upper()} C={c:.2g}: no interior minimum, not fitted")
+
+
+def _marker_key(plt, fit: dict) -> list:
+    """Legend entries for the marks of the IsoFLOP panel that no curve label explains."""
+    from matplotlib.lines import Line2D
+
+    key = [Line2D([], [], color="0.3", linestyle="none", marker=STYLE[o]["marker"], label=f"{o.upper()} run")
+           for o in fit["objectives"] if o in STYLE]
+    key.append(Line2D([], [], color="0.3", linestyle="none", marker="x", markersize=8, mew=2,
+                      label="fitted minimum (parabola vertex)"))
+    if any(not b.get("inside", True) for e in fit["objectives"].values() for b in e.get("budgets", [])):
+        key.append(Line2D([], [], color="0.3", linestyle="none", marker="X", markersize=8, markerfacecolor="white",
+                          label="vertex outside the sampled sizes"))
+    return key
+
+
+def _legend_below(ax, extra: list | None = None, ncol: int = 2) -> None:
+    """The panel's legend under its x label, outside the data."""
+    handles, labels = ax.get_legend_handles_labels()
+    for h in extra or []:
+        handles.append(h)
+        labels.append(h.get_label())
+    ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=ncol, fontsize=7,
+              frameon=False)
+
+
+def _power_of_ten_label(v: float, _pos=None) -> str:
+    """5e9 -> 5×10⁹ (mathtext), 1e10 -> 10¹⁰."""
+    k = int(np.floor(np.log10(v) + 1e-9))
+    m = v / 10 ** k
+    return f"$10^{{{k}}}$" if abs(m - 1) < 1e-6 else f"${m:g}\\times10^{{{k}}}$"
+
+
+def _plain_log_ticks(axis) -> None:
+    """Decimal tick labels on a log axis (3.8, 200; not 3.8×10⁰): within a decade about five evenly spaced
+    ticks, over more than a decade 1, 2 and 5 times the powers of ten (only powers beyond three decades)."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+
+    lo, hi = sorted(axis.get_view_interval())
+    if lo <= 0 or hi <= lo:
+        return
+    decades = np.log10(hi / lo)
+    if decades < 1:
+        ticks = [t for t in MaxNLocator(nbins=5, steps=[1, 2, 2.5, 5, 10]).tick_values(lo, hi) if lo <= t <= hi]
+        axis.set_major_locator(FixedLocator(ticks))
+    else:
+        axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0) if decades <= 3 else (1.0,)))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
 
 
 def _multiplier_panel(ax, m: dict | None, xlabel: str) -> None:
@@ -128,11 +184,15 @@ def _multiplier_panel(ax, m: dict | None, xlabel: str) -> None:
             ax.errorbar([c * shift], [est["value"]], yerr=yerr, color=color, marker=marker, capsize=3,
                         markerfacecolor=color if interp else "white", linestyle="none",
                         label=label if j == 0 else None)
-    from matplotlib.ticker import ScalarFormatter
-
     ax.set_xscale("log")
     ax.set_yscale("log")
-    for axis in (ax.yaxis,):
-        axis.set_major_formatter(ScalarFormatter())
-        axis.set_minor_formatter(ScalarFormatter())
-    ax.legend(fontsize=7, title="filled: interpolated, hollow: extrapolated", title_fontsize=7)
+    ax.get_ylim()  # autoscale before the ticks are chosen
+    _plain_log_ticks(ax.yaxis)
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))  # labelled at 1, 2, 5 x 10^k, never crowded
+    ax.xaxis.set_major_formatter(FuncFormatter(_power_of_ten_label))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    _legend_below(ax, ncol=1)
+    ax.get_legend().set_title("filled: interpolated (ARM loss within the MDM's measured minima)\n"
+                              "hollow: extrapolated", prop={"size": 7})
