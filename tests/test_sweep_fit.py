@@ -75,6 +75,31 @@ def test_isoflop_minimum_refuses_bad_curves():
         isoflop_minimum(np.exp(x), 0.1 * x + 1e-9 * (x - x.mean()) ** 2, 1e12)
     with pytest.raises(FitError, match="positive"):
         power_law([1e12, 1e13], [0.0, 1.0])
+    # losses falling steeply with N and curving up slightly: the vertex, 15 e-folds beyond the largest size,
+    # lies at 5 - 3·15 + 0.1·15² = -17.5
+    x = np.log([1e3, 2e3, 4e3])
+    u = x - x[0]
+    with pytest.raises(FitError, match="not positive"):
+        isoflop_minimum(np.exp(x), 5 - 3 * u + 0.1 * u * u, 1e12)
+
+
+def test_a_budget_whose_vertex_loss_is_negative_is_a_problem_not_an_abort():
+    """One budget with a negative vertex loss beside three good ones (a bootstrap resample can draw such a
+    curve): that budget is named in the problems and the power laws are fitted over the other three."""
+    from megatron_mdm.sweep.isoflop import isoflop_fit
+
+    rows = []
+    x = np.log([1e3, 2e3, 4e3])
+    for c, x0 in ((1e12, 7.6), (2e12, 8.0), (4e12, 8.4)):  # exact parabolas, vertex L* = 3
+        rows += [{"budget": c, "non_embedding_params": float(np.exp(v)), "val_loss": 0.2 * (v - x0) ** 2 + 3.0,
+                  "tokens": c / (6 * np.exp(v)), "flops": c} for v in x]
+    u = x - x[0]
+    rows += [{"budget": 5e11, "non_embedding_params": float(np.exp(v)), "val_loss": 5 - 3 * w + 0.1 * w * w,
+              "tokens": 5e11 / (6 * np.exp(v)), "flops": 5e11} for v, w in zip(x, u)]
+    out = isoflop_fit(rows)
+    assert [m.budget for m in out["minima"]] == [1e12, 2e12, 4e12]
+    assert any("5e+11" in p and "not positive" in p for p in out["problems"])
+    assert out["n_opt"][0] == pytest.approx(0.4 / math.log(2), rel=1e-6)  # ln N* = 7.6 + 0.4 log2(C / 1e12)
 
 
 def test_power_law_exact():

@@ -42,7 +42,8 @@ def isoflop_minimum(n: np.ndarray, loss: np.ndarray, budget: float) -> IsoflopMi
     """Least-squares parabola in ln N through one budget's runs, and its vertex.
 
     Raises:
-        FitError: fewer than 3 distinct sizes, or a parabola that opens downwards (no minimum).
+        FitError: fewer than 3 distinct sizes, a parabola that opens downwards (no minimum), or a vertex far
+            outside the sampled sizes or at a loss that is not positive (an extrapolation gone wrong).
     """
     n, loss = np.asarray(n, dtype=np.float64), np.asarray(loss, dtype=np.float64)
     x = np.log(n)
@@ -55,9 +56,12 @@ def isoflop_minimum(n: np.ndarray, loss: np.ndarray, budget: float) -> IsoflopMi
     if not np.isfinite(xs) or abs(xs - x.mean()) > 20:  # e^20 = 5e8 times beyond the sampled sizes
         raise FitError(f"budget {budget:.3g}: the parabola is nearly flat, its vertex (ln N = {xs:.3g}) is far "
                        "outside the sampled sizes")
-    n_opt = float(np.exp(xs))
+    n_opt, loss_opt = float(np.exp(xs)), float(p0 - p1 * p1 / (4 * p2))
+    if not loss_opt > 0:
+        raise FitError(f"budget {budget:.3g}: the parabola's vertex (N = {n_opt:.3g}) lies at a loss of "
+                       f"{loss_opt:.3g}, not positive (an extrapolation outside the sampled sizes)")
     return IsoflopMinimum(budget=float(budget), coef=(float(p2), float(p1), float(p0)), n_opt=n_opt,
-                          d_opt=float(budget / (6 * n_opt)), loss_opt=float(p0 - p1 * p1 / (4 * p2)),
+                          d_opt=float(budget / (6 * n_opt)), loss_opt=loss_opt,
                           inside=bool(x.min() <= xs <= x.max()), n_points=len(x), compute=float(budget))
 
 
@@ -108,9 +112,12 @@ def isoflop_fit(rows: list[dict], flops: str = "6nd") -> dict:
         problems.append(f"IsoFLOP minima at {len(minima)} budget(s): the power laws need {MIN_BUDGETS}")
     else:
         cs = np.array([m.compute for m in minima])
-        out["n_opt"] = power_law(cs, [m.n_opt for m in minima])
-        out["d_opt"] = power_law(cs, [m.d_opt for m in minima])
-        out["loss_opt"] = power_law(cs, [m.loss_opt for m in minima])
+        try:
+            laws = {k: power_law(cs, [getattr(m, k) for m in minima]) for k in ("n_opt", "d_opt", "loss_opt")}
+        except FitError as e:  # e.g. a full FLOP count that is not positive
+            problems.append(f"no power laws: {e}")
+        else:
+            out.update(laws)
     return out
 
 
