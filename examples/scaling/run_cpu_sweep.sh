@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CPU-scale IsoFLOP sweep of docs/SCALING.md on Tiny Shakespeare: MDM and ARM each bracketed at their own
 # budgets (the ARM's 16-1000x smaller, so that its loss frontier overlaps the MDM's), a second seed at one
-# budget per objective, and a learning-rate check per size at one budget per objective. 79 runs; about
+# budget per objective, and a learning-rate check per size at one budget per objective. 85 runs; about
 # 55 minutes on an idle 2-core machine with both cores used (two launches side by side).
 #
 #   bash examples/scaling/run_cpu_sweep.sh [WORK_DIR]        # default outputs/scaling
@@ -55,6 +55,10 @@ if [ ! -f "$PLAN" ]; then
   group mdm 1.6e11 1x16,1x24,1x32,2x32 lr1e-2 "--lr 1e-2 --min-lr 1e-3"
   group arm 5e9 1x8,1x16,1x24,1x32,2x32,2x48 lr1e-3 "--lr 1e-3 --min-lr 1e-4"
   group arm 5e9 1x8,1x16,1x24,1x32,2x32,2x48 lr1e-2 "--lr 1e-2 --min-lr 1e-3"
+  # an ARM budget between 2.5e9 and 5e9: its minimum falls inside the MDM's measured minima (4.00-4.55), a
+  # second budget where the multiplier is read off measured frontiers (added after the first 79 runs)
+  group arm 3.5e9 1x8,1x16,1x24,1x32,2x32
+  group arm 3.5e9 1x4 "" "" 4
 fi
 if [ -n "${SWEEP_PLAN_ONLY:-}" ]; then
   "$PY" -c "from megatron_mdm.sweep.plan import Plan, describe; print(describe(Plan.load('$PLAN')))"

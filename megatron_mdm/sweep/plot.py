@@ -99,7 +99,7 @@ def _isoflop_panel(ax, rows: list[dict], obj: str, e: dict, colors: dict) -> Non
         x = np.linspace(np.log(n.min()) - 0.15, np.log(n.max()) + 0.15, 100)
         p2, p1, p0 = b["coef"]
         ax.plot(np.exp(x), p2 * x * x + p1 * x + p0, color=colors[c], linestyle=st.get("linestyle", "-"),
-                linewidth=1.2, label=f"{obj.upper()} C={c:.2g}")
+                linewidth=1.2, label=f"{obj.upper()} C={c:.3g}")
         inside = b.get("inside", True)
         ax.plot([b["n_opt"]], [b["loss_opt"]], color=colors[c], linestyle="none",
                 marker="x" if inside else "X", markersize=9, mew=2 if inside else 1,
@@ -108,7 +108,7 @@ def _isoflop_panel(ax, rows: list[dict], obj: str, e: dict, colors: dict) -> Non
         pts = sorted((r["non_embedding_params"], r["val_loss"]) for r in rows
                      if r["objective"] == obj and float(r["budget"]) == c)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], color=colors[c], linestyle=":",
-                marker=st.get("marker", "o"), label=f"{obj.upper()} C={c:.2g}: no interior minimum, not fitted")
+                marker=st.get("marker", "o"), label=f"{obj.upper()} C={c:.3g}: no interior minimum, not fitted")
 
 
 def _marker_key(plt, fit: dict) -> list:
