@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -95,6 +96,15 @@ def test_exact_match_rules():
     assert rc.is_exact_match(' the composer of "Abyssal Melodies.".', gold)
 
 
+def test_smdm_contains_rule():
+    """SMDM's evaluate_reverse.py: the stripped, lower-cased gold occurs anywhere in the generation."""
+    assert rc.contains_match(" The composer is Uriah Hawthorne!", " Uriah Hawthorne")
+    assert rc.contains_match("uriah hawthorne", " Uriah Hawthorne ")
+    assert rc.contains_match(" Uriah Hawthornes", " Uriah Hawthorne")  # stricter prefix rule says no
+    assert not rc.is_exact_match(" Uriah Hawthornes", " Uriah Hawthorne")
+    assert not rc.contains_match(" Uriah Hawthrone", " Uriah Hawthorne")
+
+
 def test_rank_and_group_rank_by_hand():
     scores = [-3.0, -1.0, -2.0, -1.0, -5.0]
     assert rc.rank_of(scores, 1) == 2  # tied with index 3: ties count against the gold
@@ -160,9 +170,20 @@ def _toy_set(name="d2p_prompts_test"):
 def test_evaluate_perfect_fake_scores_100(objective):
     ts = _toy_set()
     fn = fake_mdm(3) if objective == "mdm" else fake_arm
-    [row] = rc.evaluate(fn, objective, CharTok(), [ts], mc_samples=4, log=lambda *a: None)
+    ts.indices = [3, 5, 8, 9]
+    ts.groups = ["p", "p", "q", "r", "s"]  # the first two candidates are one person's
+    [row] = rc.evaluate(fn, objective, CharTok(), [ts], mc_samples=4, cfg_scales=(0.0, 0.8), log=lambda *a: None)
     assert row["exact_match"] == 100.0 and row["top1"] == 100.0 and row["mean_rank"] == 1.0
+    assert row["contains"] == 100.0
     assert row["num_candidates"] == 5 and row["n"] == 4 and row["gen_length"] == 2 + rc.GEN_EXTRA
+    # the MDM generates once per guidance scale (the fake's prompt-free half favours nothing it may emit);
+    # the ARM once, without guidance
+    assert set(row["by_cfg"]) == ({"0.0", "0.8"} if objective == "mdm" else {"0.0"})
+    assert all(v == {"exact_match": 100.0, "contains": 100.0} for v in row["by_cfg"].values())
+    recs = row["records"]
+    assert [r["index"] for r in recs] == [3, 5, 8, 9] and [r["person"] for r in recs] == ["p", "p", "q", "r"]
+    assert all(r["rank"] == 1 and r["person_rank"] == 1 and r["num_candidates"] == 5 for r in recs)
+    assert [r["generated"]["0.0"] for r in recs] == ts.golds and all(r["contains"]["0.0"] for r in recs)
 
 
 def test_evaluate_wrong_fake_scores_0():
@@ -175,10 +196,73 @@ def test_evaluate_wrong_fake_scores_0():
 
 def test_format_table_has_a_row_per_result():
     rows = [{"model": "mdm", "test_file": "p2d_prompts_test", "direction": "same", "n": 4, "exact_match": 25.0,
+             "contains": 50.0, "by_cfg": {"0.0": {"contains": 50.0}, "0.8": {"contains": 75.0}},
              "top1": 50.0, "mean_rank": 1.75, "num_candidates": 130, "person_top1": 75.0,
-             "person_mean_rank": 1.25, "num_people": 30}]
+             "person_mean_rank": 1.25, "num_people": 30},
+            {"model": "arm", "test_file": "p2d_prompts_test", "direction": "same", "n": 4, "exact_match": 0.0,
+             "contains": 0.0, "by_cfg": {"0.0": {"contains": 0.0}}, "top1": 0.0, "mean_rank": 3.0,
+             "num_candidates": 130, "person_top1": 0.0, "person_mean_rank": 2.0, "num_people": 30}]
     t = rc.format_table(rows)
-    assert "| MDM | p2d_prompts_test | same | 4 | 25.0 | 50.0 | 1.75 | 130 | 75.0 | 1.25 | 30 |" in t
+    assert "| MDM | p2d_prompts_test | same | 4 | 25.0 | 50.0 | 75.0 (w=0.8) | 50.0 | 1.75 | 130 | 75.0 | 1.25 | 30 |" in t
+    assert "| ARM | p2d_prompts_test | same | 4 | 0.0 | 0.0 | — | 0.0 | 3.00 | 130 | 0.0 | 2.00 | 30 |" in t
+
+
+# ---- the report over seeds ---------------------------------------------------------------------------------
+
+
+def _report():
+    spec = importlib.util.spec_from_file_location("reversal_curse_report", RUN.with_name("report.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _records(model, seed, ranks_of, people, hits_of=lambda who: False):
+    return [{"seed": seed, "model": model, "file": "p2d_reverse_prompts_test", "index": 10 * i + k, "person": who,
+             "rank": ranks_of(who, k), "person_rank": ranks_of(who, k), "num_candidates": 30,
+             "exact": {"0.0": hits_of(who)}, "contains": {"0.0": hits_of(who)}}
+            for i, who in enumerate(people) for k in range(10)]
+
+
+def test_report_clusters_by_person_and_pairs_models(tmp_path):
+    """Per-seed means; the person-clustered interval of a mean against its normal-theory width (200 people,
+    per-person means independent); the paired Wilcoxon p of 10 people all better for the MDM against the
+    exact 2 / 2^10; the markdown and figure written from the JSONL files."""
+    report = _report()
+    rng = np.random.default_rng(0)
+    people = [f"p{i}" for i in range(200)]
+    level = {who: rng.uniform(1, 30) for who in people}
+    recs = _records("mdm", 1, lambda who, k: int(level[who]) + k % 2, people) + \
+        _records("mdm", 2, lambda who, k: int(level[who]) + 1, people)
+    s = report.summarise(recs)
+    [r] = [x for x in s["results"] if (x["model"], x["metric"]) == ("mdm", "rank")]
+    seed1 = np.mean([int(level[w]) + k % 2 for w in people for k in range(10)])
+    assert r["per_seed"] == pytest.approx({1: seed1, 2: np.mean([int(level[w]) + 1 for w in people])})
+    per_person = np.array([int(level[w]) + 0.75 for w in people])  # 10 prompts x 2 seeds averaged
+    half = 1.96 * per_person.std(ddof=1) / math.sqrt(len(people))
+    assert r["ci"][0] == pytest.approx(per_person.mean() - half, abs=0.1 * half)
+    assert r["ci"][1] == pytest.approx(per_person.mean() + half, abs=0.1 * half)
+    ten = people[:10]
+    recs = _records("mdm", 1, lambda who, k: 2, ten, lambda who: True) + \
+        _records("arm", 1, lambda who, k: 3 + ten.index(who), ten)
+    s = report.summarise(recs)
+    [pr] = [p for p in s["paired"] if p["metric"] == "rank"]
+    assert pr["mdm_minus_arm"] == pytest.approx(-np.mean([1 + i for i in range(10)]))
+    assert pr["wilcoxon_p"] == pytest.approx(2 / 2 ** 10) and pr["mdm_lower"] == 10
+    [m] = [p for p in s["paired"] if p["metric"] == "match_w0"]
+    assert m["mdm_minus_arm"] == 100.0 and m["ci"] == [100.0, 100.0]
+    files = []
+    for seed in (1, 2):
+        f = tmp_path / f"seed{seed}.jsonl"
+        f.write_text("".join(json.dumps(dict(r, seed=seed)) + "\n" for r in recs))
+        files.append(str(f))
+    args = files + ["--markdown", str(tmp_path / "s.md"), "--json", str(tmp_path / "s.json")]
+    if importlib.util.find_spec("matplotlib"):
+        args += ["--figure", str(tmp_path / "f.png")]
+    assert report.main(args) == 0
+    md = (tmp_path / "s.md").read_text()
+    assert "| MDM | p2d_reverse_prompts_test | reverse: description -> name | 100 |" in md
+    assert "Seeds 1, 2" in md
 
 
 # ---- data files ---------------------------------------------------------------------------------------
@@ -259,6 +343,9 @@ def test_smoke_run_writes_table(tmp_path):
         (m, n) for m in ("mdm", "arm") for n in rc.TEST_FILES}
     md = (tmp_path / "out" / "results.md").read_text()
     assert md.count("| MDM |") == 4 and md.count("| ARM |") == 4
+    recs = [json.loads(x) for x in (tmp_path / "out" / "per_prompt.jsonl").read_text().splitlines()]
+    assert len(recs) == 2 * 4 * 4 and {r["model"] for r in recs} == {"mdm", "arm"}
+    assert all(set(r["contains"]) == ({"0.0", "0.8"} if r["model"] == "mdm" else {"0.0"}) for r in recs)
     curves = json.loads((tmp_path / "out" / "curves.json").read_text())
     assert {(x["model"], x["test_file"], x["iteration"]) for x in curves} == {
         (m, n, 5) for m in ("mdm", "arm") for n in rc.CURVE_FILES}

@@ -10,8 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
-from megatron_mdm.sweep.collect import collect, read_csv, write_csv
+from megatron_mdm.sweep.collect import collect, full_flops, read_csv, write_csv
 from megatron_mdm.sweep.launch import DONE, launch_local, train_args, write_slurm
 from megatron_mdm.sweep.plan import (
     Plan,
@@ -22,6 +23,7 @@ from megatron_mdm.sweep.plan import (
     rule_shape,
     shape_params,
 )
+from megatron_mdm.tokenization import MDMTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO / "examples" / "data" / "tinyshakespeare.txt.zst"
@@ -147,6 +149,81 @@ def test_slurm_array_script(tmp_path):
     assert cfg.logging.eval_interval == r.iters and cfg.checkpoint.save == str(tmp_path / "sweep" / r.name)
 
 
+def test_plan_groups_append_tags_and_partition(tmp_path):
+    """Groups of runs in one plan: the ARM at other budgets, a tagged variant with its own flags (which win
+    over the plan's and parse as pretrain_mdm.py's), refused duplicates and mixed recipes, and a split into
+    parts that covers every run once with about equal estimated time."""
+    import argparse
+
+    from megatron_mdm.config import add_arguments, from_args
+
+    shapes = [parse_shape(s, head_dim=8) for s in ("1x8", "1x16", "1x24", "1x32")]
+    common = dict(seq_length=64, global_batch_size=8, train_args=["--lr", "3e-3"])
+    plan = make_plan([1e10, 2e10], shapes, ["mdm"], **common)
+    plan.save(tmp_path / "plan.yaml")
+    plan = Plan.load(tmp_path / "plan.yaml").extend(make_plan([1e9], shapes, ["arm"], **common))
+    seeds = make_plan([1e10], shapes, ["mdm"], **common, tag="seed2", run_args=["--seed", "2", "--lr", "1e-2"])
+    plan.extend(seeds)
+    assert plan.budgets == [1e9, 1e10, 2e10] and plan.objectives == ["mdm", "arm"]
+    assert len(plan.runs) == 4 * 4 and len({r.name for r in plan.runs}) == 16
+    plan.check_curves()
+    variant = [r for r in plan.runs if r.tag == "seed2"]
+    assert [r.name for r in variant] == [f"mdm-C1e10-{s.name}-seed2" for s in shapes]
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    cfg = from_args(parser.parse_args(train_args(plan, variant[0], tmp_path)))
+    assert cfg.logging.seed == 2 and cfg.optim.lr == 1e-2
+    main = from_args(parser.parse_args(train_args(plan, plan.runs[0], tmp_path)))
+    assert main.logging.seed == 1234 and main.optim.lr == 3e-3
+    assert Plan.from_dict(plan.to_dict()) == plan
+    with pytest.raises(PlanError, match="already has"):
+        plan.extend(make_plan([1e10], shapes, ["mdm"], **common))
+    with pytest.raises(PlanError, match="seq_length"):
+        plan.extend(make_plan([1e10], shapes, ["mdm"], 32, 8, train_args=["--lr", "3e-3"], tag="x"))
+    with pytest.raises(PlanError, match="--tag"):
+        make_plan([1e10], shapes, ["mdm"], **common, tag="a/b")
+    # a group may add a shape to other groups' budgets; the whole plan must still have 3 shapes per curve
+    with pytest.raises(PlanError, match="only 1 shape"):
+        make_plan([1e10], shapes[:1], ["arm"], **common)
+    plan.extend(make_plan([1e9], [parse_shape("1x4", head_dim=4)], ["arm"], **common, min_shapes=1))
+    plan.check_curves()
+    assert [r.shape for r in plan.runs if r.objective == "arm"] == ["1x8", "1x16", "1x24", "1x32", "1x4"]
+    thin = Plan.from_dict(plan.to_dict())
+    thin.runs = [r for r in thin.runs if r.shape in ("1x8", "1x4") or r.objective == "mdm"]
+    with pytest.raises(PlanError, match="arm at 1e.09: 2"):
+        thin.check_curves()
+    parts = plan.partition(3)
+    assert sorted(n for part in parts for n in part) == sorted(r.name for r in plan.runs)
+    assert len(plan.runs) == 17
+    cost = {r.name: r.cost for r in plan.runs}
+    loads = [sum(cost[n] for n in part) for part in parts]
+    assert max(loads) - min(loads) <= max(cost.values())  # greedy: within one run of each other
+
+
+def test_full_flops_match_a_flop_counter_on_a_llama():
+    """collect's full count against torch's FlopCounterMode on a forward and backward of a transformers Llama
+    of the same shape with its output layer, eager attention (the scores of all s x s pairs are computed
+    whatever the mask): matrices, attention scores and output layer; the counter leaves out norms and
+    rotary, which the count has only as 2·N's norm weights (< 1 %)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    for text, seq, vocab in (("2x64", 64, 512), ("1x32", 128, 256)):
+        shape = parse_shape(text, head_dim=16)
+        m = shape.model
+        cfg = LlamaConfig(vocab_size=vocab, hidden_size=m["hidden_size"], intermediate_size=m["ffn_hidden_size"],
+                          num_hidden_layers=m["num_layers"], num_attention_heads=m["num_attention_heads"],
+                          num_key_value_heads=m["num_query_groups"], attn_implementation="eager")
+        model = LlamaForCausalLM(cfg)
+        ids = torch.randint(0, vocab, (2, seq))
+        with FlopCounterMode(display=False) as counter:
+            model(input_ids=ids).logits.sum().backward()
+        n = hf_non_embedding_params(m)
+        expect = full_flops(n, m["num_layers"], m["hidden_size"], seq, vocab, tokens=2 * seq)
+        assert counter.get_total_flops() == pytest.approx(expect, rel=0.01)
+
+
 # ---- a real sweep: two tiny runs -----------------------------------------------------------------------
 
 
@@ -199,3 +276,12 @@ def test_two_run_sweep_launches_resumes_and_collects(shards, tmp_path):
         assert row["val_loss"] == pytest.approx(vals[-1]["val_loss"], rel=1e-12)
         assert row["non_embedding_params"] == run.non_embedding_params and row["tokens"] == run.iters * 8 * 32
         assert row["budget"] == pytest.approx(budget)
+        # from the run's config.yaml and its data: lr, seed, padded vocabulary, full FLOPs, epochs
+        cfg = yaml.safe_load((d / "config.yaml").read_text())
+        div = cfg["model"]["make_vocab_size_divisible_by"]
+        vocab = -(-MDMTokenizer.load(shards / "tok").vocab_size // div) * div
+        assert row["lr"] == cfg["optim"]["lr"] and row["seed"] == 1234 and row["vocab_size"] == vocab
+        assert row["flops_full"] == pytest.approx(full_flops(run.non_embedding_params, run.model["num_layers"],
+                                                             run.model["hidden_size"], 32, vocab, row["tokens"]))
+        train_tokens = json.loads((shards / "shards" / "manifest.json").read_text())["num_tokens"]
+        assert row["epochs"] == pytest.approx(row["tokens"] / train_tokens) and row["tag"] is None

@@ -12,7 +12,10 @@ output exists is skipped, so an interrupted run continues and a finished one onl
    then train the MDM ``--steps`` steps from it, plain and with ``--shift-logits --attention-anneal-iters``;
 3. **MLM start**: train a ``RobertaForMaskedLM`` of the same width with plain ``transformers`` (15% masking,
    80/10/10) on the same training split for ``--mlm-steps``, import it, train the MDM ``--steps`` steps;
-4. **from scratch**: the same two architectures, randomly initialised, the same data, steps and schedule.
+4. **from scratch**: the same two architectures, randomly initialised, the same data and schedule: once for
+   ``--steps`` (the same MDM steps) and once for the pretraining steps plus ``--steps`` (**equal compute**: an
+   ARM or MLM step costs what an MDM step of the same model costs, 6·N per token, so the adapted runs have
+   spent ``--arm-steps`` / ``--mlm-steps`` more steps in all).
 
 Every MDM run logs its validation ELBO (nats/token, the in-training estimate on the validation split, one
 draw of t and masks per sequence with fixed seeds) every ``--eval-interval`` steps from step 0. The script
@@ -113,15 +116,19 @@ def plot(results: dict, path: Path) -> bool:
         print("matplotlib is not installed: no PNG (the curves are in results.json / results.md)")
         return False
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    panels = (("Llama stack: from an ARM vs from scratch", ("scratch_llama", "from_arm", "from_arm_shift_anneal")),
-              ("BERT stack: from a RoBERTa MLM vs from scratch", ("scratch_bert", "from_mlm")))
+    panels = (("Llama stack: from an ARM vs from scratch",
+               ("scratch_llama", "scratch_llama_equal", "from_arm", "from_arm_shift_anneal")),
+              ("BERT stack: from a RoBERTa MLM vs from scratch", ("scratch_bert", "scratch_bert_equal", "from_mlm")))
+    offset = results.get("offset", {})
     for ax, (title, names) in zip(axes, panels):
         for name in names:
             pts = results["curves"].get(name)
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=results["labels"][name])
+                ax.plot([offset.get(name, 0) + p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3,
+                        linestyle="--" if name in ("scratch_llama", "scratch_bert") else "-",
+                        label=results["labels"][name])
         ax.set_title(title, fontsize=10)
-        ax.set_xlabel("MDM training step")
+        ax.set_xlabel("training steps in all (pretraining + MDM: equal compute at equal x)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     axes[0].set_ylabel("validation ELBO (nats/token, upper bound)")
@@ -132,7 +139,9 @@ def plot(results: dict, path: Path) -> bool:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--output", required=True, help="working directory (tokenizer, shards, runs, results)")
+    ap.add_argument("--output", help="working directory (tokenizer, shards, runs, results)")
+    ap.add_argument("--replot", nargs=2, metavar=("RESULTS_JSON", "PNG"),
+                    help="only redraw the figure from a results.json (e.g. the one shipped in docs/results/adaptation)")
     ap.add_argument("--arm-steps", type=int, default=400, help="ARM pretraining steps")
     ap.add_argument("--mlm-steps", type=int, default=400, help="RoBERTa MLM pretraining steps")
     ap.add_argument("--steps", type=int, default=300, help="MDM steps of every compared run (K)")
@@ -145,6 +154,10 @@ def main(argv=None) -> int:
     ap.add_argument("--global-batch-size", type=int, default=32)
     ap.add_argument("--seed", type=int, default=1234)
     args = ap.parse_args(argv)
+    if args.replot:
+        return 0 if plot(json.loads(Path(args.replot[0]).read_text()), Path(args.replot[1])) else 1
+    if not args.output:
+        ap.error("--output is required (or --replot)")
     sys.path.insert(0, str(ROOT))  # megatron_mdm from this checkout (the RoBERTa step runs in this process)
     out = Path(args.output).resolve()
     (out / "logs").mkdir(parents=True, exist_ok=True)
@@ -168,10 +181,10 @@ def main(argv=None) -> int:
 
     pretrain = pretrain_command(python=py)
 
-    def mdm(name: str, extra: list) -> None:
+    def mdm(name: str, extra: list, iters: int = args.steps) -> None:
         run = runs / name
         if not (run / "metrics.jsonl").is_file() or not (run / "latest_checkpointed_iteration.txt").is_file():
-            sh(pretrain + common + ["--objective", "mdm", "--train-iters", str(args.steps), "--save", run] + extra,
+            sh(pretrain + common + ["--objective", "mdm", "--train-iters", str(iters), "--save", run] + extra,
                out / "logs" / f"{name}.log")
 
     # -- AR start
@@ -184,6 +197,7 @@ def main(argv=None) -> int:
         sh(convert + ["from-hf", "--hf", out / "arm-hf", "--output", out / "arm-import", "--objective", "mdm"],
            out / "logs" / "arm-import.log")
     mdm("scratch_llama", fresh + ["--preset", args.preset])
+    mdm("scratch_llama_equal", fresh + ["--preset", args.preset], args.arm_steps + args.steps)
     mdm("from_arm", ["--load", out / "arm-import", "--finetune"])
     mdm("from_arm_shift_anneal", ["--load", out / "arm-import", "--finetune", "--shift-logits",
                                   "--attention-anneal-iters", str(args.anneal_iters)])
@@ -203,27 +217,39 @@ def main(argv=None) -> int:
     from megatron_mdm.tokenization import MDMTokenizer
 
     pad = MDMTokenizer.load(tok).pad_id
-    mdm("scratch_bert", fresh + ["--architecture", "bert", "--num-layers", str(enc["layers"]), "--hidden-size",
-                         str(enc["hidden"]), "--num-attention-heads", str(enc["heads"]), "--ffn-hidden-size",
-                         str(enc["ffn"]), "--max-position-embeddings", str(128 + pad + 1), "--num-tokentypes", "1",
-                         "--position-padding-idx", str(pad), "--norm-epsilon", "1e-5",
-                         "--no-untie-embeddings-and-output-weights"])
+    bert = fresh + ["--architecture", "bert", "--num-layers", str(enc["layers"]), "--hidden-size", str(enc["hidden"]),
+                    "--num-attention-heads", str(enc["heads"]), "--ffn-hidden-size", str(enc["ffn"]),
+                    "--max-position-embeddings", str(128 + pad + 1), "--num-tokentypes", "1", "--position-padding-idx",
+                    str(pad), "--norm-epsilon", "1e-5", "--no-untie-embeddings-and-output-weights"]
+    mdm("scratch_bert", bert)
+    mdm("scratch_bert_equal", bert, args.mlm_steps + args.steps)
     labels = {
         "scratch_llama": "Llama-stack MDM from scratch",
         "from_arm": f"from the ARM ({args.arm_steps} AR steps)",
         "from_arm_shift_anneal": f"from the ARM, --shift-logits --attention-anneal-iters {args.anneal_iters}",
         "scratch_bert": "BERT-stack MDM from scratch",
         "from_mlm": f"from the RoBERTa MLM ({args.mlm_steps} MLM steps)",
+        "scratch_llama_equal": f"Llama-stack MDM from scratch, {args.arm_steps + args.steps} steps (equal compute)",
+        "scratch_bert_equal": f"BERT-stack MDM from scratch, {args.mlm_steps + args.steps} steps (equal compute)",
     }
+    # training steps spent before each run's step 0 (its pretraining): the x offset of equal compute
+    offset = {"from_arm": args.arm_steps, "from_arm_shift_anneal": args.arm_steps, "from_mlm": args.mlm_steps}
     results = {"steps": args.steps, "arm_steps": args.arm_steps, "mlm_steps": args.mlm_steps, "labels": labels,
-               "curves": {name: curve(runs / name) for name in labels}}
+               "offset": offset, "curves": {name: curve(runs / name) for name in labels}}
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     its = sorted({i for c in results["curves"].values() for i, _ in c})
     shown = [i for i in its if i in (0, its[-1]) or i % max(args.eval_interval, args.steps // 6) == 0]
     rows = ["| run | " + " | ".join(f"step {i}" for i in shown) + " |", "|---" * (len(shown) + 1) + "|"]
     for name, label in labels.items():
+        if name.endswith("_equal"):
+            continue
         c = dict(results["curves"][name])
         rows.append(f"| {label} | " + " | ".join(f"{c[i]:.3f}" if i in c else "" for i in shown) + " |")
+    rows += ["", "At equal compute (total training steps, pretraining included; final validation ELBO):", "",
+             "| run | total steps | final validation ELBO |", "|---|---|---|"]
+    for name in ("from_arm", "from_arm_shift_anneal", "scratch_llama_equal", "from_mlm", "scratch_bert_equal"):
+        c = results["curves"][name]
+        rows.append(f"| {labels[name]} | {offset.get(name, 0) + c[-1][0]} | {c[-1][1]:.3f} |")
     table = "\n".join(rows)
     (out / "results.md").write_text(table + "\n")
     print(table)

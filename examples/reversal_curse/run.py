@@ -113,6 +113,7 @@ class TestSet:
     candidates: list[str]
     gold_index: list[int]
     groups: list[str] = field(default_factory=list)
+    indices: list[int] = field(default_factory=list)  # line of each example in the file (0-based)
 
     @property
     def direction(self) -> str:
@@ -145,7 +146,7 @@ def load_test_set(data_dir: Path, name: str, max_test: int | None = None, seed: 
         idx = sorted(random.Random(seed).sample(idx, max_test))
     pos = {c: i for i, c in enumerate(candidates)}
     return TestSet(name, [pairs[i][0] for i in idx], [pairs[i][1] for i in idx], candidates,
-                   [pos[pairs[i][1]] for i in idx], groups)
+                   [pos[pairs[i][1]] for i in idx], groups, idx)
 
 
 # ---- metrics ---------------------------------------------------------------------------------------
@@ -162,6 +163,12 @@ def is_exact_match(generated: str, gold: str) -> bool:
     if not t or not g.startswith(t):
         return False
     return len(g) == len(t) or not g[len(t)].isalnum()
+
+
+def contains_match(generated: str, gold: str) -> bool:
+    """SMDM's exact match (``evaluate_reverse.py``): the gold, stripped and lower-cased, occurs anywhere in
+    the stripped, lower-cased generation."""
+    return gold.strip().lower() in generated.strip().lower()
 
 
 def rank_of(scores: list[float], gold: int) -> int:
@@ -286,28 +293,46 @@ def mdm_scores(logits_fn, prompt: list[int], completions: list[list[int]], span:
     return [r.loglik for r in results]
 
 
-def evaluate(logits_fn, objective: str, tokenizer, test_sets: list[TestSet], mc_samples: int = 8,
-             mdm_loglik: str = "mc", seed: int = 0, log=print) -> list[dict]:
-    """Exact match and likelihood rank of one model on every test set; one result dict per set.
-
-    ``tokenizer`` needs ``encode``, ``decode``, ``mask_id``, ``eos_id`` and ``vocab_size``.
-    """
+def generations(logits_fn, objective: str, tokenizer, prompts: list[list[int]], gen_length: int,
+                cfg_scales: tuple[float, ...]) -> dict[float, list[str]]:
+    """Greedy generations of every prompt, decoded, per guidance scale. MDM: the decoding loop
+    (``decoding.loop.generate``), low-confidence remasking, temperature 0, one token per step, stop at EOS,
+    unsupervised CFG of scale w (the prompt replaced by masks in the unconditional half; w = 0 none), as
+    SMDM's ``evaluate_reverse.py`` decodes. ARM: greedy next-token decoding (no CFG; one entry, w = 0)."""
     from megatron_mdm.decoding.loop import generate
 
+    if objective != "mdm":
+        return {0.0: [tokenizer.decode(g) for g in ar_greedy_generate(logits_fn, prompts, gen_length,
+                                                                       tokenizer.eos_id, tokenizer.vocab_size)]}
+    out = {}
+    for w in cfg_scales:
+        gen = generate(logits_fn, prompts, gen_length=gen_length, steps=gen_length, mask_id=tokenizer.mask_id,
+                       temperature=0.0, remasking="low_confidence", cfg_scale=w, eos_id=tokenizer.eos_id,
+                       vocab_size=tokenizer.vocab_size).completions()
+        out[float(w)] = [tokenizer.decode(g) for g in gen]
+    return out
+
+
+def evaluate(logits_fn, objective: str, tokenizer, test_sets: list[TestSet], mc_samples: int = 8,
+             mdm_loglik: str = "mc", seed: int = 0, cfg_scales: tuple[float, ...] = (0.0,), log=print) -> list[dict]:
+    """Generation matches and likelihood rank of one model on every test set; one result dict per set,
+    with the per-prompt results in ``records``.
+
+    ``tokenizer`` needs ``encode``, ``decode``, ``mask_id``, ``eos_id`` and ``vocab_size``. The MDM generates
+    once per scale of ``cfg_scales``; ``exact_match`` / ``contains`` are those of the first scale, the others
+    are in ``by_cfg``.
+    """
     rows = []
     for ts in test_sets:
         t0 = time.time()
         cand_ids = [tokenizer.encode(c) for c in ts.candidates]
         gen_length = max(len(c) for c in cand_ids) + GEN_EXTRA
         prompts = [tokenizer.encode(p) for p in ts.prompts]
-        if objective == "mdm":
-            gen = generate(logits_fn, prompts, gen_length=gen_length, steps=gen_length, mask_id=tokenizer.mask_id,
-                           temperature=0.0, remasking="low_confidence", eos_id=tokenizer.eos_id,
-                           vocab_size=tokenizer.vocab_size).completions()
-        else:
-            gen = ar_greedy_generate(logits_fn, prompts, gen_length, tokenizer.eos_id, tokenizer.vocab_size)
-        texts = [tokenizer.decode(g) for g in gen]
-        hits = [is_exact_match(t, gold) for t, gold in zip(texts, ts.golds)]
+        gens = generations(logits_fn, objective, tokenizer, prompts, gen_length, tuple(cfg_scales))
+        exact = {w: [is_exact_match(t, gold) for t, gold in zip(texts, ts.golds)] for w, texts in gens.items()}
+        contains = {w: [contains_match(t, gold) for t, gold in zip(texts, ts.golds)] for w, texts in gens.items()}
+        first = next(iter(gens))
+        texts, hits = gens[first], exact[first]
         ranks, pranks = [], []
         for p, gi in zip(prompts, ts.gold_index):
             if objective == "mdm":
@@ -321,6 +346,9 @@ def evaluate(logits_fn, objective: str, tokenizer, test_sets: list[TestSet], mc_
         row = {
             "model": objective, "test_file": ts.name, "direction": ts.direction, "n": n,
             "exact_match": 100.0 * sum(hits) / n,
+            "contains": 100.0 * sum(contains[first]) / n,
+            "by_cfg": {str(w): {"exact_match": 100.0 * sum(exact[w]) / n, "contains": 100.0 * sum(contains[w]) / n}
+                       for w in gens},
             "top1": 100.0 * sum(r == 1 for r in ranks) / n,
             "mean_rank": sum(ranks) / n,
             "num_candidates": len(ts.candidates),
@@ -331,22 +359,33 @@ def evaluate(logits_fn, objective: str, tokenizer, test_sets: list[TestSet], mc_
             "seconds": round(time.time() - t0, 1),
             "examples": [{"prompt": p, "gold": g, "generated": t, "exact": h, "rank": r}
                          for p, g, t, h, r in list(zip(ts.prompts, ts.golds, texts, hits, ranks))[:5]],
+            "records": [{"file": ts.name, "index": idx, "person": ts.groups[gi], "rank": r, "person_rank": pr,
+                         "num_candidates": len(ts.candidates),
+                         "generated": {str(w): gens[w][k] for w in gens},
+                         "exact": {str(w): exact[w][k] for w in gens},
+                         "contains": {str(w): contains[w][k] for w in gens}}
+                        for k, (idx, gi, r, pr) in enumerate(zip(ts.indices, ts.gold_index, ranks, pranks))],
         }
-        log(f"  {objective} {ts.name}: exact {row['exact_match']:.1f}% top1 {row['top1']:.1f}% "
+        log(f"  {objective} {ts.name}: exact {row['exact_match']:.1f}% (CFG: " + ", ".join(
+            f"w={w} {v['contains']:.1f}%" for w, v in row["by_cfg"].items()) + f" contains) top1 {row['top1']:.1f}% "
             f"mean rank {row['mean_rank']:.2f}/{row['num_candidates']} ({row['seconds']}s)")
         rows.append(row)
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
-    head = ("| model | test file | direction | n | exact match % | top-1 by likelihood % | mean rank | candidates "
-            "| person top-1 % | person mean rank | people |")
-    lines = [head, "|" + "---|" * 11]
+    """Markdown table: generation matches (greedy; SMDM's 'contains' rule without and with CFG), likelihood
+    ranks of the gold and of the gold's person."""
+    head = ("| model | test file | direction | n | exact match % | SMDM match % | SMDM match % with CFG "
+            "| top-1 by likelihood % | mean rank | candidates | person top-1 % | person mean rank | people |")
+    lines = [head, "|" + "---|" * 13]
     for r in rows:
+        cfg = {float(w): v for w, v in r.get("by_cfg", {}).items() if float(w) > 0}
+        guided = "—" if not cfg else f"{cfg[max(cfg)]['contains']:.1f} (w={max(cfg):g})"
         lines.append(
             f"| {r['model'].upper()} | {r['test_file']} | {r['direction']} | {r['n']} | {r['exact_match']:.1f} "
-            f"| {r['top1']:.1f} | {r['mean_rank']:.2f} | {r['num_candidates']} | {r['person_top1']:.1f} "
-            f"| {r['person_mean_rank']:.2f} | {r['num_people']} |")
+            f"| {r.get('contains', float('nan')):.1f} | {guided} | {r['top1']:.1f} | {r['mean_rank']:.2f} "
+            f"| {r['num_candidates']} | {r['person_top1']:.1f} | {r['person_mean_rank']:.2f} | {r['num_people']} |")
     return "\n".join(lines)
 
 
@@ -474,6 +513,7 @@ def learning_curves(out: Path, models: list[str], tokenizer, data_dir: Path, max
         for it in checkpoint_iterations(out / m):
             logits_fn, _, _ = load_megatron_for_inference(out / m, iteration=it)
             for r in evaluate(logits_fn, m, tokenizer, sets, mc_samples, "mc", seed, log=lambda *a: None):
+                r.pop("records")
                 rows.append({k: r[k] for k in ("model", "test_file", "direction", "n", "exact_match", "top1",
                                                "mean_rank", "num_candidates")} | {"iteration": it})
             cur = [x for x in rows if x["model"] == m and x["iteration"] == it]
@@ -544,6 +584,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--max-test", type=int, default=None, help="examples per test file (random subsample)")
     ap.add_argument("--mc-samples", type=int, default=8, help="Monte Carlo samples of the MDM likelihood")
     ap.add_argument("--mdm-loglik", choices=("mc", "mc-loop", "chain"), default="mc", help="MDM likelihood estimator")
+    ap.add_argument("--cfg-scale", type=float, default=0.8,
+                    help="the MDM also generates with unsupervised CFG of this scale w (SMDM's evaluate_reverse.py "
+                         "default 0.8); 0: without CFG only")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--prompt-out-of-loss", action="store_true",
                     help="plain SFT (prompt never masked, out of the loss) instead of whole-sequence training")
@@ -613,7 +656,8 @@ def main(argv=None) -> int:
         if cfg.objective.objective != m:
             raise SystemExit(f"{out / m} holds a {cfg.objective.objective} model, expected {m}")
         print(f"[reversal_curse] scoring {m.upper()}", flush=True)
-        rows += evaluate(logits_fn, m, tokenizer, test_sets, args.mc_samples, args.mdm_loglik, args.seed)
+        rows += evaluate(logits_fn, m, tokenizer, test_sets, args.mc_samples, args.mdm_loglik, args.seed,
+                         cfg_scales=(0.0, args.cfg_scale) if args.cfg_scale else (0.0,))
         timings[f"eval_{m}_s"] = time.time() - t0
     if args.curve_interval:
         t0 = time.time()
@@ -632,9 +676,13 @@ def main(argv=None) -> int:
     meta = {"data_dir": str(data_dir), "steps": args.steps, "model": " ".join(size),
             "global_batch_size": args.global_batch_size, "seq_length": args.seq_length, "lr": args.lr,
             "nproc": args.nproc, "load": args.load, "max_test": args.max_test, "mdm_loglik": args.mdm_loglik,
-            "mc_samples": args.mc_samples, "final_train_loss": losses, "timings_s": {k: round(v, 1) for k, v in
-                                                                                    timings.items()},
+            "mc_samples": args.mc_samples, "cfg_scale": args.cfg_scale, "seed": args.seed,
+            "final_train_loss": losses, "timings_s": {k: round(v, 1) for k, v in timings.items()},
             "vocab_size": tokenizer.vocab_size}
+    with open(out / "per_prompt.jsonl", "w", encoding="utf-8") as f:  # one line per (model, test prompt)
+        for r in rows:
+            for rec in r.pop("records"):
+                f.write(json.dumps({"seed": args.seed, "model": r["model"], **rec}) + "\n")
     (out / "results.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
     md = (f"# Reversal curse: {', '.join(x.upper() for x in models)}\n\n"
           f"model: `{' '.join(size)}`, steps {args.steps}, global batch {args.global_batch_size}, seq length "

@@ -53,6 +53,11 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--ratio", type=float, default=20.0, help="tokens per parameter of the --per-budget guess")
     q.add_argument("--min-iters", type=int, default=10, help="leave out runs shorter than this many steps")
     q.add_argument("--tolerance", type=float, default=0.05, help="largest relative miss of a budget (default 0.05)")
+    q.add_argument("--tag", default="", help="name of a variant group (e.g. seed2, lr1e-2): appended to its run names")
+    q.add_argument("--run-args", default="", help="extra pretrain_mdm.py flags of these runs only, one quoted string "
+                   "(e.g. \"--seed 2\"); they win over --train-args")
+    q.add_argument("--append", action="store_true",
+                   help="add these runs to the existing --output plan (same recipe) instead of writing a new one")
     q.add_argument("--output", required=True, help="plan file to write (.yaml or .json)")
 
     la = sub.add_parser("launch", help="train the plan's runs here one by one (resumable), or write a SLURM array")
@@ -62,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     la.add_argument("--nice", type=int, default=None, help="run training under nice -n N (shared machines)")
     la.add_argument("--max-runs", type=int, default=None, help="train at most this many runs now")
     la.add_argument("--only", type=_csv_list, default=None, help="comma list of run names to train")
+    la.add_argument("--part", default=None, metavar="I/N",
+                    help="train only part I of N (runs split by estimated time): N launches side by side")
     la.add_argument("--keep-going", action="store_true", help="go on after a failed run")
     la.add_argument("--repo", default=None,
                     help="megatron-mdm checkout whose package the runs use (default: the installed one)")
@@ -81,7 +88,10 @@ def _parser() -> argparse.ArgumentParser:
     fi.add_argument("--output", default=None, help="JSON to write (default: fit.json beside the CSV)")
     fi.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples (default 200)")
     fi.add_argument("--seed", type=int, default=0)
-    fi.add_argument("--no-parametric", action="store_true", help="skip the L(N, D) fit")
+    fi.add_argument("--no-parametric", action="store_true",
+                    help="skip the L(N, D) fit (and with it E and the multiplier's law)")
+    fi.add_argument("--flops", choices=["6nd", "full"], default="6nd",
+                    help="compute as 6·N·D (default, the papers') or the full count with attention and output layer")
 
     pl = sub.add_parser("plot", help="IsoFLOP curves and frontiers, MDM and ARM on one PNG")
     pl.add_argument("--csv", required=True)
@@ -92,14 +102,18 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _plan(args) -> None:
-    from megatron_mdm.sweep.plan import describe, make_plan, parse_shape, preset_shape, rule_shape
+    from megatron_mdm.sweep.plan import Plan, describe, make_plan, parse_shape, preset_shape, rule_shape
 
     shapes = [preset_shape(n) for n in args.presets]
     shapes += [rule_shape(w, args.aspect, args.head_dim) for w in args.widths]
     shapes += [parse_shape(s, args.head_dim) for s in args.shapes]
     plan = make_plan(args.budgets, shapes, args.objectives, args.seq_length, args.global_batch_size,
                      args.micro_batch_size, args.config, shlex.split(args.train_args), args.per_budget, args.ratio,
-                     args.min_iters, args.tolerance)
+                     args.min_iters, args.tolerance, args.tag, shlex.split(args.run_args),
+                     min_shapes=1 if args.append else 3)
+    if args.append:
+        plan = Plan.load(args.output).extend(plan)
+        plan.check_curves()
     path = plan.save(args.output)
     print(describe(plan))
     print(f"wrote {path}")
@@ -107,9 +121,18 @@ def _plan(args) -> None:
 
 def _launch(args) -> None:
     from megatron_mdm.sweep.launch import launch_local, local_command, write_slurm
-    from megatron_mdm.sweep.plan import Plan
+    from megatron_mdm.sweep.plan import Plan, PlanError
 
     plan = Plan.load(args.plan)
+    if args.part:
+        try:
+            i, n = (int(x) for x in args.part.split("/"))
+        except ValueError:
+            raise PlanError(f"--part {args.part!r}: expected I/N, e.g. 1/2") from None
+        if not 1 <= i <= n:
+            raise PlanError(f"--part {args.part}: I must be between 1 and N")
+        mine = plan.partition(n)[i - 1]
+        args.only = [r for r in mine if args.only is None or r in args.only]
     if args.slurm:
         path = write_slurm(plan, args.out, args.slurm, args.nproc, args.gpus, args.time, args.python or "python",
                            args.repo)
@@ -141,7 +164,8 @@ def _fit(args) -> dict:
     from megatron_mdm.sweep.collect import read_csv
     from megatron_mdm.sweep.fit import fit_sweep, summary
 
-    fit = fit_sweep(read_csv(args.csv), bootstrap=args.bootstrap, seed=args.seed, parametric=not args.no_parametric)
+    fit = fit_sweep(read_csv(args.csv), bootstrap=args.bootstrap, seed=args.seed, parametric=not args.no_parametric,
+                    flops=args.flops)
     out = Path(args.output or Path(args.csv).with_name("fit.json"))
     out.write_text(json.dumps(fit, indent=1) + "\n", encoding="utf-8")
     print(summary(fit))
@@ -161,7 +185,7 @@ def _plot(args) -> None:
     elif args.fit:
         raise FileNotFoundError(f"{fit_path}: no such fit file (write it with `mdm-sweep fit`)")
     else:
-        fit = fit_sweep(rows, bootstrap=0, parametric=False)
+        fit = fit_sweep(rows, bootstrap=0)
     out = plot_sweep(rows, fit, args.output or Path(args.csv).with_name("scaling.png"), args.title)
     print(f"wrote {out}")
 

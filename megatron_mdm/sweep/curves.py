@@ -214,17 +214,26 @@ def _pyplot():
     return plt
 
 
+def save_figure(fig, output: str | Path, dpi: int = 80, layout: bool = True) -> Path:
+    """Lay out (unless ``layout`` is False: the figure did), write (creating the folder) and close a matplotlib
+    figure; returns the path."""
+    if layout:
+        fig.tight_layout()
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return out
+
+
 def plot_runs(runs: list[RunCurves], output: str | Path, x: str = "iterations", log_x: bool = False,
               reference: float | None = None, reference_label: str = "unigram entropy",
               title: str | None = None) -> Path:
     """Draw :func:`figure` into the PNG ``output``; returns its path."""
-    plt = _pyplot()
     fig = figure(runs, x, log_x, reference, reference_label, title)
-    out = Path(output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-    return out
+    return save_figure(fig, output, dpi=90, layout=False)  # figure() laid it out around the legend below
 
 
 def figure(runs: list[RunCurves], x: str = "iterations", log_x: bool = False, reference: float | None = None,

@@ -1,395 +1,292 @@
-r"""Scaling-law fits of a collected sweep, with bootstrap intervals.
+r"""All scaling-law fits of a collected sweep, with intervals from one bootstrap over the whole pipeline.
 
-IsoFLOP approach (Hoffmann et al. 2022, approach 2; the scaling paper's method), per objective:
+Per objective (the untagged runs; ``checks``): the IsoFLOP minima and the power laws of N*, D*, L* and
+L* - E in C (``isoflop``), and the parametric law L(N, D) = E + A/N^α + B/D^β (``parametric``), whose E
+is the irreducible loss. With both objectives, the MDM/ARM compute multiplier at each ARM budget
+(``multiplier``) two ways side by side: from the laws of L* - E (``law``) and read off the measured
+frontiers where they overlap (``measured``), each marked interpolated or extrapolated, with the trend
+of each; and, for comparison, the pure power laws L* = k·C^γ (``pure``, biased when E > 0).
 
-* per budget C, a parabola through (ln N, L) of its runs: L ≈ p2·x² + p1·x + p0, x = ln N. Its vertex
-  gives N*(C) = exp(-p1 / 2p2), L*(C) = p0 - p1² / 4p2 and D*(C) = C / (6·N*(C));
-* power laws by least squares in log-log: N* = k_N·C^a, D* = k_D·C^b, L* = k_L·C^γ (γ < 0).
+Compute: ``flops="6nd"`` (C = 6·N·D, the papers' count) or ``"full"`` (attention and output layer too,
+``collect.full_flops``), for every law in C and the multiplier.
 
-Compute multiplier of MDM over ARM at equal loss: for an ARM budget C with frontier loss L = L*_ARM(C),
-the MDM needs C_MDM(L) = (L / k_L,MDM)^(1/γ_MDM); multiplier m(C) = C_MDM(L*_ARM(C)) / C. Its trend is
-d ln m / d ln C = γ_ARM / γ_MDM - 1 (0: a constant multiplier, > 0: a gap growing with scale).
-
-Parametric approach (approach 3): L(N, D) = E + A / N^α + B / D^β fitted on all runs of an objective by
-minimising the Huber loss (δ = 1e-3) of log-residuals, ``lse(a - α ln N, b - β ln D, e) - ln L`` with
-A = e^a, B = e^b, E = e^e, from the best points of a grid of starts (L-BFGS-B from scipy when installed,
-else a Nelder-Mead in numpy). It implies N_opt = G·(C/6)^(β/(α+β)), D_opt = G⁻¹·(C/6)^(α/(α+β)) with
-G = (αA / βB)^(1/(α+β)).
-
-Intervals: percentile bootstrap (2.5 %, 97.5 %) over runs resampled with replacement (within each budget
-for the IsoFLOP approach; over all runs of the objective for the parametric fit). With a handful of runs
-per budget the intervals are wide, and they are the honest statement of what the sweep can say.
+Intervals: 95 % percentile bootstrap (``bootstrap``): the runs of each (objective, budget) are resampled
+with replacement, and every step above is redone on each resample (minima, the parametric fit for E,
+the power laws, both multipliers, their trends), so E's uncertainty reaches the multiplier. A quantity's
+interval uses the resamples where it could be computed; a law needs the same budgets to have minima as in
+the point estimate.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 
-from megatron_mdm.errors import UserError
+from megatron_mdm.sweep import multiplier as mult
+from megatron_mdm.sweep.bootstrap import bootstrap_distribution, interval
+from megatron_mdm.sweep.checks import screen_rows, variant_checks
+from megatron_mdm.sweep.isoflop import FitError, isoflop_fit, reducible_law
+from megatron_mdm.sweep.parametric import HUBER_DELTA, KEYS, parametric_fit
 
-HUBER_DELTA = 1e-3
-MIN_BUDGETS = 3  # IsoFLOP minima needed for the power laws (two points would fit any law exactly)
+__all__ = ["FitError", "fit_sweep", "summary"]
 
-
-class FitError(UserError, ValueError):
-    """Too few or unusable runs for a fit; the message says what is missing."""
-
-
-# ---- IsoFLOP approach -----------------------------------------------------------------------------
+NAN = math.nan
 
 
-@dataclass
-class IsoflopMinimum:
-    """The parabola of one budget and its vertex."""
-
-    budget: float
-    coef: tuple[float, float, float]  # p2, p1, p0 of L = p2 x² + p1 x + p0, x = ln N
-    n_opt: float
-    d_opt: float
-    loss_opt: float
-    inside: bool  # the vertex lies within the sampled range of N (else it is an extrapolation)
-    n_points: int
+def _parametric(rows: list[dict], starts=None) -> dict:
+    if len({r["non_embedding_params"] for r in rows}) < 2 or len({r["tokens"] for r in rows}) < 2:
+        raise FitError("the parametric law needs at least 2 sizes and 2 token counts")
+    return parametric_fit([r["non_embedding_params"] for r in rows], [r["tokens"] for r in rows],
+                          [r["val_loss"] for r in rows], starts=starts)
 
 
-def isoflop_minimum(n: np.ndarray, loss: np.ndarray, budget: float) -> IsoflopMinimum:
-    """Least-squares parabola in ln N through one budget's runs, and its vertex.
-
-    Raises:
-        FitError: fewer than 3 distinct sizes, or a parabola that opens downwards (no minimum).
-    """
-    n, loss = np.asarray(n, dtype=np.float64), np.asarray(loss, dtype=np.float64)
-    x = np.log(n)
-    if len(np.unique(x)) < 3:
-        raise FitError(f"budget {budget:.3g}: {len(np.unique(x))} distinct sizes, a parabola needs 3")
-    p2, p1, p0 = np.polyfit(x, loss, 2)
-    if not p2 > 0:
-        raise FitError(f"budget {budget:.3g}: the losses do not curve upwards in ln N (no IsoFLOP minimum)")
-    xs = -p1 / (2 * p2)
-    if not np.isfinite(xs) or abs(xs - x.mean()) > 20:  # e^20 = 5e8 times beyond the sampled sizes
-        raise FitError(f"budget {budget:.3g}: the parabola is nearly flat, its vertex (ln N = {xs:.3g}) is far "
-                       "outside the sampled sizes")
-    n_opt = float(np.exp(xs))
-    return IsoflopMinimum(budget=float(budget), coef=(float(p2), float(p1), float(p0)), n_opt=n_opt,
-                          d_opt=float(budget / (6 * n_opt)), loss_opt=float(p0 - p1 * p1 / (4 * p2)),
-                          inside=bool(x.min() <= xs <= x.max()), n_points=len(x))
-
-
-def power_law(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """(exponent, coefficient) of y = coefficient · x^exponent, least squares in log-log."""
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y)) and np.all(x > 0) and np.all(y > 0)):
-        raise FitError("a power law needs finite positive values")
-    lx, ly = np.log(x), np.log(y)
-    if len(np.unique(lx)) < 2:
-        raise FitError("a power law needs at least 2 distinct budgets")
-    e, c = np.polyfit(lx, ly, 1)
-    return float(e), float(np.exp(c))
+def estimate(rows: list[dict], flops: str = "6nd", parametric: bool = True, starts: dict | None = None) -> dict:
+    """The point estimates of every fit on ``rows`` (one objective's or both; untagged, screened)."""
+    est: dict = {"objectives": {}}
+    for obj in sorted({r["objective"] for r in rows}):
+        mine = [r for r in rows if r["objective"] == obj]
+        e: dict = {"iso": isoflop_fit(mine, flops), "par": None, "par_error": None, "reducible": None,
+                   "reducible_error": None}
+        if parametric:
+            try:
+                e["par"] = _parametric(mine, None if starts is None else starts.get(obj))
+            except FitError as err:
+                e["par_error"] = str(err)
+        if "loss_opt" in e["iso"] and e["par"] is not None:
+            try:
+                e["reducible"] = reducible_law(e["iso"]["minima"], e["par"]["E"])
+            except FitError as err:
+                e["reducible_error"] = str(err)
+        est["objectives"][obj] = e
+    o = est["objectives"]
+    if "arm" in o and "mdm" in o and "loss_opt" in o["arm"]["iso"] and "loss_opt" in o["mdm"]["iso"]:
+        est["multiplier"] = _multiplier(o["arm"], o["mdm"])
+    return est
 
 
-def _groups(rows: list[dict]) -> dict[float, tuple[np.ndarray, np.ndarray]]:
-    by: dict[float, list] = {}
-    for r in rows:
-        by.setdefault(float(r["budget"]), []).append((r["non_embedding_params"], r["val_loss"]))
-    return {c: (np.array([p[0] for p in v], dtype=np.float64), np.array([p[1] for p in v], dtype=np.float64))
-            for c, v in sorted(by.items())}
-
-
-def isoflop_fit(rows: list[dict]) -> dict:
-    """Point estimates of one objective: per-budget minima and the N*, D*, L* power laws."""
-    minima = []
-    problems = []
-    for c, (n, loss) in _groups(rows).items():
-        try:
-            minima.append(isoflop_minimum(n, loss, c))
-        except FitError as e:
-            problems.append(str(e))
-    out: dict = {"minima": minima, "problems": problems}
-    if len(minima) < MIN_BUDGETS:
-        problems.append(f"IsoFLOP minima at {len(minima)} budget(s): the power laws need {MIN_BUDGETS}")
-    else:
-        cs = np.array([m.budget for m in minima])
-        out["n_opt"] = power_law(cs, [m.n_opt for m in minima])
-        out["d_opt"] = power_law(cs, [m.d_opt for m in minima])
-        out["loss_opt"] = power_law(cs, [m.loss_opt for m in minima])
+def _multiplier(arm: dict, mdm: dict) -> dict:
+    a_min, m_min = arm["iso"]["minima"], mdm["iso"]["minima"]
+    m_c, m_l = [m.compute for m in m_min], [m.loss_opt for m in m_min]
+    pure = {k: (0.0, *x["iso"]["loss_opt"]) for k, x in (("arm", arm), ("mdm", mdm))}
+    law = None
+    if arm["reducible"] and mdm["reducible"]:
+        law = {k: (x["par"]["E"], *x["reducible"]) for k, x in (("arm", arm), ("mdm", mdm))}
+    rows = []
+    for m in a_min:
+        c = m.compute
+        row = {"budget": m.budget, "compute": c, "loss": m.loss_opt, "interpolated": mult.in_range(m.loss_opt, m_l),
+               "measured_mdm_compute": mult.measured_compute(m.loss_opt, m_c, m_l),
+               "pure_loss": mult.law_loss(c, pure["arm"])}
+        row["pure_mdm_compute"] = mult.law_compute(row["pure_loss"], pure["mdm"])
+        if law:
+            row["law_loss"] = mult.law_loss(c, law["arm"])
+            row["law_mdm_compute"] = mult.law_compute(row["law_loss"], law["mdm"])
+            row["law_interpolated"] = mult.in_range(row["law_loss"], m_l)
+        for k in ("measured", "pure", "law"):
+            if f"{k}_mdm_compute" in row:
+                row[f"{k}_multiplier"] = row[f"{k}_mdm_compute"] / c
+        rows.append(row)
+    cs = [r["compute"] for r in rows]
+    out = {"budgets": rows, "E": {k: v[0] for k, v in law.items()} if law else None,
+           "trend": {k: mult.trend(cs, [r.get(f"{k}_multiplier", NAN) for r in rows]) for k in ("law", "pure")}}
+    measured = [r for r in rows if math.isfinite(r["measured_multiplier"])]
+    out["trend"]["measured"] = mult.trend([r["compute"] for r in measured],
+                                          [r["measured_multiplier"] for r in measured])
+    out["measured_budgets"] = [r["budget"] for r in measured]
     return out
 
 
-def multiplier(arm: dict, mdm: dict, budgets: list[float]) -> dict:
-    """The MDM/ARM compute multiplier at equal loss at each ARM budget, and its trend exponent."""
-    g_a, k_a = arm["loss_opt"]
-    g_m, k_m = mdm["loss_opt"]
-    out = []
-    for c in budgets:
-        loss = k_a * c ** g_a
-        c_mdm = (loss / k_m) ** (1.0 / g_m)
-        out.append({"budget": float(c), "loss": float(loss), "mdm_compute": float(c_mdm),
-                    "multiplier": float(c_mdm / c)})
-    return {"budgets": out, "trend": float(g_a / g_m - 1.0)}
-
-
-# ---- parametric approach --------------------------------------------------------------------------
-
-
-def _huber(r: np.ndarray, delta: float) -> tuple[np.ndarray, np.ndarray]:
-    a = np.abs(r)
-    val = np.where(a <= delta, 0.5 * r * r, delta * (a - 0.5 * delta))
-    grad = np.where(a <= delta, r, delta * np.sign(r))
-    return val, grad
-
-
-def _objective(theta: np.ndarray, ln_n: np.ndarray, ln_d: np.ndarray, ln_l: np.ndarray,
-               delta: float) -> tuple[float, np.ndarray]:
-    """Huber loss of the log-residuals and its gradient; theta = (a, b, e, alpha, beta)."""
-    a, b, e, alpha, beta = theta
-    terms = np.stack([a - alpha * ln_n, b - beta * ln_d, np.full_like(ln_n, e)])  # [3, k]
-    m = terms.max(axis=0)
-    w = np.exp(terms - m)
-    s = w.sum(axis=0)
-    lse = m + np.log(s)
-    w /= s  # softmax weights of the three terms
-    val, g = _huber(lse - ln_l, delta)
-    grad = np.array([(g * w[0]).sum(), (g * w[1]).sum(), (g * w[2]).sum(),
-                     -(g * w[0] * ln_n).sum(), -(g * w[1] * ln_d).sum()])
-    return float(val.sum()), grad
-
-
-def _grid() -> np.ndarray:
-    a = np.arange(0.0, 30.0, 5.0)
-    e = np.array([-1.0, -0.5, 0.0, 0.5, 1.0, 1.5])
-    al = np.array([0.1, 0.3, 0.6, 1.0, 1.5])
-    g = np.stack(np.meshgrid(a, a, e, al, al, indexing="ij"), -1).reshape(-1, 5)
-    return g
-
-
-def _nelder_mead(f, x0: np.ndarray, iters: int = 3000, tol: float = 1e-12) -> np.ndarray:
-    """A plain Nelder-Mead simplex (the fallback when scipy is not installed)."""
-    n = len(x0)
-    simplex = [x0] + [x0 + np.eye(n)[i] * (0.1 if x0[i] == 0 else 0.1 * max(abs(x0[i]), 1.0)) for i in range(n)]
-    vals = [f(x) for x in simplex]
-    for _ in range(iters):
-        order = np.argsort(vals)
-        simplex, vals = [simplex[i] for i in order], [vals[i] for i in order]
-        if abs(vals[-1] - vals[0]) <= tol * (abs(vals[0]) + 1e-30):
-            break
-        centroid = np.mean(simplex[:-1], axis=0)
-        xr = centroid + (centroid - simplex[-1])
-        fr = f(xr)
-        if fr < vals[0]:
-            xe = centroid + 2 * (centroid - simplex[-1])
-            fe = f(xe)
-            simplex[-1], vals[-1] = (xe, fe) if fe < fr else (xr, fr)
-        elif fr < vals[-2]:
-            simplex[-1], vals[-1] = xr, fr
-        else:
-            xc = centroid + 0.5 * (simplex[-1] - centroid)
-            fc = f(xc)
-            if fc < vals[-1]:
-                simplex[-1], vals[-1] = xc, fc
-            else:
-                simplex = [simplex[0]] + [simplex[0] + 0.5 * (x - simplex[0]) for x in simplex[1:]]
-                vals = [vals[0]] + [f(x) for x in simplex[1:]]
-    return simplex[int(np.argmin(vals))]
-
-
-def have_scipy() -> bool:
-    try:
-        import scipy.optimize  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def parametric_fit(n, d, loss, delta: float = HUBER_DELTA, starts: np.ndarray | None = None, top: int = 10,
-                   optimizer: str = "auto") -> dict:
-    """Chinchilla's approach 3: E, A, B, alpha, beta of L(N, D) = E + A/N^alpha + B/D^beta.
-
-    Args:
-        n, d, loss: non-embedding parameters, training tokens and final loss of each run.
-        starts: initial points (a, b, e, alpha, beta); default a grid, of which the ``top`` best by the
-            objective are optimised.
-        optimizer: ``lbfgs`` (scipy), ``nelder-mead`` (numpy) or ``auto`` (lbfgs when scipy is present).
-
-    Returns:
-        dict with E, A, B, alpha, beta, the objective value, the implied optimal-allocation exponents
-        ``n_opt_exponent`` = beta/(alpha+beta) and ``d_opt_exponent`` = alpha/(alpha+beta), the optimizer used.
-    """
-    ln_n = np.log(np.asarray(n, dtype=np.float64))
-    ln_d = np.log(np.asarray(d, dtype=np.float64))
-    ln_l = np.log(np.asarray(loss, dtype=np.float64))
-    if len(ln_l) < 5:
-        raise FitError(f"the parametric law has 5 parameters; {len(ln_l)} runs are too few")
-    if optimizer == "auto":
-        optimizer = "lbfgs" if have_scipy() else "nelder-mead"
-    cand = _grid() if starts is None else np.atleast_2d(np.asarray(starts, dtype=np.float64))
-    if len(cand) > top:
-        vals = np.array([_objective(t, ln_n, ln_d, ln_l, delta)[0] for t in cand])
-        cand = cand[np.argsort(vals)[:top]]
-    best_x, best_v = None, math.inf
-    for x0 in cand:
-        if optimizer == "lbfgs":
-            from scipy.optimize import minimize
-
-            res = minimize(_objective, x0, args=(ln_n, ln_d, ln_l, delta), jac=True, method="L-BFGS-B",
-                           bounds=[(None, None), (None, None), (None, None), (0.0, 5.0), (0.0, 5.0)],
-                           options={"maxiter": 2000, "ftol": 1e-15, "gtol": 1e-12})
-            x, v = res.x, float(res.fun)
-        elif optimizer == "nelder-mead":
-            x = _nelder_mead(lambda t: _objective(t, ln_n, ln_d, ln_l, delta)[0], np.array(x0, dtype=np.float64))
-            v = _objective(x, ln_n, ln_d, ln_l, delta)[0]
-        else:
-            raise ValueError(f"unknown optimizer {optimizer!r}")
-        if v < best_v:
-            best_x, best_v = np.asarray(x), v
-    a, b, e, alpha, beta = (float(t) for t in best_x)
-    s = alpha + beta
-    return {"E": math.exp(e), "A": math.exp(a), "B": math.exp(b), "alpha": alpha, "beta": beta,
-            "objective": best_v, "theta": [a, b, e, alpha, beta], "optimizer": optimizer,
-            "n_opt_exponent": beta / s if s > 0 else float("nan"),
-            "d_opt_exponent": alpha / s if s > 0 else float("nan")}
-
-
-def parametric_loss(p: dict, n, d) -> np.ndarray:
-    return p["E"] + p["A"] / np.asarray(n, dtype=np.float64) ** p["alpha"] + \
-        p["B"] / np.asarray(d, dtype=np.float64) ** p["beta"]
-
-
-# ---- everything, with intervals --------------------------------------------------------------------
-
-
-def _interval(samples: list[float]) -> list[float] | None:
-    xs = np.array([s for s in samples if s is not None and math.isfinite(s)])
-    if len(xs) < 10:
-        return None
-    return [float(np.percentile(xs, 2.5)), float(np.percentile(xs, 97.5))]
-
-
-def _est(value, samples) -> dict:
-    return {"value": None if value is None else float(value), "ci": _interval(samples)}
-
-
-def usable_rows(rows: list[dict]) -> list[dict]:
-    """Rows of finished runs with a finite validation loss."""
-    return [r for r in rows if r.get("status", "done") == "done" and r.get("val_loss") is not None
-            and math.isfinite(float(r["val_loss"])) and r.get("non_embedding_params") and r.get("tokens")]
+def scalars(est: dict, ref: dict | None = None) -> dict[str, float]:
+    """Every bootstrapped quantity of an estimate by name. With ``ref`` (the point estimate), the laws and
+    trends of a resample count only when its minima sit at the same budgets as the reference's."""
+    out: dict[str, float] = {}
+    for obj, e in est["objectives"].items():
+        minima = e["iso"]["minima"]
+        for m in minima:
+            out[f"{obj}/n_opt/{m.budget}"] = m.n_opt
+            out[f"{obj}/loss_opt/{m.budget}"] = m.loss_opt
+        budgets = [m.budget for m in minima]
+        same = ref is None or (obj in ref["objectives"] and
+                               budgets == [m.budget for m in ref["objectives"][obj]["iso"]["minima"]])
+        if "n_opt" in e["iso"] and same:
+            for key in ("n_opt", "d_opt", "loss_opt"):
+                out[f"{obj}/{key}_exponent"] = e["iso"][key][0]
+        if e["reducible"] and same:
+            out[f"{obj}/reducible_exponent"] = e["reducible"][0]
+        if e["par"]:
+            for k in KEYS:
+                out[f"{obj}/par/{k}"] = e["par"][k]
+    m = est.get("multiplier")
+    if m:
+        arms = [r["budget"] for r in m["budgets"]]
+        same = ref is None or ("multiplier" in ref and arms == [r["budget"] for r in ref["multiplier"]["budgets"]])
+        for r in m["budgets"]:
+            for k in ("law", "measured", "pure"):
+                if f"{k}_multiplier" in r:
+                    out[f"mult/{k}/{r['budget']}"] = r[f"{k}_multiplier"]
+        if same:
+            for k in ("law", "pure"):
+                out[f"mult/{k}/trend"] = m["trend"][k]
+            if ref is None or m["measured_budgets"] == ref["multiplier"]["measured_budgets"]:
+                out["mult/measured/trend"] = m["trend"]["measured"]
+    return {k: float(v) for k, v in out.items()}
 
 
 def fit_sweep(rows: list[dict], bootstrap: int = 200, seed: int = 0, parametric: bool = True,
-              parametric_bootstrap: int | None = None, optimizer: str = "auto") -> dict:
+              flops: str = "6nd") -> dict:
     """All fits of a collected sweep (rows as from ``collect.read_csv``), with bootstrap intervals.
 
-    Returns a JSON-serialisable dict: per objective the per-budget minima, the exponents a (N*), b (D*),
-    gamma (L*) with coefficients, the parametric law; with both objectives the multiplier.
+    Returns a JSON-serialisable dict: ``warnings`` (rows left out or suspicious), per objective the minima,
+    exponents and the parametric law, with both objectives the ``multiplier``, and ``checks`` (the tagged
+    variant runs: seeds, learning rates).
     """
-    rows = usable_rows(rows)
-    if not rows:
+    usable, warnings = screen_rows(rows)
+    main = [r for r in usable if not r.get("tag")]
+    if not main:
         raise FitError("no finished runs with a validation loss to fit")
-    rng = np.random.default_rng(seed)
-    objectives = sorted({r["objective"] for r in rows})
-    result: dict = {"objectives": {}, "bootstrap": bootstrap, "seed": seed, "huber_delta": HUBER_DELTA}
-    point: dict = {}
-    boots: dict[str, list[dict]] = {}
-    for obj in objectives:
-        mine = [r for r in rows if r["objective"] == obj]
-        est = isoflop_fit(mine)
-        point[obj] = est
-        by_budget: dict[float, list[dict]] = {}
-        for r in mine:
-            by_budget.setdefault(float(r["budget"]), []).append(r)
-        samples = []
-        for _ in range(bootstrap if "n_opt" in est else 0):
-            res = [by_budget[c][i] for c in by_budget for i in rng.integers(0, len(by_budget[c]), len(by_budget[c]))]
-            fb = isoflop_fit(res)
-            samples.append(fb if "n_opt" in fb and len(fb["minima"]) == len(est["minima"]) else None)
-        boots[obj] = samples
-        ok = [s for s in samples if s is not None]
+    point = estimate(main, flops, parametric)
+    ref = scalars(point)
+    keys = list(ref)
+    starts = {o: e["par"]["theta"] for o, e in point["objectives"].items() if e["par"]}
+    strata: dict[tuple, list[int]] = {}
+    for i, r in enumerate(main):
+        strata.setdefault((r["objective"], float(r["budget"])), []).append(i)
+
+    def statistic(idx) -> list[float]:
+        got = scalars(estimate([main[i] for i in idx], flops, parametric, starts), point)
+        return [got.get(k, NAN) for k in keys]
+
+    dist = bootstrap_distribution(list(strata.values()), statistic, bootstrap, seed)
+    samples = {k: (dist[:, j] if len(dist) else np.zeros(0)) for j, k in enumerate(keys)}
+
+    def est(key: str) -> dict:
+        return {"value": ref.get(key), "ci": interval(samples[key]) if key in samples else None}
+
+    def used(key: str) -> int:
+        return int(np.isfinite(samples[key]).sum()) if key in samples else 0
+
+    result: dict = {"flops": flops, "bootstrap": bootstrap, "seed": seed, "huber_delta": HUBER_DELTA,
+                    "warnings": warnings, "objectives": {}}
+    for obj, e in point["objectives"].items():
+        iso = e["iso"]
         entry: dict = {
-            "runs": len(mine),
-            "budgets": [{"budget": m.budget, "n_points": m.n_points, "n_opt": m.n_opt, "d_opt": m.d_opt,
-                         "loss_opt": m.loss_opt, "inside": m.inside, "coef": list(m.coef),
-                         "n_opt_ci": _interval([s["minima"][i].n_opt for s in ok]),
-                         "loss_opt_ci": _interval([s["minima"][i].loss_opt for s in ok])}
-                        for i, m in enumerate(est["minima"])],
-            "problems": est["problems"],
-            "bootstrap_used": len(ok),
+            "runs": sum(r["objective"] == obj for r in main),
+            "budgets": [{"budget": m.budget, "compute": m.compute, "n_points": m.n_points, "n_opt": m.n_opt,
+                         "d_opt": m.d_opt, "loss_opt": m.loss_opt, "inside": m.inside, "coef": list(m.coef),
+                         "n_opt_ci": est(f"{obj}/n_opt/{m.budget}")["ci"],
+                         "loss_opt_ci": est(f"{obj}/loss_opt/{m.budget}")["ci"]} for m in iso["minima"]],
+            "problems": list(iso["problems"]),
+            "bootstrap_used": used(f"{obj}/n_opt_exponent"),
         }
-        if "n_opt" in est:
+        if "n_opt" in iso:
             for key in ("n_opt", "d_opt", "loss_opt"):
-                entry[f"{key}_exponent"] = _est(est[key][0], [s[key][0] for s in ok])
-                entry[f"{key}_coef"] = est[key][1]
-            entry["exponent_sum"] = est["n_opt"][0] + est["d_opt"][0]
-        if parametric:
-            try:
-                p = parametric_fit([r["non_embedding_params"] for r in mine], [r["tokens"] for r in mine],
-                                   [r["val_loss"] for r in mine], optimizer=optimizer)
-                starts = np.array(p["theta"])
-                pb = []
-                for _ in range(parametric_bootstrap if parametric_bootstrap is not None else bootstrap // 2):
-                    idx = rng.integers(0, len(mine), len(mine))
-                    sub = [mine[i] for i in idx]
-                    if len({r["non_embedding_params"] for r in sub}) < 2 or len({r["tokens"] for r in sub}) < 2:
-                        continue
-                    pb.append(parametric_fit([r["non_embedding_params"] for r in sub], [r["tokens"] for r in sub],
-                                             [r["val_loss"] for r in sub], starts=starts, optimizer=optimizer))
-                entry["parametric"] = {k: _est(p[k], [q[k] for q in pb]) for k in
-                                       ("E", "A", "B", "alpha", "beta", "n_opt_exponent", "d_opt_exponent")}
-                entry["parametric"]["objective"] = p["objective"]
-                entry["parametric"]["optimizer"] = p["optimizer"]
-                entry["parametric"]["bootstrap_used"] = len(pb)
-            except FitError as e:
-                entry["parametric"] = {"error": str(e)}
+                entry[f"{key}_exponent"] = est(f"{obj}/{key}_exponent")
+                entry[f"{key}_coef"] = iso[key][1]
+            entry["exponent_sum"] = iso["n_opt"][0] + iso["d_opt"][0]
+        if e["reducible"]:
+            entry["reducible_exponent"] = est(f"{obj}/reducible_exponent")
+            entry["reducible_coef"] = e["reducible"][1]
+        elif e["reducible_error"]:
+            entry["problems"].append(e["reducible_error"])
+        if e["par"]:
+            entry["parametric"] = {k: est(f"{obj}/par/{k}") for k in KEYS}
+            entry["parametric"].update(objective=e["par"]["objective"], optimizer=e["par"]["optimizer"],
+                                       bootstrap_used=used(f"{obj}/par/E"))
+        elif e["par_error"]:
+            entry["parametric"] = {"error": e["par_error"]}
         result["objectives"][obj] = entry
-    if {"mdm", "arm"} <= set(objectives) and "loss_opt" in point["mdm"] and "loss_opt" in point["arm"]:
-        budgets = [m.budget for m in point["arm"]["minima"]]
-        mult = multiplier(point["arm"], point["mdm"], budgets)
-        pairs = [(a, m) for a, m in zip(boots["arm"], boots["mdm"]) if a is not None and m is not None]
-        mb = [multiplier(a, m, budgets) for a, m in pairs]
-        lo_l = min(m.loss_opt for m in point["mdm"]["minima"])
-        hi_l = max(m.loss_opt for m in point["mdm"]["minima"])
-        for i, row in enumerate(mult["budgets"]):
-            row["ci"] = _interval([x["budgets"][i]["multiplier"] for x in mb])
-            row["extrapolated"] = not (lo_l <= row["loss"] <= hi_l)  # outside the MDM's measured L* range
-        mult["trend"] = _est(mult["trend"], [x["trend"] for x in mb])
-        result["multiplier"] = mult
-    return result
+    m = point.get("multiplier")
+    if m:
+        budgets = []
+        for r in m["budgets"]:
+            row = {k: v for k, v in r.items() if not k.endswith("_multiplier")}
+            for k in ("law", "measured", "pure"):
+                if f"{k}_multiplier" in r:
+                    v = r[f"{k}_multiplier"]
+                    row[k] = {"value": v if math.isfinite(v) else None,
+                              "ci": interval(samples.get(f"mult/{k}/{r['budget']}", []))}
+            budgets.append(row)
+        result["multiplier"] = {
+            "budgets": budgets, "E": m["E"], "measured_budgets": m["measured_budgets"],
+            "trend": {k: {"value": m["trend"][k] if math.isfinite(m["trend"][k]) else None,
+                          "ci": interval(samples.get(f"mult/{k}/trend", []))} for k in ("law", "measured", "pure")},
+            "bootstrap_used": {k: used(f"mult/{k}/trend") for k in ("law", "measured", "pure")},
+        }
+    result["checks"] = variant_checks(usable)
+    return _finite(result)
+
+
+def _finite(x):
+    """NaN and infinities as None (valid JSON)."""
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+# ---- text ------------------------------------------------------------------------------------------
+
+
+def _fmt(e: dict | None, spec: str = ".3f") -> str:
+    if not e or e.get("value") is None:
+        return "n/a"
+    ci = e.get("ci")
+    return f"{e['value']:{spec}}" + (f" [{ci[0]:{spec}}, {ci[1]:{spec}}]" if ci else " [no interval]")
 
 
 def summary(fit: dict) -> str:
     """The fit as text for the terminal and docs."""
-    def fmt(e: dict, spec: str = ".3f") -> str:
-        if e.get("value") is None:
-            return "n/a"
-        ci = e.get("ci")
-        return f"{e['value']:{spec}}" + (f" [{ci[0]:{spec}}, {ci[1]:{spec}}]" if ci else " [no interval]")
-
-    lines = [f"bootstrap: {fit['bootstrap']} resamples, 95% percentile intervals in brackets"]
+    count = "C = 6·N·D" if fit.get("flops", "6nd") == "6nd" else "C = full FLOPs (attention and output layer too)"
+    lines = [f"compute: {count}; bootstrap: {fit['bootstrap']} resamples of the whole fit, 95% percentile "
+             "intervals in brackets"]
+    lines += [f"warning: {w}" for w in fit.get("warnings", [])]
     for obj, e in fit["objectives"].items():
         lines.append(f"{obj.upper()} ({e['runs']} runs)")
         for b in e["budgets"]:
             flag = "" if b["inside"] else "  (vertex outside the sampled sizes: extrapolated)"
-            lines.append(f"  C={b['budget']:.3g}: N*={b['n_opt']:.4g} D*={b['d_opt']:.4g} L*={b['loss_opt']:.4f}{flag}")
+            comp = "" if b["compute"] == b["budget"] else f" (C={b['compute']:.3g})"
+            lines.append(f"  budget {b['budget']:.3g}{comp}: N*={b['n_opt']:.4g} D*={b['d_opt']:.4g} "
+                         f"L*={b['loss_opt']:.4f}{flag}")
         for p in e["problems"]:
             lines.append(f"  {p}")
         if "n_opt_exponent" in e:
-            lines.append(f"  N* ~ C^a, a = {fmt(e['n_opt_exponent'])}; D* ~ C^b, b = {fmt(e['d_opt_exponent'])}; "
-                         f"L* ~ C^gamma, gamma = {fmt(e['loss_opt_exponent'], '.4f')}")
+            lines.append(f"  N* ~ C^a, a = {_fmt(e['n_opt_exponent'])}; D* ~ C^b, b = {_fmt(e['d_opt_exponent'])}; "
+                         f"L* ~ C^gamma, gamma = {_fmt(e['loss_opt_exponent'], '.4f')}")
         par = e.get("parametric")
         if par and "error" not in par:
-            lines.append(f"  L(N,D) = E + A/N^alpha + B/D^beta: E = {fmt(par['E'])}, alpha = {fmt(par['alpha'])}, "
-                         f"beta = {fmt(par['beta'])}, A = {par['A']['value']:.4g}, B = {par['B']['value']:.4g}; "
-                         f"implied a = {fmt(par['n_opt_exponent'])}, b = {fmt(par['d_opt_exponent'])} "
-                         f"({par['optimizer']})")
+            if "reducible_exponent" in e:
+                lines.append(f"  L* - E ~ C^gamma', gamma' = {_fmt(e['reducible_exponent'], '.4f')} "
+                             f"(E = {par['E']['value']:.4f} from the parametric law)")
+            lines.append(f"  L(N,D) = E + A/N^alpha + B/D^beta: E = {_fmt(par['E'])}, alpha = {_fmt(par['alpha'])}, "
+                         f"beta = {_fmt(par['beta'])}, A = {par['A']['value']:.4g}, B = {par['B']['value']:.4g}; "
+                         f"implied a = {_fmt(par['n_opt_exponent'])}, b = {_fmt(par['d_opt_exponent'])}")
         elif par:
             lines.append(f"  parametric fit: {par['error']}")
     m = fit.get("multiplier")
     if m:
-        lines.append("compute multiplier of MDM over ARM at equal loss (ARM budget -> loss L*_ARM -> MDM compute):")
+        lines.append("compute multiplier of MDM over ARM at equal loss, at each ARM budget (ARM minimum -> MDM compute):")
+        lines.append("  law: L* - E power laws (E from each parametric fit); measured: interpolated on the measured "
+                     "MDM minima; pure: L* power laws (E = 0, biased when E > 0)")
         for b in m["budgets"]:
-            ci = f" [{b['ci'][0]:.3g}, {b['ci'][1]:.3g}]" if b.get("ci") else ""
-            ex = "  (extrapolated: beyond the MDM's measured losses)" if b.get("extrapolated") else ""
-            lines.append(f"  C={b['budget']:.3g}: L={b['loss']:.4f}, MDM needs {b['mdm_compute']:.3g} = "
-                         f"{b['multiplier']:.3g}x{ci}{ex}")
-        lines.append(f"  trend d ln(multiplier) / d ln C = {fmt(m['trend'])} (0: constant gap)")
+            mark = "interpolated" if b["interpolated"] else "extrapolated"
+            parts = [f"{k} {_fmt(b.get(k), '.3g')}" for k in ("law", "measured", "pure") if b.get(k)]
+            lines.append(f"  C={b['compute']:.3g}: L*_ARM={b['loss']:.4f} ({mark}): " + "; ".join(parts))
+        lines.append("  trend d ln(multiplier) / d ln C (0: constant gap): " + "; ".join(
+            f"{k} {_fmt(m['trend'][k])}" for k in ("law", "measured", "pure")) +
+            f" (measured over {len(m['measured_budgets'])} budget(s))")
+    for c in fit.get("checks", []):
+        what = f"lr {c['lr']:g} vs {c['main_lr']:g}" if c["lr"] != c["main_lr"] and c["lr"] is not None \
+            else f"seed {c['seed']} vs {c['main_seed']}"
+        diffs = ", ".join(f"{p['shape']} {p['diff']:+.3f}" for p in c["pairs"])
+        line = f"check {c['tag']} ({c['objective'].upper()} at {c['budget']:.3g}; {what}): loss - main: {diffs}"
+        if c.get("noise_sd") is not None:
+            line += f"; noise sd of one run {c['noise_sd']:.4f}"
+        if c.get("minimum") and c.get("main_minimum"):
+            line += (f"; minimum N*={c['minimum']['n_opt']:.4g} L*={c['minimum']['loss_opt']:.4f} vs main "
+                     f"N*={c['main_minimum']['n_opt']:.4g} L*={c['main_minimum']['loss_opt']:.4f}")
+        lines.append(line)
     return "\n".join(lines)

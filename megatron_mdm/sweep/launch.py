@@ -52,6 +52,7 @@ def train_args(plan: Plan, run: Run, out: str | Path) -> list[str]:
     if plan.config:
         args += ["--config", str(plan.config)]
     args += list(plan.train_args)
+    args += list(run.run_args)
     args += model_flags(run)
     args += ["--objective", run.objective, "--seq-length", str(plan.seq_length),
              "--global-batch-size", str(plan.global_batch_size), "--micro-batch-size", str(plan.micro_batch_size),

@@ -15,6 +15,11 @@ rounded up to a multiple of 32. With aspect 32 and head_dim 32 the rule gives ``
 Each budget gets either every shape whose run is feasible, or (``per_budget=K``) the K shapes nearest
 in log N to the guess N ≈ sqrt(C / (6·ratio)) (``ratio`` tokens per parameter, Chinchilla's ~20), so
 that its IsoFLOP curve brackets the minimum.
+
+A plan can hold several groups of runs (``mdm-sweep plan --append``): e.g. the ARM at smaller budgets than
+the MDM, or variants of some runs with their own extra flags (``--tag seed2 --run-args "--seed 2"``, a
+learning-rate check with ``--run-args "--lr 1e-2"``). A variant's run is named with its tag,
+``<objective>-C<budget>-<shape>-<tag>``; the fit uses the untagged runs and reports the variants beside.
 """
 
 from __future__ import annotations
@@ -58,6 +63,8 @@ class Run:
         non_embedding_params: N.
         iters: optimizer steps; tokens: D = iters · global_batch_size · seq_length.
         flops: 6·N·D, the run's planned compute; budget_error: flops / budget - 1.
+        tag: '' for the main grid, else the variant's name (seed or learning-rate checks).
+        run_args: extra training flags of this run (after the plan's ``train_args``, so they win).
     """
 
     name: str
@@ -70,6 +77,14 @@ class Run:
     tokens: int
     flops: float
     budget_error: float
+    tag: str = ""
+    run_args: list[str] = field(default_factory=list)
+
+    @property
+    def cost(self) -> float:
+        """Relative training time on a CPU: steps x (1 + N / 55k), the per-step time of these tiny models
+        measured on the 2-core development machine (12 ms at N = 4k, 33 ms at N = 107k)."""
+        return self.iters * (1.0 + self.non_embedding_params / 55_000)
 
 
 @dataclass
@@ -144,6 +159,49 @@ class Plan:
             raise PlanError(f"{path}: not a sweep plan")
         return cls.from_dict(d, source=str(path))
 
+    def extend(self, other: "Plan") -> "Plan":
+        """This plan with ``other``'s runs added (``mdm-sweep plan --append``); the common recipe must agree.
+
+        Raises:
+            PlanError: a different recipe (sequence length, batch, config, train args) or a run name twice.
+        """
+        for key in ("seq_length", "global_batch_size", "micro_batch_size", "config", "train_args"):
+            if getattr(self, key) != getattr(other, key):
+                raise PlanError(f"--append: {key} {getattr(other, key)!r} differs from the plan's {getattr(self, key)!r}")
+        names = {r.name for r in self.runs}
+        twice = [r.name for r in other.runs if r.name in names]
+        if twice:
+            raise PlanError(f"--append: the plan already has {', '.join(twice[:3])}" + (" ..." if len(twice) > 3 else "")
+                            + " (give the new runs a --tag)")
+        self.budgets = sorted(set(self.budgets) | set(other.budgets))
+        self.objectives = list(dict.fromkeys(self.objectives + other.objectives))
+        self.runs = self.runs + other.runs
+        self.skipped = self.skipped + other.skipped
+        return self
+
+    def check_curves(self) -> None:
+        """Every (objective, budget, tag) of the plan has at least 3 shapes (an IsoFLOP curve); PlanError."""
+        groups: dict[tuple, set] = {}
+        for r in self.runs:
+            groups.setdefault((r.objective, r.budget, r.tag), set()).add(r.shape)
+        thin = [f"{o} at {c:.3g}" + (f" ({t})" if t else "") + f": {len(s)}" for (o, c, t), s in groups.items()
+                if len(s) < 3]
+        if thin:
+            raise PlanError("an IsoFLOP curve needs 3 shapes; the plan has fewer for " + "; ".join(thin))
+
+    def partition(self, parts: int) -> list[list[str]]:
+        """The run names split into ``parts`` lists of about equal :attr:`Run.cost` (largest first, each to the
+        lightest list), for as many launches side by side."""
+        if parts < 1:
+            raise PlanError("--part: the number of parts must be positive")
+        lists: list[list[str]] = [[] for _ in range(parts)]
+        load = [0.0] * parts
+        for r in sorted(self.runs, key=lambda r: -r.cost):
+            k = load.index(min(load))
+            lists[k].append(r.name)
+            load[k] += r.cost
+        return lists
+
 
 # ---- shapes ----------------------------------------------------------------------------------------
 
@@ -212,8 +270,11 @@ def budget_label(c: float) -> str:
 def make_plan(budgets: list[float], shapes: list[Shape], objectives: list[str], seq_length: int,
               global_batch_size: int, micro_batch_size: int | None = None, config: str | None = None,
               train_args: list[str] | None = None, per_budget: int | None = None, ratio: float = 20.0,
-              min_iters: int = 10, tolerance: float = 0.05) -> Plan:
-    """The IsoFLOP runs of every (budget, shape, objective); see the module docstring.
+              min_iters: int = 10, tolerance: float = 0.05, tag: str = "", run_args: list[str] | None = None,
+              min_shapes: int = 3) -> Plan:
+    """The IsoFLOP runs of every (budget, shape, objective); see the module docstring. ``min_shapes`` (3: an
+    IsoFLOP curve) is the fewest feasible shapes a budget may have; a group that adds shapes to another
+    group's budgets (``--append``) may have fewer, and :meth:`Plan.check_curves` checks the whole plan.
 
     Raises:
         PlanError: no budgets/shapes/objectives, a bad value, or a budget that no shape can hit.
@@ -234,6 +295,8 @@ def make_plan(budgets: list[float], shapes: list[Shape], objectives: list[str], 
         raise PlanError("--per-budget: an IsoFLOP parabola needs at least 3 sizes")
     if not 0 < tolerance < 1:
         raise PlanError("--tolerance must be in (0, 1)")
+    if tag and not all(ch.isalnum() or ch in "._-" for ch in tag):
+        raise PlanError(f"--tag {tag!r}: use letters, digits, '.', '_' and '-' (it becomes part of directory names)")
     names = [s.name for s in shapes]
     if len(set(names)) != len(names):
         raise PlanError(f"duplicate shapes: {names}")
@@ -261,14 +324,15 @@ def make_plan(budgets: list[float], shapes: list[Shape], objectives: list[str], 
             for f in feasible[:best] + feasible[best + per_budget:]:
                 skipped.append({"budget": c, "shape": f[1].name, "reason": "outside the --per-budget window"})
             feasible = feasible[best:best + per_budget]
-        if len(feasible) < 3:
+        if len(feasible) < min_shapes or not feasible:
             raise PlanError(f"budget {c:.3g}: only {len(feasible)} shape(s) can hit it within {tolerance:.0%} with "
                             f">= {min_iters} steps (need 3 for an IsoFLOP curve); add shapes or change the budget")
         for obj in objectives:
             for n, s, iters, flops, err in feasible:
-                runs.append(Run(name=f"{obj}-C{budget_label(c)}-{s.name}", objective=obj, budget=float(c),
-                                shape=s.name, model=dict(s.model), non_embedding_params=int(n), iters=int(iters),
-                                tokens=int(iters * tokens_per_step), flops=float(flops), budget_error=float(err)))
+                runs.append(Run(name=f"{obj}-C{budget_label(c)}-{s.name}" + (f"-{tag}" if tag else ""), objective=obj,
+                                budget=float(c), shape=s.name, model=dict(s.model), non_embedding_params=int(n),
+                                iters=int(iters), tokens=int(iters * tokens_per_step), flops=float(flops),
+                                budget_error=float(err), tag=tag, run_args=list(run_args or [])))
     return Plan(budgets=[float(c) for c in sorted(budgets)], objectives=list(objectives), seq_length=seq_length,
                 global_batch_size=global_batch_size, micro_batch_size=mbs, config=config,
                 train_args=list(train_args or []), runs=runs, skipped=skipped)
@@ -281,7 +345,7 @@ def describe(plan: Plan) -> str:
              f"{'run':<34} {'N':>10} {'iters':>7} {'tokens':>12} {'C=6ND':>10} {'vs budget':>9}"]
     for r in plan.runs:
         lines.append(f"{r.name:<34} {r.non_embedding_params:>10,} {r.iters:>7} {r.tokens:>12,} {r.flops:>10.3g} "
-                     f"{r.budget_error:>+9.1%}")
+                     f"{r.budget_error:>+9.1%}" + (f"  {' '.join(r.run_args)}" if r.run_args else ""))
     for s in plan.skipped:
         lines.append(f"  left out: budget {s['budget']:.3g}, {s['shape']}: {s['reason']}")
     return "\n".join(lines)
