@@ -55,8 +55,10 @@ def sh(cmd: list[str], log: Path) -> None:
 
 def curve(run: Path) -> list[tuple[int, float]]:
     """(iteration, validation ELBO) of a run's metrics.jsonl."""
+    from megatron_mdm.checkpoint import layout
+
     out = []
-    for line in (run / "metrics.jsonl").read_text().splitlines():
+    for line in layout.metrics_file(run).read_text().splitlines():
         rec = json.loads(line)
         if "val_loss" in rec:
             out.append((int(rec["iteration"]), float(rec["val_loss"])))
@@ -159,6 +161,7 @@ def main(argv=None) -> int:
     if not args.output:
         ap.error("--output is required (or --replot)")
     sys.path.insert(0, str(ROOT))  # megatron_mdm from this checkout (the RoBERTa step runs in this process)
+    from megatron_mdm.checkpoint import layout
     out = Path(args.output).resolve()
     (out / "logs").mkdir(parents=True, exist_ok=True)
     py = sys.executable
@@ -183,17 +186,17 @@ def main(argv=None) -> int:
 
     def mdm(name: str, extra: list, iters: int = args.steps) -> None:
         run = runs / name
-        if not (run / "metrics.jsonl").is_file() or not (run / "latest_checkpointed_iteration.txt").is_file():
+        if not layout.metrics_file(run).is_file() or layout.read_latest_iteration(run) is None:
             sh(pretrain + common + ["--objective", "mdm", "--train-iters", str(iters), "--save", run] + extra,
                out / "logs" / f"{name}.log")
 
     # -- AR start
-    if not (out / "arm" / "latest_checkpointed_iteration.txt").is_file():
+    if layout.read_latest_iteration(out / "arm") is None:
         sh(pretrain + common + fresh + ["--preset", args.preset, "--objective", "arm", "--train-iters", str(args.arm_steps),
                                 "--save", out / "arm"], out / "logs" / "arm.log")
     if not (out / "arm-hf" / "config.json").is_file():
         sh(convert + ["to-hf", "--load", out / "arm", "--output", out / "arm-hf"], out / "logs" / "arm-export.log")
-    if not (out / "arm-import" / "latest_checkpointed_iteration.txt").is_file():
+    if layout.read_latest_iteration(out / "arm-import") is None:
         sh(convert + ["from-hf", "--hf", out / "arm-hf", "--output", out / "arm-import", "--objective", "mdm"],
            out / "logs" / "arm-import.log")
     mdm("scratch_llama", fresh + ["--preset", args.preset])
@@ -210,7 +213,7 @@ def main(argv=None) -> int:
     if not (out / "roberta-hf" / "config.json").is_file():
         print("$ train RobertaForMaskedLM with transformers", flush=True)
         train_roberta(tok, shards, out / "roberta-hf", args.mlm_steps, 128, seed=args.seed, **enc)
-    if not (out / "mlm-import" / "latest_checkpointed_iteration.txt").is_file():
+    if layout.read_latest_iteration(out / "mlm-import") is None:
         sh(convert + ["from-hf", "--hf", out / "roberta-hf", "--output", out / "mlm-import"],
            out / "logs" / "mlm-import.log")
     mdm("from_mlm", ["--load", out / "mlm-import", "--finetune"])

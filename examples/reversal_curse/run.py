@@ -430,7 +430,9 @@ def model_flags(args) -> list[str]:
     if args.load:  # the checkpoint decides the architecture
         import yaml
 
-        m = yaml.safe_load((_checkpoint_dir(args.load) / "config.yaml").read_text())["model"]
+        from megatron_mdm.checkpoint import layout
+
+        m = yaml.safe_load(layout.config_file(_checkpoint_dir(args.load)).read_text())["model"]
         keys = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
                 "rotary_base", "norm_epsilon", "untie_embeddings_and_output_weights", "make_vocab_size_divisible_by")
         return [x for k in keys if m.get(k) is not None for x in ("--" + k.replace("_", "-"), str(m[k]))]

@@ -17,6 +17,7 @@ import csv
 import math
 from pathlib import Path
 
+from megatron_mdm.checkpoint import layout
 from megatron_mdm.sweep.curves import RunError, read_metrics
 from megatron_mdm.sweep.launch import run_dir
 from megatron_mdm.sweep.plan import Plan
@@ -39,7 +40,7 @@ def _run_config(d: Path) -> dict:
     import yaml
 
     try:
-        return yaml.safe_load((d / "config.yaml").read_text(encoding="utf-8")) or {}
+        return yaml.safe_load(layout.config_file(d).read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError):
         return {}
 
