@@ -95,13 +95,16 @@ def pretrain_command(args: Sequence[str] = (), nproc: int = 1, *, torchrun: bool
 def local_env(base: Mapping[str, str] | None = None, **extra: str) -> dict[str, str]:
     """The environment of a job on this machine: ``base`` (default ``os.environ``) without the variables of an
     enclosing launcher (``RANK``, ``SLURM_*``, ``OMPI_*``, ...), with ``OMP_NUM_THREADS`` (1 unless set) and a
-    local rendezvous (``MASTER_ADDR``, a free ``MASTER_PORT``) for a single process; ``extra`` wins."""
+    local rendezvous of its own (``MASTER_ADDR`` 127.0.0.1 and a free ``MASTER_PORT``, whatever ``base`` holds) for a
+    single process; ``extra`` wins."""
     env = {k: v for k, v in (os.environ if base is None else base).items()
            if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "SLURM_",
-                                "OMPI_", "PMI", "TORCHELASTIC_"))}
+                                "OMPI_", "PMI", "TORCHELASTIC_", "MASTER_ADDR", "MASTER_PORT"))}
     env.setdefault("OMP_NUM_THREADS", "1")
-    env.setdefault("MASTER_ADDR", "127.0.0.1")
-    env.setdefault("MASTER_PORT", str(free_port()))
+    # a rendezvous of its own: an inherited MASTER_PORT belongs to another job (or to an earlier in-process run
+    # of this one), and two jobs started with it collide (EADDRINUSE)
+    env["MASTER_ADDR"] = "127.0.0.1"
+    env["MASTER_PORT"] = str(free_port())
     env.update(extra)
     return env
 

@@ -169,6 +169,7 @@ def _cfg(flags: list[str]):
 
 
 def _fake_checkpoint(root: Path, **model) -> Path:
+    from megatron_mdm.checkpoint import integrity
     from megatron_mdm.config import Config
 
     cfg = Config()
@@ -177,6 +178,7 @@ def _fake_checkpoint(root: Path, **model) -> Path:
     it = root / "iter_0000004"
     it.mkdir(parents=True)
     (it / "config.yaml").write_text(cfg.to_yaml())
+    integrity.write_manifest(it, integrity.hash_files(it, ["config.yaml"]))  # its config.yaml is verified first
     (root / "latest_checkpointed_iteration.txt").write_text("4\n")
     return it
 

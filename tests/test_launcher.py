@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_mdm.launch import launcher_world_size, pretrain_command, split_launcher_args, under_launcher
+from megatron_mdm.launch import launcher_world_size, local_env, pretrain_command, split_launcher_args, under_launcher
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO / "examples" / "data" / "tinyshakespeare.txt.zst"
@@ -36,6 +36,17 @@ def test_split_keeps_each_side_in_order():
 ])
 def test_world_size_of_the_launcher_flags(launcher, world):
     assert launcher_world_size(launcher) == world
+
+
+def test_local_env_gives_each_job_its_own_rendezvous():
+    """An inherited MASTER_PORT (another job's, or an in-process run's) is not reused: two jobs started with it
+    collided (EADDRINUSE); launcher variables are dropped; ``extra`` wins."""
+    busy = {"MASTER_ADDR": "10.1.2.3", "MASTER_PORT": "10856", "RANK": "3", "SLURM_PROCID": "3", "KEEP": "x"}
+    a, b = local_env(busy), local_env(busy)
+    assert a["MASTER_ADDR"] == "127.0.0.1" and "10856" not in (a["MASTER_PORT"], b["MASTER_PORT"])
+    assert a["MASTER_PORT"] != b["MASTER_PORT"]  # random draws of a band of thousands: equal ~1 in 10^4
+    assert "RANK" not in a and "SLURM_PROCID" not in a and a["KEEP"] == "x"
+    assert local_env(busy, MASTER_PORT="4242")["MASTER_PORT"] == "4242"
 
 
 def test_launcher_environments():
