@@ -479,6 +479,7 @@ def megatron_decoding_job(rank: int, world: int, seed: int) -> dict:
                            generator=torch.Generator().manual_seed(seed))
             same.append(torch.equal(got.tokens, ref.tokens) and got.num_forward == ref.num_forward)
         if "threshold" not in kw:
+            out["schedule_forwards"] = ref.num_forward  # one token per step: steps x prompt-length groups
             legacy = legacy_generate(lambda ids: model(ids, torch.arange(ids.shape[1])[None], None), prompts, **args,
                                      generator=torch.Generator().manual_seed(seed))
             same.append(torch.equal(legacy.tokens, ref.tokens))
@@ -496,7 +497,9 @@ def test_megatron_backend_cache_and_selection():
     r = run_distributed(megatron_decoding_job, 1, _seed())[0]
     assert r["max_err"] <= 1e-5, r
     assert all(r["same"]) and len(r["same"]) == 8, r
-    assert r["dual_filled"] and r["threshold_forwards"] < 2 * 12, r
+    # the threshold unmasks several tokens in some steps: fewer forwards than the schedule's one per token (the
+    # prompts' lengths are drawn, and each length is its own batch: 12 forwards per distinct length)
+    assert r["dual_filled"] and r["threshold_forwards"] < r["schedule_forwards"], r
     assert math.isfinite(r["max_err"])
 
 
