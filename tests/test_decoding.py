@@ -436,7 +436,7 @@ def megatron_decoding_job(rank: int, world: int, seed: int) -> dict:
     runtime.set_seed(seed)
     model = build_model(cfg, V, causal=False)[0].eval()
     with torch.no_grad():
-        model.output_layer.weight.mul_(20.0)  # confident predictions: threshold steps unmask several
+        model.output_layer.weight.mul_(100.0)  # confident predictions: threshold steps unmask several
     fn = MegatronForward([model])
     out: dict = {}
     g = torch.Generator().manual_seed(seed)
